@@ -1,0 +1,5 @@
+import sys
+
+from kaki.cli import main
+
+sys.exit(main())

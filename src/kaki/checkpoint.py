@@ -1,0 +1,308 @@
+"""Checkpoints in the transformers layout: find, validate, stream into a model, and save back.
+
+Loading never holds two copies of the weights: the model is built on the meta device, each tensor
+is read from its file on its own (safetensors are mmapped and reopened per tensor, so the source
+pages are released as soon as a converted copy exists; same-dtype tensors stay zero-copy mmaps),
+and parameters are assigned, not copied. Every key and shape is checked against the model before
+a single weight is read, so a bad checkpoint fails whole and nothing half-loaded is ever used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kaki.config import ModelConfig
+from kaki.errors import CheckpointError
+
+# Checkpoint name → kaki name, per family, as (checkpoint fragment, kaki fragment); `{n}` is a
+# layer number. kaki's names are Persimmon's, so Persimmon needs no entry.
+WEIGHT_NAMES: dict[str, list[tuple[str, str]]] = {
+    "persimmon": [],
+    "gpt_neox": [
+        ("gpt_neox.embed_in.", "model.embed_tokens."),
+        ("gpt_neox.layers.{n}.attention.", "model.layers.{n}.self_attn."),
+        ("gpt_neox.layers.{n}.", "model.layers.{n}."),
+        ("gpt_neox.final_layer_norm.", "model.final_layernorm."),
+        ("embed_out.", "lm_head."),
+    ],
+    "llama": [
+        ("model.layers.{n}.self_attn.o_proj.", "model.layers.{n}.self_attn.dense."),
+        ("model.layers.{n}.mlp.up_proj.", "model.layers.{n}.mlp.dense_h_to_4h."),
+        ("model.layers.{n}.mlp.down_proj.", "model.layers.{n}.mlp.dense_4h_to_h."),
+        ("model.norm.", "model.final_layernorm."),
+    ],
+}
+# Buffers older exports saved that carry no learned weights (recomputed or constant).
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _compile(pairs: list[tuple[str, str]], reverse: bool) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for src, dst in pairs:
+        if reverse:
+            src, dst = dst, src
+        pattern = "^" + re.escape(src).replace(re.escape("{n}"), r"(?P<n>\d+)")
+        out.append((re.compile(pattern), dst.replace("{n}", r"\g<n>")))
+    return out
+
+
+def renamer(model_type: str, to_checkpoint: bool = False) -> Callable[[str], str]:
+    rules = _compile(WEIGHT_NAMES[model_type], reverse=to_checkpoint)
+
+    def rename(key: str) -> str:
+        for pattern, repl in rules:
+            new, count = pattern.subn(repl, key, count=1)
+            if count:
+                return new
+        return key
+
+    return rename
+
+
+# ----------------------------------------------------------------------------- reading tensors
+
+class TensorSource:
+    """Where one tensor lives: `shape`, `dtype`, and `load()` to read it."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, load: Callable[[], torch.Tensor],
+                 origin: str):
+        self.shape, self.dtype, self.load, self.origin = shape, dtype, load, origin
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files of a transformers directory, honouring a sharded index when present."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index ({e})")
+            files = sorted({model_dir / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shards that are not there: {', '.join(missing)}; "
+                                      "the download is incomplete")
+            return files
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+    shards = sorted(model_dir.glob("model-*-of-*.safetensors")) or sorted(model_dir.glob("pytorch_model-*-of-*.bin"))
+    if shards:
+        return shards
+    raise CheckpointError(f"{model_dir} has no weights (model.safetensors, model-*-of-*.safetensors "
+                          "or pytorch_model*.bin)")
+
+
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_sources(path: Path) -> dict[str, TensorSource]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            metas = {k: f.get_slice(k) for k in keys}
+            info = {k: (tuple(m.get_shape()), _ST_DTYPES.get(m.get_dtype(), None)) for k, m in metas.items()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it")
+    expected = os.path.getsize(path)
+    del metas
+
+    def loader(key: str) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            # Reopened per tensor: the mmap of this file closes with it, so only this tensor's
+            # source pages are ever resident next to the converted weights.
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(key)
+        return load
+
+    _check_safetensors_size(path, expected)
+    return {k: TensorSource(shape, dtype, loader(k), str(path)) for k, (shape, dtype) in info.items()}
+
+
+def _check_safetensors_size(path: Path, size: int) -> None:
+    """A truncated file has a valid header but too few bytes: catch it before reading tensors."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; "
+                              "the download or copy did not finish, fetch it again")
+
+
+def _torch_bin_sources(path: Path) -> dict[str, TensorSource]:
+    try:
+        # mmap keeps the pickled storages on disk until each tensor is used.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise CheckpointError(f"{path} could not be read ({e}); re-download it") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch file ({e})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    return {k: TensorSource(tuple(t.shape), t.dtype, (lambda t=t: t), str(path)) for k, t in state.items()
+            if isinstance(t, torch.Tensor)}
+
+
+def tensor_sources(model_dir: Path) -> dict[str, TensorSource]:
+    sources: dict[str, TensorSource] = {}
+    for f in weight_files(model_dir):
+        part = _safetensors_sources(f) if f.suffix == ".safetensors" else _torch_bin_sources(f)
+        sources.update(part)
+    return sources
+
+
+# ----------------------------------------------------------------------------- loading a model
+
+def validate(model: torch.nn.Module, sources: dict[str, TensorSource], where: str) -> None:
+    """One error listing every missing, unexpected and mis-shaped key; nothing is read before."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    if getattr(model, "config", None) is not None and model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sources))
+    unexpected = sorted(set(sources) - set(expected))
+    wrong = sorted(f"{k} {list(sources[k].shape)} (config.json implies {list(expected[k])})"
+                   for k in set(expected) & set(sources) if sources[k].shape != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"mis-shaped {_listing(wrong)}")
+    if problems:
+        raise CheckpointError(f"the weights in {where} do not match its config.json: " + "; ".join(problems)
+                              + ". Check that config.json belongs to these weights.")
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def assign_weights(model: torch.nn.Module, sources: dict[str, TensorSource], dtype: torch.dtype,
+                   device: torch.device, progress: Callable[[Iterator], Iterator] | None = None) -> None:
+    """Read each tensor, cast it, and make it the parameter (assign, no copy into a preallocation)."""
+    keys = list(sources)
+    it = progress(keys) if progress else keys
+    for key in it:
+        t = sources[key].load()
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        t = t.to(device)
+        _set_tensor(model, key, t)
+    if getattr(model, "config", None) is not None and model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _set_tensor(model: torch.nn.Module, key: str, t: torch.Tensor) -> None:
+    mod_name, _, name = key.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if name in mod._parameters:
+        mod._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+    else:
+        mod._buffers[name] = t
+
+
+def renamed_sources(cfg: ModelConfig, raw: dict[str, TensorSource]) -> dict[str, TensorSource]:
+    rename = renamer(cfg.model_type)
+    out = {}
+    for key, src in raw.items():
+        if IGNORED.search(key):
+            continue
+        out[rename(key)] = src
+    return out
+
+
+# ----------------------------------------------------------------------------- saving
+
+def state_for_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    cfg: ModelConfig = model.config
+    rename = renamer(cfg.model_type, to_checkpoint=True)
+    state = {}
+    for key, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and key == "lm_head.weight":
+            continue
+        state[rename(key)] = t
+    return state
+
+
+def write_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write into a temporary sibling directory and rename it into place: a crash mid-write never
+    leaves a directory that looks complete. An existing `out_dir` is replaced only at the end."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        _fsync_dir(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir() if path.is_dir() else []:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+MAX_SHARD_BYTES = 5 * 2**30
+
+
+def save_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index past `max_shard_bytes`."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if total <= max_shard_bytes:
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = t
+        size += n
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

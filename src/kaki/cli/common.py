@@ -1,0 +1,53 @@
+"""Flags every model-loading command shares, and turning them into a loaded LLM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from kaki.errors import KakiError
+
+
+def default_model() -> str | None:
+    """--model's default: $KAKI_MODEL, else the bundled demo model when it is there."""
+    from kaki.paths import bundled_model
+    env = os.environ.get("KAKI_MODEL")
+    if env:
+        return env
+    path = bundled_model()
+    return str(path) if path is not None else None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="model directory or a hub id already in the local HF cache "
+                        "(default: $KAKI_MODEL, else the bundled kaki-tiny)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype in memory (auto: fastest that fits on this device)")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+
+
+def load_from_args(args: argparse.Namespace):
+    import kaki
+    model = args.model or default_model()
+    if model is None:
+        raise KakiError("no --model given and no bundled model found; pass --model DIR")
+    return kaki.load(model, dtype=args.dtype, device=args.device)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None = None) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=max_new_tokens,
+                   help="tokens to generate at most (default: the model's generation_config, else 128)")
+    g.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--top-p", type=float, default=None, help="in (0, 1]; 1 = off")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="1 = off")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when TEXT appears (repeatable); TEXT is not printed")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    keys = ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"]
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}

@@ -1,0 +1,280 @@
+"""`kaki.load()` and the `LLM` object: text at the edges around the token-id engine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from kaki.checkpoint import DTYPES, assign_weights, renamed_sources, tensor_sources, validate
+from kaki.config import ModelConfig, read_config
+from kaki.errors import CheckpointError, KakiError, ParamError
+from kaki.generate import Generation
+from kaki.model import CausalLM
+from kaki.sampling import SamplingParams
+from kaki.tokenizer import TextStream, Tokenizer
+
+
+@dataclass
+class Completion:
+    prompt: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos, stop token or stop string) or "length"
+    prompt_token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+
+
+class LLM:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, path: str | None = None,
+                 generation_defaults: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = model.config
+        self.path = path
+        self.generation_defaults = generation_defaults or {}
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_ids))
+
+    def sampling(self, params: SamplingParams | None = None, **kwargs) -> SamplingParams:
+        """Sampling params from the model's generation_config.json defaults, overridden by kwargs."""
+        if params is not None:
+            if kwargs:
+                raise TypeError("pass either a SamplingParams or keyword arguments, not both")
+            return params
+        return SamplingParams.from_kwargs(**{**self.generation_defaults, **kwargs})
+
+    def encode_prompt(self, prompt: str | list[int], add_bos: bool | None = None) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=add_bos)
+        if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
+            raise ParamError("prompt", f"token ids must be integers in [0, {self.config.vocab_size})")
+        return list(prompt)
+
+    def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | None = None,
+                 add_bos: bool | None = None, **sampling) -> list[Completion]:
+        """Complete each prompt (text or token ids); all of them run as one batch."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        sp = self.sampling(params, **sampling)
+        results = list(self.run(list(prompts), [sp] * len(prompts), add_bos=add_bos, stream=False))
+        return results[-1][1]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+               add_bos: bool | None = None, **sampling) -> Iterator[str]:
+        """Text pieces of one completion as they are generated (never a split character)."""
+        sp = self.sampling(params, **sampling)
+        for pieces, _ in self.run([prompt], [sp], add_bos=add_bos, stream=True):
+            if pieces[0]:
+                yield pieces[0]
+
+    def run(self, prompts: list, params: list[SamplingParams], add_bos: bool | None = None,
+            stream: bool = True) -> Iterator[tuple[list[str], list[Completion] | None]]:
+        """The text edge of the one generation loop: yields each step's new text per prompt, and
+        finally ([], completions)."""
+        ids = [self.encode_prompt(p, add_bos) for p in prompts]
+        gen = Generation(self.model, ids, params, self.eos_ids, self.context_length)
+        streams = [TextStream(self.tokenizer, p, sp.stop) for p, sp in zip(ids, params)]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        tops: list[list] = [[] for _ in prompts]
+        for steps in gen:
+            pieces = [""] * len(prompts)
+            for t in steps:
+                ts = streams[t.row]
+                pieces[t.row] = ts.push(t.id)
+                if gen.rows[t.row].finish_reason is not None and not ts.stopped:
+                    pieces[t.row] += ts.finish()
+                if ts.stopped:
+                    gen.finish(t.row)
+                if t.logprob is not None:
+                    logprobs[t.row].append(t.logprob)
+                if t.top is not None:
+                    tops[t.row].append(t.top)
+            if stream:
+                yield pieces, None
+        out = []
+        for i, (p, r, ts) in enumerate(zip(prompts, gen.rows, streams)):
+            if r.finish_reason is None or not ts.stopped:
+                ts.finish()
+            sp = params[i]
+            out.append(Completion(
+                prompt=p if isinstance(p, str) else None, text=ts.text, token_ids=list(r.tokens),
+                finish_reason=r.finish_reason or "length", prompt_token_ids=ids[i],
+                logprobs=logprobs[i] if sp.logprobs else None,
+                top_logprobs=tops[i] if sp.top_logprobs else None,
+                prompt_logprobs=r.prompt_logprobs))
+        self.last_generation = gen
+        yield [], out
+
+    def save(self, out_dir: str | os.PathLike, dtype: str | None = None) -> Path:
+        """Write a transformers model directory (safetensors, config.json, tokenizer files),
+        atomically, that kaki and transformers' from_pretrained both load."""
+        return save_model_dir(self.model, out_dir, tokenizer_dir=self.path, dtype=dtype)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "added_tokens.json")
+
+
+def save_model_dir(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                   dtype: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    import json
+    import shutil
+
+    from kaki.checkpoint import save_weights, state_for_checkpoint, write_atomically
+
+    target = DTYPES[dtype] if dtype else None
+    cfg = model.config
+
+    def write(tmp: Path) -> None:
+        state = state_for_checkpoint(model)
+        if target is not None:
+            state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+        save_weights(state, tmp)
+        stored = next(iter(state.values())).dtype
+        config = cfg.replace(torch_dtype=str(stored).replace("torch.", "")).to_dict()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+    return write_atomically(out_dir, write)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
+    """A local directory, or a hub id found in the local Hugging Face cache (never downloaded)."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; --model takes the model's directory")
+    text = str(path_or_id)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(text, local_files_only=True))
+        except Exception:
+            raise CheckpointError(
+                f"{text} is neither a directory nor in the local Hugging Face cache; kaki never "
+                f"downloads at run time: fetch it once with `hf download {text}` (or "
+                f"`huggingface-cli download {text}`) and run again") from None
+    raise CheckpointError(f"model directory {p} does not exist")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 matmuls (AVX512-BF16 or AMX); without them bf16 GEMMs run several times slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KakiError(f"device {device!r} asked for but this machine has no CUDA GPU; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise KakiError(f"device must be cpu, cuda[:N] or auto, not {device!r}")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """`auto`: on CUDA the checkpoint's own dtype; on a CPU without native bf16, float32 when it
+    fits in memory (bf16/fp16 GEMMs are several times slower there), else the checkpoint's."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise KakiError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+        return DTYPES[dtype]
+    stored = DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32)
+    if device.type == "cuda":
+        return stored
+    if stored == torch.float32:
+        return torch.float32
+    if stored == torch.bfloat16 and cpu_has_fast_bf16():
+        return torch.bfloat16
+    fp32_bytes = cfg.num_parameters() * 4
+    return torch.float32 if fp32_bytes < 0.8 * available_memory() else stored
+
+
+def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",
+         progress: bool = False) -> LLM:
+    """Load a model directory (transformers layout) with its tokenizer, ready to generate."""
+    model_dir = resolve_model_path(path_or_id)
+    cfg = read_config(model_dir)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, cfg, dev)
+    model = load_model(model_dir, cfg, dt, dev, progress)
+    tokenizer = Tokenizer.from_dir(model_dir, cfg)
+    return LLM(model, tokenizer, str(model_dir), generation_defaults(model_dir))
+
+
+def build_model(cfg: ModelConfig, sources: dict, dtype: torch.dtype, device: torch.device,
+                where: str, progress: bool = False) -> CausalLM:
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    validate(model, sources, where)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = lambda it: tqdm(it, desc="loading", unit="tensor", leave=False)  # noqa: E731
+    assign_weights(model, sources, dtype, device, bar)
+    return model.eval()
+
+
+def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               progress: bool = False) -> CausalLM:
+    sources = renamed_sources(cfg, tensor_sources(model_dir))
+    return build_model(cfg, sources, dtype, device, str(model_dir), progress)
+
+
+# generation_config.json keys that map onto SamplingParams.
+_GEN_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+             "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_new_tokens"}
+
+
+def generation_defaults(model_dir: Path) -> dict:
+    import json
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})")
+    out = {dst: raw[src] for src, dst in _GEN_KEYS.items() if raw.get(src) is not None}
+    if raw.get("do_sample") is False:
+        out["temperature"] = 0.0  # transformers ignores temperature unless do_sample
+    elif raw.get("do_sample") and "temperature" not in out:
+        out["temperature"] = 1.0
+    return out

@@ -1,0 +1,306 @@
+"""One decoder-only transformer for Persimmon, GPT-NeoX/Pythia and Llama, set by a ModelConfig.
+
+Parameter names are Persimmon's as transformers publishes them (`model.layers.N.self_attn.
+query_key_value`), so a Persimmon checkpoint loads with no renaming; other families go through the
+small name tables in `kaki.checkpoint`. The KV cache is passed to `forward` explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kaki.config import ModelConfig
+from kaki.errors import CheckpointError
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+ACTIVATIONS = {
+    "relu2": relu2,
+    "gelu": F.gelu,  # exact erf gelu, as NeoX's "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in fp32, cast back, then scale (that order matters for bf16)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim, cfg.layer_norm_eps) if cfg.rms_norm else nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (L, B, kv_heads, T, D), plus which slots hold
+    real tokens. `length` slots are filled; all rows share the same slot timeline, so a left-padded
+    batch (or rows that joined later) is a matter of `valid`, not of ragged storage."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.padded = False  # True once any slot of a filled row is a pad: masks are needed then
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def select_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only `rows` (finished sequences leave the batch)."""
+        rows = torch.as_tensor(rows, device=self.k.device)
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+        self.valid = self.valid.index_select(0, rows)
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after `length` slots (chat: keep a shared prefix)."""
+        self.valid[:, length:] = False
+        self.length = min(self.length, length)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.rot = cfg.rotary_ndims
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        if cfg.fused_qkv:
+            self.query_key_value = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.dense = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.fused = cfg.fused_qkv
+        if cfg.qk_layernorm:
+            # One (head_dim,) LayerNorm shared by all heads, applied before rotary (Persimmon).
+            self.q_layernorm = nn.LayerNorm(self.head_dim, eps=cfg.layer_norm_eps)
+            self.k_layernorm = nn.LayerNorm(self.head_dim, eps=cfg.layer_norm_eps)
+        self.qk_norm = cfg.qk_layernorm
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask, causal: bool):
+        B, S, _ = x.shape
+        if self.fused:
+            # qkv rows are head-major: [q_h, k_h, v_h] per head (Persimmon and NeoX alike).
+            qkv = self.query_key_value(x).view(B, S, self.n_heads, 3, self.head_dim)
+            q, k, v = qkv.unbind(3)  # (B, S, H, D) each
+        else:
+            q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
+            k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim)
+            v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+        q, k = apply_rotary(q, cos, sin, self.rot), apply_rotary(k, cos, sin, self.rot)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start:start + S] = k
+            cache.v[layer, :, :, start:start + S] = v
+            k = cache.k[layer, :, :, :start + S]  # (B, KV, T, D)
+            v = cache.v[layer, :, :, :start + S]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.dense(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
+    """NeoX half-split rotary on the first `rot` dims of each head; the rest pass through."""
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        if cfg.gated_mlp:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gated = cfg.gated_mlp
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        if self.gated:
+            return self.dense_4h_to_h(self.act(self.gate_proj(x)) * self.dense_h_to_4h(x))
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = MLP(cfg)
+        self.parallel = cfg.use_parallel_residual
+        self.index = index
+
+    def forward(self, x, cos, sin, cache, mask, causal):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, self.index, cache, mask, causal)
+        if self.parallel:
+            # NeoX sums as mlp + attn + residual; the grouping matters for bit-equality.
+            return self.mlp(self.post_attention_layernorm(x)) + attn + x
+        x = x + attn
+        return self.mlp(self.post_attention_layernorm(x)) + x
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.final_layernorm = make_norm(cfg, cfg.hidden_size)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise CheckpointError(f"hidden_act {cfg.hidden_act!r} is not supported; kaki knows "
+                                  f"{', '.join(ACTIVATIONS)}")
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """Rotary frequencies, always fp32 (a bf16 inv_freq shifts logits by ~1e-2)."""
+        if device not in self._inv_freq:
+            cfg, rot = self.config, self.config.rotary_ndims
+            inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float, device=device) / rot))
+            self._inv_freq[device] = _scale_rope(inv, cfg.rope_scaling)
+        return self._inv_freq[device]
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[..., None].float() * self.inv_freq(positions.device)  # (B, S, R/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # Rounded to the model dtype before use, as transformers does.
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, S, R)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the decoder on `input_ids` (B, S) and return final-norm hidden states (B, S, H).
+
+        positions: (B, S) rotary positions; default counts on from the cache.
+        valid: (B, S) True for real tokens, False for padding; None means all real.
+        With a cache, the tokens are appended after its `length` filled slots.
+        """
+        B, S = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
+        if cache is not None and start + S > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} tokens; {start + S} requested")
+        mask, causal = self._mask(B, S, start, cache, valid, input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, mask, causal)
+        if cache is not None:
+            cache.length = start + S
+        return self.model.final_layernorm(x)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, S, V), or (B, 1, V) for the last position only (what decoding needs)."""
+        h = self.hidden_states(input_ids, positions, cache, valid)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def _mask(self, B, S, start, cache, valid, device):
+        """Boolean attention mask (B, 1, S, T) or None with the SDPA causal flag.
+
+        With no padding anywhere, a prefill from slot 0 uses SDPA's own causal path and a one-token
+        step needs no mask at all (both faster, and what transformers does)."""
+        if cache is not None:
+            if valid is None:
+                valid = torch.ones(B, S, dtype=torch.bool, device=device)
+            cache.valid[:, start:start + S] = valid
+            if not bool(valid.all()):
+                cache.padded = True
+            key_valid = cache.valid[:, :start + S]
+            padded = cache.padded
+        else:
+            key_valid = valid
+            padded = valid is not None and not bool(valid.all())
+        if not padded:
+            if start == 0:
+                return None, S > 1
+            if S == 1:
+                return None, False
+        T = start + S
+        q_idx = torch.arange(start, T, device=device)[:, None]
+        k_idx = torch.arange(T, device=device)[None, :]
+        mask = k_idx <= q_idx  # (S, T) causal
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, :]  # (B, S, T)
+        # A pad query may see no valid key at all; let every query see itself so no row is all
+        # False (SDPA would return NaN there). Pad rows' outputs are never read.
+        mask = mask | (k_idx == q_idx)
+        return mask.reshape(-1, 1, S, T).expand(B, 1, S, T), False
+
+
+def _scale_rope(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    if not scaling:
+        return inv_freq
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, blended, scaled)
+    raise CheckpointError(f"rope scaling {kind!r} is not supported")

@@ -1,0 +1,123 @@
+"""Sampling parameters and the pure functions that turn one row of logits into a token.
+
+Order follows transformers' generate: repetition penalty, then temperature, top-k, top-p.
+Temperature 0 means argmax. Every row samples with its own torch.Generator, so a seeded request
+gives the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from kaki.errors import ParamError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the sequence
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings, matched on the decoded text
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False  # logprob of each generated token
+    top_logprobs: int = 0  # and of this many most likely alternatives
+    prompt_logprobs: bool = False  # logprob of each prompt token given the ones before it
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str):
+            raise ParamError(name, why)
+
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 0:
+            bad("max_new_tokens", f"must be a whole number >= 0, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            bad("temperature", f"must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", f"must be a whole number >= 0 (0 turns it off), got {self.top_k!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1] (1 turns it off), got {self.top_p!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", f"must be > 0 (1 turns it off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            bad("seed", f"must be a whole number >= 0, got {self.seed!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            bad("stop", "must be a string or a list of strings")
+        if not all(isinstance(i, int) and i >= 0 for i in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of token ids")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+            bad("top_logprobs", f"must be a whole number from 0 to 20, got {self.top_logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "SamplingParams":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ParamError(unknown[0], f"is not a sampling parameter; known: {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
+        return g
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' rule: divide positive logits of seen tokens by `penalty`, multiply negatives."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches `p` (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                 seen: torch.Tensor | None = None) -> int:
+    """One token from one row of fp32 logits (V,)."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

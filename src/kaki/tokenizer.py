@@ -1,0 +1,202 @@
+"""Tokenizers, with one rule for which file is the truth.
+
+- `tokenizer.json` present: the `tokenizers` library runs it, so ids equal transformers' fast
+  tokenizer on the same directory.
+- only a sentencepiece `tokenizer.model` (Persimmon's published checkpoints, Adept's release):
+  sentencepiece itself runs it, because that is what the model was trained with and what Adept's
+  server uses. transformers 5 instead converts such a Unigram model to a BPE tokenizer, which
+  segments many lines differently (runs of spaces above all); kaki does not follow it there.
+
+BOS/EOS and `add_bos_token` come from tokenizer_config.json, then generation_config.json/config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from kaki.errors import CheckpointError
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """encode/decode between text and ids; `bos_id`, `eos_ids`, `add_bos` from the directory."""
+
+    def __init__(self, backend, kind: str, bos_id: int | None, eos_ids: list[int], add_bos: bool,
+                 pad_id: int | None, chat_template: str | None = None, special_ids: Iterable[int] = ()):
+        self.backend, self.kind = backend, kind
+        self.bos_id, self.eos_ids, self.add_bos, self.pad_id = bos_id, eos_ids, add_bos, pad_id
+        self.chat_template = chat_template
+        self.special_ids = set(special_ids) | set(eos_ids) | ({bos_id} if bos_id is not None else set())
+
+    @property
+    def vocab_size(self) -> int:
+        if self.kind == "sentencepiece":
+            return self.backend.get_piece_size()
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; BOS is prepended when `add_bos` (default: the directory's setting)."""
+        add_bos = self.add_bos if add_bos is None else add_bos
+        if self.kind == "sentencepiece":
+            ids = self.backend.encode(text)
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        if self.kind == "sentencepiece":
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_piece(self, i: int) -> str:
+        if self.kind == "sentencepiece":
+            return self.backend.id_to_piece(i)
+        return self.backend.id_to_token(i) or ""
+
+    def token_to_id(self, token: str) -> int | None:
+        if self.kind == "sentencepiece":
+            i = self.backend.piece_to_id(token)
+            return None if i == self.backend.unk_id() and token != self.backend.id_to_piece(i) else i
+        return self.backend.token_to_id(token)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, config=None) -> "Tokenizer":
+        d = Path(model_dir)
+        tok_cfg = _read_json(d / "tokenizer_config.json")
+        gen_cfg = _read_json(d / "generation_config.json")
+        special_map = _read_json(d / "special_tokens_map.json")
+        if (d / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+            try:
+                backend = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            except Exception as e:
+                raise CheckpointError(f"{d / 'tokenizer.json'} could not be read ({e})")
+            kind = "tokenizers"
+        else:
+            spm_files = [d / "tokenizer.model"] + sorted(d.glob("*.model"))
+            spm_file = next((f for f in spm_files if f.is_file()), None)
+            if spm_file is None:
+                raise CheckpointError(f"{d} has no tokenizer (tokenizer.json or a sentencepiece "
+                                      "tokenizer.model); copy the tokenizer files next to config.json")
+            import sentencepiece as spm
+            backend = spm.SentencePieceProcessor()
+            try:
+                backend.Load(str(spm_file))
+            except Exception as e:
+                raise CheckpointError(f"{spm_file} is not a sentencepiece model ({e})")
+            kind = "sentencepiece"
+        tok = cls(backend, kind, None, [], False, None)
+
+        def lookup(name: str) -> int | None:
+            content = _token_content(tok_cfg.get(name)) or _token_content(special_map.get(name))
+            return tok.token_to_id(content) if content else None
+
+        def from_configs(key: str):
+            for source in (gen_cfg, {} if config is None else {key: getattr(config, key, None)}):
+                if source.get(key) is not None:
+                    return source[key]
+            return None
+
+        bos = lookup("bos_token")
+        if bos is None:
+            bos = from_configs("bos_token_id")
+        eos = from_configs("eos_token_id")
+        eos_ids = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
+        eos_tok = lookup("eos_token")
+        if eos_tok is not None and eos_tok not in eos_ids:
+            eos_ids.append(eos_tok)
+        pad = lookup("pad_token")
+        if pad is None:
+            pad = from_configs("pad_token_id")
+        add_bos = bool(tok_cfg.get("add_bos_token", False))
+        added = [t["id"] for t in _read_json(d / "tokenizer.json").get("added_tokens", [])
+                 if t.get("special")] if kind == "tokenizers" else []
+        if kind == "sentencepiece":
+            added = [i for i in range(backend.get_piece_size()) if backend.is_control(i)]
+        return cls(backend, kind, bos, eos_ids, add_bos, pad, tok_cfg.get("chat_template"), added)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})")
+
+
+class TextStream:
+    """Turns one sequence's generated ids into text pieces, once, for every caller.
+
+    Decodes a sliding window that starts a few tokens back, so sentencepiece's leading-space rule
+    and multi-token characters come out right; text ending in U+FFFD (an incomplete UTF-8 byte
+    sequence from byte-fallback pieces) is held back until the character completes. Stop strings
+    are matched on the text; the last `max(len(stop)) - 1` characters are held back so a stop
+    string split across tokens is caught before any of it is emitted.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str] | None = None):
+        self.tok = tokenizer
+        self.ids = list(prompt_ids[-4:])  # context for the first pieces' spacing
+        self.prefix = 0
+        self.read = len(self.ids)
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1  # longest tail worth holding
+        self.pending = ""  # decoded but not yet emitted (may hold a stop-string prefix)
+        self.text = ""  # everything emitted
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that may be shown now ('' while waiting)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        prev = self.tok.decode(self.ids[self.prefix:self.read])
+        full = self.tok.decode(self.ids[self.prefix:])
+        if full.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 character: wait for its remaining bytes
+        new = full[len(prev):]
+        # Slide the window: the last fully decoded token is enough context for the next one.
+        self.ids = self.ids[self.read:]
+        self.prefix, self.read = 0, len(self.ids)
+        return self._emit(new)
+
+    def _emit(self, new: str) -> str:
+        self.pending += new
+        for s in self.stop:
+            at = self.pending.find(s)
+            if at >= 0:
+                self.pending = self.pending[:at]
+                self.stopped = True
+                return self._flush()
+        # Hold back only a tail that could still grow into a stop string.
+        p, cut = self.pending, len(self.pending)
+        for i in range(max(0, len(p) - self.hold), len(p)):
+            if any(s.startswith(p[i:]) for s in self.stop):
+                cut = i
+                break
+        out, self.pending = p[:cut], p[cut:]
+        self.text += out
+        return out
+
+    def _flush(self) -> str:
+        out, self.pending = self.pending, ""
+        self.text += out
+        return out
+
+    def finish(self) -> str:
+        """End of generation: release whatever was held back."""
+        if self.stopped:
+            return ""
+        return self._flush()
