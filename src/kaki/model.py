@@ -251,7 +251,9 @@ class CausalLM(nn.Module):
         """Logits (B, S, V), or (B, 1, V) for the last position only (what decoding needs)."""
         h = self.hidden_states(input_ids, positions, cache, valid)
         if last_only:
-            h = h[:, -1:]
+            # contiguous: a strided (B, 1, H) view sends F.linear down a bmm path that copies the
+            # whole lm_head weight per row (100x slower in bf16).
+            h = h[:, -1:].contiguous()
         return self.lm_head(h)
 
     def _mask(self, B, S, start, cache, valid, device):

@@ -1,0 +1,217 @@
+"""Decode speed: kaki against transformers on the same ~1B Persimmon-architecture model, one run.
+
+Random weights (hidden 2048, 16 layers, 16 heads, intermediate 8192, vocab 32000), a 32-token
+prompt, greedy, 64 new tokens, batch 1 and 8, float32 and bfloat16. Prints tokens/s for both and
+their ratio, end-to-end (prefill + decode) and decode-only, plus two floors no implementation
+beats here: a bare chain of the model's matrix products (each weight streamed once per token) and
+the memory-bandwidth roofline (weight bytes per token / measured read bandwidth).
+
+    .venv/bin/python benchmarks/decode.py [--quick] [--dtypes float32,bfloat16] [--batches 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CONFIG = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+              vocab_size=32000, max_position_embeddings=2048)
+QUICK = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+             vocab_size=32000, max_position_embeddings=2048)
+PROMPT, NEW = 32, 64
+
+
+def make_checkpoint(root: Path, dtype: str, cfg: dict) -> Path:
+    """Write the random model once per dtype (cached between runs)."""
+    import transformers as T
+
+    tag = "x".join(str(cfg[k]) for k in ("hidden_size", "num_hidden_layers"))
+    out = root / f"persimmon-{tag}-{dtype}"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(0)
+    config = T.PersimmonConfig(**cfg, bos_token_id=1, eos_token_id=2)
+    model = T.PersimmonForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    del model
+    gc.collect()
+    return out
+
+
+def hf_run(path: Path, dtype: torch.dtype, batch: int, prompt: torch.Tensor) -> dict:
+    import transformers as T
+
+    model = T.PersimmonForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ids = prompt[:batch]
+    mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, **kw)
+        e2e = time.perf_counter() - t0
+        # Decode-only: transformers' own cached loop, one token at a time, after a prefill.
+        from transformers import DynamicCache
+        cache = DynamicCache()
+        t0 = time.perf_counter()
+        logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
+        prefill = time.perf_counter() - t0
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(NEW - 1):
+            logits = model(tok, past_key_values=cache, logits_to_keep=1).logits
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+        decode = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return {"e2e_tok_s": batch * NEW / e2e, "decode_tok_s": batch * (NEW - 1) / decode,
+            "prefill_s": prefill, "tokens": out[:, PROMPT:].tolist()}
+
+
+def kaki_run(path: Path, dtype: torch.dtype, batch: int, prompt: torch.Tensor) -> dict:
+    from kaki.config import read_config
+    from kaki.generate import Generation
+    from kaki.llm import load_model
+    from kaki.sampling import SamplingParams
+
+    model = load_model(path, read_config(path), dtype, torch.device("cpu"))
+    ids = prompt[:batch].tolist()
+    sp = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    list(Generation(model, [p[:8] for p in ids], [SamplingParams(max_new_tokens=2)] * batch, []))
+    t0 = time.perf_counter()
+    steps = 0
+    t_first = None
+    tokens = [[] for _ in ids]
+    for out in Generation(model, ids, [sp] * batch, []):
+        if t_first is None:
+            t_first = time.perf_counter()
+        for t in out:
+            tokens[t.row].append(t.id)
+        steps += 1
+    end = time.perf_counter()
+    del model
+    gc.collect()
+    return {"e2e_tok_s": batch * NEW / (end - t0), "decode_tok_s": batch * (NEW - 1) / (end - t_first),
+            "prefill_s": t_first - t0, "tokens": tokens}
+
+
+def bare_chain(cfg: dict, dtype: torch.dtype, batch: int) -> float:
+    """Tokens/s of just the weight matmuls of one decode step (no attention, norms or Python)."""
+    h, i, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    ws = [(torch.randn(3 * h, h, dtype=dtype), torch.randn(h, h, dtype=dtype),
+           torch.randn(i, h, dtype=dtype), torch.randn(h, i, dtype=dtype)) for _ in range(L)]
+    head = torch.randn(V, h, dtype=dtype)
+    x = torch.randn(batch, h, dtype=dtype)
+
+    def step():
+        y = x
+        for qkv, dense, up, down in ws:
+            F.linear(y, qkv)
+            y = F.linear(y, dense)
+            y = F.linear(torch.relu(F.linear(y, up)), down)
+        F.linear(y, head)
+
+    step()
+    t0 = time.perf_counter()
+    n = 5
+    for _ in range(n):
+        step()
+    per = (time.perf_counter() - t0) / n
+    del ws, head
+    gc.collect()
+    return batch / per
+
+
+def read_bandwidth() -> float:
+    """GB/s of a 2-thread streaming read (sum over 1 GiB)."""
+    a = torch.ones(2**28, dtype=torch.float32)
+    a.sum()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a.sum()
+    return 5 * a.nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def peak_load_rss(path: Path, dtype: str) -> dict:
+    """Load in a fresh process and read its peak RSS against the weights' bytes."""
+    code = f"""
+import resource, torch, json
+from pathlib import Path
+from kaki.config import read_config
+from kaki.llm import load_model
+def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
+base = rss()
+m = load_model(Path({str(path)!r}), read_config({str(path)!r}), torch.{dtype}, torch.device('cpu'))
+for p in m.parameters(): p.data.sum()  # touch every weight (mmapped pages count once touched)
+w = sum(p.numel() * p.element_size() for p in m.parameters())
+peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
+print(json.dumps(dict(base=base, peak=peak, weights=w)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["ratio"] = (r["peak"] - r["base"]) / r["weights"]
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a small model, to check the script works")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--cache-dir", default=os.environ.get("KAKI_BENCH_DIR", "/tmp/kaki-bench"))
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    cfg = QUICK if args.quick else CONFIG
+    root = Path(args.cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    prompt = torch.randint(3, cfg["vocab_size"], (8, PROMPT))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    bw = read_bandwidth()
+    results = {"bandwidth_gb_s": bw, "runs": []}
+    print(f"read bandwidth: {bw:.1f} GB/s")
+    for dname in args.dtypes.split(","):
+        dtype = getattr(torch, dname)
+        path = make_checkpoint(root, dname, cfg)
+        from kaki.config import read_config
+        c = read_config(path)
+        streamed = c.num_parameters() - c.vocab_size * c.hidden_size  # all but the embedding table
+        roof = bw * 1e9 / (streamed * dtype.itemsize)
+        rss = peak_load_rss(path, dname)
+        print(f"\n== {dname}: {c.num_parameters() / 1e6:.0f}M params; load peak RSS "
+              f"{(rss['peak'] - rss['base']) / 1e9:.2f} GB over {rss['weights'] / 1e9:.2f} GB of weights "
+              f"({rss['ratio']:.2f}x)")
+        for b in [int(x) for x in args.batches.split(",")]:
+            chain = bare_chain(cfg, dtype, b)
+            hf = hf_run(path, dtype, b, prompt)
+            kk = kaki_run(path, dtype, b, prompt)
+            same = sum(x == y for x, y in zip(hf["tokens"], kk["tokens"]))
+            row = dict(dtype=dname, batch=b, hf=hf, kaki=kk, chain_tok_s=chain, roofline_tok_s=roof * b,
+                       same_tokens_rows=same)
+            for r in (hf, kk):
+                r.pop("tokens")
+            results["runs"].append(row)
+            print(f"batch {b}: end-to-end kaki {kk['e2e_tok_s']:.2f} tok/s vs transformers "
+                  f"{hf['e2e_tok_s']:.2f} ({kk['e2e_tok_s'] / hf['e2e_tok_s']:.2f}x); decode-only "
+                  f"{kk['decode_tok_s']:.2f} vs {hf['decode_tok_s']:.2f} "
+                  f"({kk['decode_tok_s'] / hf['decode_tok_s']:.2f}x); prefill {kk['prefill_s'] * 1e3:.0f} ms vs "
+                  f"{hf['prefill_s'] * 1e3:.0f} ms; bare chain {chain:.2f} tok/s; roofline "
+                  f"{roof:.2f} tok/s per sequence; greedy rows identical {same}/{b}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
