@@ -1,0 +1,33 @@
+"""Shared fixtures: a sentencepiece tokenizer trained once per session, and tiny model directories."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import hf_model_dir, train_sentencepiece, write_spm_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spm_proto() -> bytes:
+    return train_sentencepiece()
+
+
+@pytest.fixture(scope="session")
+def spm_dir(tmp_path_factory, spm_proto) -> Path:
+    """A tokenizer-only directory: sentencepiece tokenizer.model + tokenizer_config.json (BOS on)."""
+    return write_spm_tokenizer(tmp_path_factory.mktemp("spm"), spm_proto)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, spm_dir):
+    """One default tiny model directory per family, shared by tests that only read it:
+    {family: (hf_model, path)}."""
+    out = {}
+    for family in ("persimmon", "gpt_neox", "llama"):
+        out[family] = hf_model_dir(family, tmp_path_factory.mktemp(family), spm_dir)
+    return out
