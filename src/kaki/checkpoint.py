@@ -111,6 +111,8 @@ _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16
 
 
 def _safetensors_sources(path: Path) -> dict[str, TensorSource]:
+    # Size first: safetensors reports a short file only as an obscure "incomplete metadata".
+    _check_safetensors_size(path, os.path.getsize(path))
     try:
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
@@ -118,7 +120,6 @@ def _safetensors_sources(path: Path) -> dict[str, TensorSource]:
             info = {k: (tuple(m.get_shape()), _ST_DTYPES.get(m.get_dtype(), None)) for k, m in metas.items()}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it")
-    expected = os.path.getsize(path)
     del metas
 
     def loader(key: str) -> Callable[[], torch.Tensor]:
@@ -129,16 +130,18 @@ def _safetensors_sources(path: Path) -> dict[str, TensorSource]:
                 return f.get_tensor(key)
         return load
 
-    _check_safetensors_size(path, expected)
     return {k: TensorSource(shape, dtype, loader(k), str(path)) for k, (shape, dtype) in info.items()}
 
 
 def _check_safetensors_size(path: Path, size: int) -> None:
     """A truncated file has a valid header but too few bytes: catch it before reading tensors."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, size)))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return  # not a well-formed header at all: safe_open says what is wrong with it
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; "
                               "the download or copy did not finish, fetch it again")
