@@ -48,20 +48,17 @@ def make_checkpoint(root: Path, dtype: str, cfg: dict) -> Path:
     return out
 
 
-def hf_run(path: Path, dtype: torch.dtype, batch: int, prompt: torch.Tensor) -> dict:
-    import transformers as T
+def hf_run(model, batch: int, prompt: torch.Tensor) -> dict:
+    from transformers import DynamicCache
 
-    model = T.PersimmonForCausalLM.from_pretrained(path, dtype=dtype).eval()
     ids = prompt[:batch]
     mask = torch.ones_like(ids)
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
-        model.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)
         t0 = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, **kw)
         e2e = time.perf_counter() - t0
         # Decode-only: transformers' own cached loop, one token at a time, after a prefill.
-        from transformers import DynamicCache
         cache = DynamicCache()
         t0 = time.perf_counter()
         logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
@@ -72,24 +69,17 @@ def hf_run(path: Path, dtype: torch.dtype, batch: int, prompt: torch.Tensor) -> 
             logits = model(tok, past_key_values=cache, logits_to_keep=1).logits
             tok = logits[:, -1].argmax(-1, keepdim=True)
         decode = time.perf_counter() - t0
-    del model
-    gc.collect()
     return {"e2e_tok_s": batch * NEW / e2e, "decode_tok_s": batch * (NEW - 1) / decode,
             "prefill_s": prefill, "tokens": out[:, PROMPT:].tolist()}
 
 
-def kaki_run(path: Path, dtype: torch.dtype, batch: int, prompt: torch.Tensor) -> dict:
-    from kaki.config import read_config
+def kaki_run(model, batch: int, prompt: torch.Tensor) -> dict:
     from kaki.generate import Generation
-    from kaki.llm import load_model
     from kaki.sampling import SamplingParams
 
-    model = load_model(path, read_config(path), dtype, torch.device("cpu"))
     ids = prompt[:batch].tolist()
     sp = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
-    list(Generation(model, [p[:8] for p in ids], [SamplingParams(max_new_tokens=2)] * batch, []))
     t0 = time.perf_counter()
-    steps = 0
     t_first = None
     tokens = [[] for _ in ids]
     for out in Generation(model, ids, [sp] * batch, []):
@@ -97,12 +87,17 @@ def kaki_run(path: Path, dtype: torch.dtype, batch: int, prompt: torch.Tensor) -
             t_first = time.perf_counter()
         for t in out:
             tokens[t.row].append(t.id)
-        steps += 1
     end = time.perf_counter()
-    del model
-    gc.collect()
     return {"e2e_tok_s": batch * NEW / (end - t0), "decode_tok_s": batch * (NEW - 1) / (end - t_first),
             "prefill_s": t_first - t0, "tokens": tokens}
+
+
+def best(runs: list[dict]) -> dict:
+    """Best of several runs per figure: the machine is shared, and contention only ever slows."""
+    out = {k: max(r[k] for r in runs) for k in ("e2e_tok_s", "decode_tok_s")}
+    out["prefill_s"] = min(r["prefill_s"] for r in runs)
+    out["tokens"] = runs[0]["tokens"]
+    return out
 
 
 def bare_chain(cfg: dict, dtype: torch.dtype, batch: int) -> float:
@@ -169,6 +164,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--cache-dir", default=os.environ.get("KAKI_BENCH_DIR", "/tmp/kaki-bench"))
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per case; the best is kept")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     cfg = QUICK if args.quick else CONFIG
@@ -193,10 +189,20 @@ def main() -> None:
         print(f"\n== {dname}: {c.num_parameters() / 1e6:.0f}M params; load peak RSS "
               f"{(rss['peak'] - rss['base']) / 1e9:.2f} GB over {rss['weights'] / 1e9:.2f} GB of weights "
               f"({rss['ratio']:.2f}x)")
+        import transformers as T
+
+        from kaki.llm import load_model
+        hf_model = T.PersimmonForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        kaki_model = load_model(path, c, dtype, torch.device("cpu"))
         for b in [int(x) for x in args.batches.split(",")]:
             chain = bare_chain(cfg, dtype, b)
-            hf = hf_run(path, dtype, b, prompt)
-            kk = kaki_run(path, dtype, b, prompt)
+            hf_runs, kaki_runs = [], []
+            for rep in range(args.repeats + 1):  # the first round warms both up at these shapes
+                h, k = hf_run(hf_model, b, prompt), kaki_run(kaki_model, b, prompt)
+                if rep:
+                    hf_runs.append(h)
+                    kaki_runs.append(k)
+            hf, kk = best(hf_runs), best(kaki_runs)
             same = sum(x == y for x, y in zip(hf["tokens"], kk["tokens"]))
             row = dict(dtype=dname, batch=b, hf=hf, kaki=kk, chain_tok_s=chain, roofline_tok_s=roof * b,
                        same_tokens_rows=same)
@@ -208,7 +214,9 @@ def main() -> None:
                   f"{kk['decode_tok_s']:.2f} vs {hf['decode_tok_s']:.2f} "
                   f"({kk['decode_tok_s'] / hf['decode_tok_s']:.2f}x); prefill {kk['prefill_s'] * 1e3:.0f} ms vs "
                   f"{hf['prefill_s'] * 1e3:.0f} ms; bare chain {chain:.2f} tok/s; roofline "
-                  f"{roof:.2f} tok/s per sequence; greedy rows identical {same}/{b}")
+                  f"{roof:.2f} tok/s per sequence; greedy rows identical {same}/{b}", flush=True)
+        del hf_model, kaki_model
+        gc.collect()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

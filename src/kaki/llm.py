@@ -13,6 +13,7 @@ from kaki.checkpoint import DTYPES, assign_weights, renamed_sources, tensor_sour
 from kaki.config import ModelConfig, read_config
 from kaki.errors import CheckpointError, KakiError, ParamError
 from kaki.generate import Generation
+from kaki.kernels import cpu_has_fast_bf16
 from kaki.model import CausalLM
 from kaki.sampling import SamplingParams
 from kaki.tokenizer import TextStream, Tokenizer
@@ -176,14 +177,6 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
                 f"downloads at run time: fetch it once with `hf download {text}` (or "
                 f"`huggingface-cli download {text}`) and run again") from None
     raise CheckpointError(f"model directory {p} does not exist")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Native bf16 matmuls (AVX512-BF16 or AMX); without them bf16 GEMMs run several times slower."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
 
 
 def available_memory() -> int:

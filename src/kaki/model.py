@@ -15,6 +15,7 @@ from torch import nn
 
 from kaki.config import ModelConfig
 from kaki.errors import CheckpointError
+from kaki.kernels import Linear
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -92,12 +93,12 @@ class Attention(nn.Module):
         self.rot = cfg.rotary_ndims
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         if cfg.fused_qkv:
-            self.query_key_value = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
+            self.query_key_value = Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
         else:
-            self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
-            self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
-            self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
-        self.dense = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
+            self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+            self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+            self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.dense = Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.fused = cfg.fused_qkv
         if cfg.qk_layernorm:
             # One (head_dim,) LayerNorm shared by all heads, applied before rotary (Persimmon).
@@ -147,10 +148,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.dense_h_to_4h = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.dense_4h_to_h = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         if cfg.gated_mlp:
-            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.gated = cfg.gated_mlp
         self.act = ACTIVATIONS[cfg.hidden_act]
 
@@ -195,7 +196,7 @@ class CausalLM(nn.Module):
                                   f"{', '.join(ACTIVATIONS)}")
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -251,9 +252,9 @@ class CausalLM(nn.Module):
         """Logits (B, S, V), or (B, 1, V) for the last position only (what decoding needs)."""
         h = self.hidden_states(input_ids, positions, cache, valid)
         if last_only:
-            # contiguous: a strided (B, 1, H) view sends F.linear down a bmm path that copies the
-            # whole lm_head weight per row (100x slower in bf16).
-            h = h[:, -1:].contiguous()
+            # As a 2-D (B, H) matrix: a (B, 1, H) view of (B, S, H) sends F.linear down a bmm
+            # path that copies the whole lm_head weight (100x slower in bf16).
+            return self.lm_head(h[:, -1])[:, None]
         return self.lm_head(h)
 
     def _mask(self, B, S, start, cache, valid, device):
