@@ -146,3 +146,47 @@ def write_spm_tokenizer(out_dir: Path, model_proto: bytes, add_bos: bool = True)
         "clean_up_tokenization_spaces": False,
     }))
     return out_dir
+
+
+def write_bpe_tokenizer(out_dir: Path, style: str, tokenizer_config: dict, bos_in_post_processor: bool) -> Path:
+    """A tokenizer.json trained here with the `tokenizers` library, plus tokenizer_config.json.
+
+    style "bytelevel": GPT-NeoX / Llama-3 style byte-level BPE, BOS/EOS "<|endoftext|>".
+    style "metaspace": Llama-2 style BPE over "▁"-marked words with <0xNN> byte fallback,
+    BOS "<s>", EOS "</s>". `bos_in_post_processor` puts a TemplateProcessing that prepends BOS
+    into tokenizer.json itself (Llama 3 and Llama 2 both ship one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if style == "bytelevel":
+        specials = ["<|endoftext|>"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(corpus(), trainer)
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    elif style == "metaspace":
+        specials = ["<unk>", "<s>", "</s>"]
+        byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+        tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        # Byte pieces must be ordinary vocabulary entries (byte fallback looks them up there), so
+        # they are trained in as "special" and then demoted from the added-token list below.
+        trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials + byte_pieces)
+        tok.train_from_iterator(corpus(), trainer)
+    else:
+        raise ValueError(style)
+    bos = specials[0] if style == "bytelevel" else "<s>"
+    if bos_in_post_processor:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    raw = json.loads(tok.to_str())
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] in specials]
+    (out_dir / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return out_dir

@@ -7,7 +7,9 @@
   server uses. transformers 5 instead converts such a Unigram model to a BPE tokenizer, which
   segments many lines differently (runs of spaces above all); kaki does not follow it there.
 
-BOS/EOS and `add_bos_token` come from tokenizer_config.json, then generation_config.json/config.json.
+BOS/EOS come from tokenizer_config.json, then generation_config.json/config.json. Whether BOS is
+prepended: with tokenizer.json, whatever its post-processor does (transformers 5 ignores
+`add_bos_token` there); with tokenizer.model, `add_bos_token` from tokenizer_config.json.
 """
 
 from __future__ import annotations
@@ -120,11 +122,23 @@ class Tokenizer:
         if pad is None:
             pad = from_configs("pad_token_id")
         add_bos = bool(tok_cfg.get("add_bos_token", False))
+        if kind == "tokenizers":
+            # tokenizer.json's own post-processor decides, as in transformers 5, which drops
+            # add_bos_token when tokenizer.json exists (Llama 3 prepends BOS only there).
+            add_bos = _post_processor_prepends(backend, bos)
         added = [t["id"] for t in _read_json(d / "tokenizer.json").get("added_tokens", [])
                  if t.get("special")] if kind == "tokenizers" else []
         if kind == "sentencepiece":
             added = [i for i in range(backend.get_piece_size()) if backend.is_control(i)]
         return cls(backend, kind, bos, eos_ids, add_bos, pad, tok_cfg.get("chat_template"), added)
+
+
+def _post_processor_prepends(backend, bos: int | None) -> bool:
+    if bos is None:
+        return False
+    plain = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    return len(full) > len(plain) and full[0] == bos
 
 
 def _read_json(path: Path) -> dict:
