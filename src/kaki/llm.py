@@ -76,8 +76,8 @@ class LLM:
                add_bos: bool | None = None, **sampling) -> Iterator[str]:
         """Text pieces of one completion as they are generated (never a split character)."""
         sp = self.sampling(params, **sampling)
-        for pieces, _ in self.run([prompt], [sp], add_bos=add_bos, stream=True):
-            if pieces[0]:
+        for pieces, done in self.run([prompt], [sp], add_bos=add_bos, stream=True):
+            if done is None and pieces[0]:  # the final (_, completions) item has no pieces
                 yield pieces[0]
 
     def run(self, prompts: list, params: list[SamplingParams], add_bos: bool | None = None,
