@@ -9,7 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import hf_model_dir, train_sentencepiece, write_spm_tokenizer  # noqa: E402
+from helpers import (copy_tokenizer, hf_model_dir, make_hf_model, prefer_text_pieces,  # noqa: E402
+                     train_sentencepiece, write_spm_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +32,15 @@ def family_dirs(tmp_path_factory, spm_dir):
     for family in ("persimmon", "gpt_neox", "llama"):
         out[family] = hf_model_dir(family, tmp_path_factory.mktemp(family), spm_dir)
     return out
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory, spm_dir, spm_proto):
+    """A tiny Llama whose greedy output decodes to words (see prefer_text_pieces): for stop
+    strings, streaming and the CLI. Returns (hf_model, path)."""
+    model = make_hf_model("llama", seed=3)
+    prefer_text_pieces(model, spm_proto)
+    path = tmp_path_factory.mktemp("text-llama")
+    model.save_pretrained(path)
+    copy_tokenizer(spm_dir, path)
+    return model, path

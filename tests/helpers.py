@@ -190,3 +190,16 @@ def write_bpe_tokenizer(out_dir: Path, style: str, tokenizer_config: dict, bos_i
     (out_dir / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return out_dir
+
+
+def prefer_text_pieces(hf_model, spm_proto: bytes) -> None:
+    """Zero the lm_head rows of byte-fallback, control and unknown pieces, so greedy decoding of a
+    random model picks word pieces (whose logits are spread around 0 and have a clear positive
+    maximum) and its output decodes to readable text for text-level tests."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=spm_proto)
+    rows = [i for i in range(sp.get_piece_size()) if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)]
+    head = hf_model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[rows] = 0
