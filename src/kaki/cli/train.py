@@ -1,0 +1,39 @@
+"""`kaki train`: pretraining, full fine-tuning and LoRA, one process or many under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+examples:
+  kaki train --model DIR --data chat.jsonl --out runs/ft --max-steps 500
+  kaki train --init-from-config config.json --tokenizer tok/ --data a.jsonl:3,b.jsonl:1 --out runs/pt
+  kaki train --config train.yaml --resume
+  torchrun --nproc-per-node 2 -m kaki train --model DIR --data d.jsonl --out runs/ddp [--fsdp]
+multi-node: torchrun --nnodes N --node-rank I --rdzv-endpoint HOST:PORT --nproc-per-node G -m kaki train ...
+data: JSONL, {"text": ...} or {"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}
+global batch = --batch-size x --grad-accum x processes sequences of --seq-len tokens.
+"""
+
+
+def register(sub) -> None:
+    from kaki.train.options import add_arguments
+
+    p = sub.add_parser("train", help="pretrain, fine-tune or LoRA-tune a model",
+                       description="Train a model on JSONL data: pretraining from a config "
+                                   "(--init-from-config), full fine-tuning or LoRA (--lora) of --model. "
+                                   "Writes resumable checkpoints, metrics.jsonl, loss.png and the final "
+                                   "model to --out.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from kaki.train.loop import train
+    from kaki.train.options import FIELDS, from_sources
+
+    cli = {k: v for k, v in vars(args).items() if k in FIELDS}
+    options = from_sources(cli, getattr(args, "config", None))
+    train(options)
+    return 0

@@ -1,0 +1,7 @@
+"""Training: tokenizer training, data packing, the one training loop (full and LoRA), checkpoints.
+
+Modules: `tokenizer_train` (sentencepiece Unigram), `options` (flags = YAML keys), `data` (JSONL,
+chat rendering, loss masks, packing, mixing, resumable position), `optim` (AdamW groups, LR
+schedule), `checkpointing` (atomic resumable checkpoints that are model directories), `logs`
+(loguru, metrics.jsonl, loss.png), `loop` (the trainer), `lora` (adapters), `dist` (torchrun).
+"""

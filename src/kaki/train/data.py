@@ -1,0 +1,371 @@
+"""Training data: JSONL records -> token ids with a loss mask -> packed fixed-length samples.
+
+Records (one JSON object per line):
+- `{"text": "..."}`: plain text, every token trained. OpenChatKit/OIG `<human>: …\n<bot>: …` text is
+  accepted as it is; `mask_prompt` trains only the replies (after `<bot>:` or `adept:`).
+- `{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}`: rendered in
+  Persimmon's chat format (`render_chat`); by default only the assistant replies, and the EOS after
+  the last one, are trained.
+
+Packing: each document becomes [BOS] + tokens + [EOS] (BOS when the tokenizer adds one); a file's
+documents are shuffled per epoch and concatenated into one stream, cut into windows of seq_len + 1
+tokens with stride seq_len (inputs = window[:-1], targets = window[1:], so no target is lost
+between windows). The tail shorter than a window at the end of an epoch is dropped.
+
+Attention across documents: packed samples are plain causal sequences; a token may attend to the
+previous document in its window, across the EOS that separates them (what GPT-2, nanoGPT and
+Megatron's default do). The EOS tells the model a new document starts, the cost is a little
+wasted attention, and it keeps the fast SDPA causal kernel. Positions run on across the boundary.
+
+Mixing: sample i of the run comes from file f with probability weight_f / sum(weights), drawn
+from a generator seeded by (seed, i); each file keeps its own (epoch, window) cursor. The data
+position is those integers, so a resumed run draws exactly the samples it would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kaki.errors import KakiError
+
+# ----------------------------------------------------------------------------- chat rendering
+# Persimmon's chat format (the seed README): "human: {user}\n\nadept: {assistant}", turns joined by
+# a blank line. To be replaced by kaki.chat_format once it lands.
+ROLE_PREFIX = {"user": "human:", "human": "human:", "assistant": "adept:", "adept": "adept:"}
+ASSISTANT_ROLES = {"assistant", "adept"}
+TURN_SEPARATOR = "\n\n"
+
+
+def render_chat(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Text of a conversation and the character spans of the assistant replies.
+
+    A reply's span starts right after "adept:" (so the space before the reply is trained too: at
+    inference the prompt ends with "adept:" and the model writes " {reply}"). A system message is
+    a leading paragraph, since Persimmon's format has no system role."""
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for m in messages:
+        if parts:
+            pos += len(TURN_SEPARATOR)
+        role, content = m["role"], m["content"]
+        if role == "system":
+            text = content
+        else:
+            prefix = ROLE_PREFIX[role]
+            text = f"{prefix} {content}"
+            if role in ASSISTANT_ROLES:
+                spans.append((pos + len(prefix), pos + len(text)))
+        parts.append(text)
+        pos += len(text)
+    return TURN_SEPARATOR.join(parts), spans
+
+
+_REPLY = re.compile(r"(?:^|\n)(?:<bot>|adept):")
+_PROMPT = re.compile(r"\n(?:<human>|human):")
+
+
+def reply_spans(text: str) -> list[tuple[int, int]]:
+    """Spans of the replies in OIG (`<human>:`/`<bot>:`) or Persimmon (`human:`/`adept:`) text."""
+    spans = []
+    for m in _REPLY.finditer(text):
+        start = m.end()
+        nxt = _PROMPT.search(text, start)
+        spans.append((start, nxt.start() if nxt else len(text)))
+    return spans
+
+
+# ----------------------------------------------------------------------------- reading records
+
+@dataclass
+class Document:
+    ids: np.ndarray  # (N,) int32 token ids, BOS/EOS included
+    train: np.ndarray  # (N,) bool: token i is a prediction target
+
+
+@dataclass
+class BadLines:
+    """Problems found while reading: every one is logged with file:line; `count` is reported."""
+    items: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+
+def check_record(rec) -> str | None:
+    """Why a parsed record cannot be used, or None."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return "`messages` is not a non-empty list"
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+                return f"messages[{j}] lacks a string `role` and `content`"
+            if m["role"] not in ROLE_PREFIX and m["role"] != "system":
+                return (f"messages[{j}] has role {m['role']!r}; use user, assistant or system")
+        if not any(m["role"] in ASSISTANT_ROLES and m["content"].strip() for m in msgs):
+            return "no non-empty assistant message (nothing to train on)"
+        return None
+    if "text" not in rec:
+        return "neither `text` nor `messages`"
+    if not isinstance(rec["text"], str):
+        return "`text` is not a string"
+    if not rec["text"].strip():
+        return "empty `text`"
+    return None
+
+
+def read_records(path: Path, bad: BadLines, strict: bool) -> list[tuple[int, dict]]:
+    """(line number, record) for every usable line; bad lines go to `bad` (or raise if strict)."""
+    if not path.is_file():
+        raise KakiError(f"data file {path} does not exist")
+    out = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        lineno = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                raise KakiError(f"{path}:{lineno + 1}: not UTF-8 ({e})") from None
+            if not line:
+                break
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                problem = check_record(rec)
+            except json.JSONDecodeError as e:
+                problem = f"invalid JSON ({e.msg} at column {e.colno})"
+            if problem is not None:
+                msg = f"{path}:{lineno}: {problem}"
+                if strict:
+                    raise KakiError(f"bad data line {msg}; fix it, or drop --strict-data to skip bad lines")
+                bad.items.append(msg)
+                continue
+            out.append((lineno, rec))
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def encode_with_starts(tok, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of `text` (no BOS) and where each token starts, in UTF-8 bytes of `text`."""
+    if tok.kind == "sentencepiece":
+        proto = tok.backend.encode(text, return_type="proto")
+        return [p.id for p in proto.pieces], [p.begin for p in proto.pieces]
+    enc = tok.backend.encode(text, add_special_tokens=False)
+    # tokenizers gives character offsets; convert to bytes so both backends answer alike.
+    char_to_byte = np.cumsum([0] + [len(c.encode()) for c in text])
+    return list(enc.ids), [int(char_to_byte[s]) for s, _ in enc.offsets]
+
+
+def tokenize_record(rec: dict, tok, eos_id: int, mask_prompt: bool, train_on_prompt: bool) -> Document:
+    if "messages" in rec:
+        text, spans = render_chat(rec["messages"])
+        masked = not train_on_prompt
+        last_is_reply = rec["messages"][-1]["role"] in ASSISTANT_ROLES
+    else:
+        text = rec["text"]
+        masked = mask_prompt
+        spans = reply_spans(text) if masked else []
+        last_is_reply = bool(spans) and spans[-1][1] == len(text)
+    if masked:
+        ids, starts = encode_with_starts(tok, text)
+        byte_at = np.cumsum([0] + [len(c.encode()) for c in text])
+        bspans = [(int(byte_at[a]), int(byte_at[b])) for a, b in spans]
+        train = [any(a <= s < b for a, b in bspans) for s in starts]
+        eos_trained = last_is_reply
+    else:
+        ids = tok.encode(text, add_bos=False)
+        train = [True] * len(ids)
+        eos_trained = True
+    head = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    all_ids = head + ids + [eos_id]
+    # BOS after the previous document's EOS is no prediction worth training.
+    all_train = [False] * len(head) + train + [eos_trained]
+    return Document(np.asarray(all_ids, dtype=np.int32), np.asarray(all_train, dtype=bool))
+
+
+# ----------------------------------------------------------------------------- sources and packing
+
+@dataclass
+class DataSpec:
+    path: Path
+    weight: float
+
+
+def parse_data_arg(value: str | list) -> list[DataSpec]:
+    """'a.jsonl:0.5,b.jsonl' (weight defaults to 1), or a YAML list of such strings."""
+    items = value if isinstance(value, list) else [s for s in str(value).split(",") if s.strip()]
+    specs = []
+    for item in items:
+        item = str(item).strip()
+        path, weight = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep:
+            try:
+                weight = float(tail)
+                path = head
+            except ValueError:
+                pass
+        if weight <= 0:
+            raise KakiError(f"data weight must be > 0 in {item!r}")
+        specs.append(DataSpec(Path(path), weight))
+    if not specs:
+        raise KakiError("--data names no files; pass FILE[:weight],...")
+    return specs
+
+
+class PackedFile:
+    """One file's training documents, packed per epoch into windows of seq_len + 1 tokens."""
+
+    def __init__(self, name: str, docs: list[Document], seq_len: int, seed: int, index: int):
+        self.name, self.docs, self.seq_len = name, docs, seq_len
+        self.seed, self.index = seed, index
+        self.tokens = int(sum(len(d.ids) for d in docs))
+        self.windows = (self.tokens - 1) // seq_len if self.tokens > 0 else 0
+        self._epoch: int | None = None
+        self._ids = self._train = None
+        if self.windows < 1:
+            raise KakiError(f"{name} has {self.tokens} training tokens, fewer than one sequence of "
+                            f"--seq-len {seq_len} + 1; add data or lower --seq-len")
+
+    def _load_epoch(self, epoch: int) -> None:
+        if self._epoch == epoch:
+            return
+        order = list(range(len(self.docs)))
+        random.Random(f"{self.seed}:{self.index}:{epoch}").shuffle(order)
+        self._ids = np.concatenate([self.docs[i].ids for i in order])
+        self._train = np.concatenate([self.docs[i].train for i in order])
+        self._epoch = epoch
+
+    def window(self, epoch: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self._load_epoch(epoch)
+        a = k * self.seq_len
+        return self._ids[a:a + self.seq_len + 1], self._train[a:a + self.seq_len + 1]
+
+
+class Mixture:
+    """Weighted, resumable stream of packed samples over several files."""
+
+    def __init__(self, files: list[PackedFile], weights: list[float], seed: int):
+        self.files, self.seed = files, seed
+        total = sum(weights)
+        self.cum = np.cumsum([w / total for w in weights])
+        self.drawn = 0
+        self.cursors = [[0, 0] for _ in files]  # per file: [epoch, next window]
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return sum(f.windows for f in self.files)
+
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        u = random.Random(self.seed * 1_000_003 + self.drawn).random()
+        fi = min(int(np.searchsorted(self.cum, u, side="right")), len(self.files) - 1)
+        self.drawn += 1
+        f, cur = self.files[fi], self.cursors[fi]
+        ids, train = f.window(cur[0], cur[1])
+        cur[1] += 1
+        if cur[1] >= f.windows:
+            cur[0], cur[1] = cur[0] + 1, 0
+        return ids, train
+
+    def state(self) -> dict:
+        return {"drawn": self.drawn, "cursors": [list(c) for c in self.cursors],
+                "files": [f.name for f in self.files]}
+
+    def load_state(self, state: dict) -> None:
+        if state["files"] != [f.name for f in self.files]:
+            raise KakiError(f"the checkpoint was trained on {state['files']}, this run's --data is "
+                            f"{[f.name for f in self.files]}; resume with the same --data")
+        self.drawn = int(state["drawn"])
+        self.cursors = [list(map(int, c)) for c in state["cursors"]]
+
+
+def eval_windows(docs: list[Document], seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Held-out documents packed in order; the last, shorter window is kept (every token counts)."""
+    if not docs:
+        return []
+    ids = np.concatenate([d.ids for d in docs])
+    train = np.concatenate([d.train for d in docs])
+    out = []
+    for a in range(0, max(len(ids) - 1, 1), seq_len):
+        w = ids[a:a + seq_len + 1]
+        if len(w) >= 2:
+            out.append((w, train[a:a + seq_len + 1]))
+    return out
+
+
+@dataclass
+class Dataset:
+    train: Mixture
+    eval: list[tuple[np.ndarray, np.ndarray]]
+    bad: BadLines
+    train_docs: int
+    eval_docs: int
+
+
+def split_eval(n: int, fraction: float, seed: int, index: int) -> set[int]:
+    """Which of n documents are held out: a seeded random `fraction` (at least one when n >= 2)."""
+    if fraction <= 0 or n < 2:
+        return set()
+    k = min(n - 1, max(1, round(n * fraction)))
+    return set(random.Random(f"eval:{seed}:{index}").sample(range(n), k))
+
+
+def build_dataset(data: list[DataSpec], tok, eos_id: int, seq_len: int, seed: int, *,
+                  eval_data: list[DataSpec] | None = None, eval_fraction: float = 0.01,
+                  mask_prompt: bool = False, train_on_prompt: bool = False, strict: bool = False,
+                  log: Callable[[str], None] = print) -> Dataset:
+    bad = BadLines()
+
+    def docs_of(path: Path) -> list[Document]:
+        return [tokenize_record(rec, tok, eos_id, mask_prompt, train_on_prompt)
+                for _, rec in read_records(path, bad, strict)]
+
+    files, eval_docs, n_train = [], [], 0
+    for i, spec in enumerate(data):
+        docs = docs_of(spec.path)
+        if not docs:
+            raise KakiError(f"{spec.path} holds no usable records (see the bad lines above)")
+        held = split_eval(len(docs), eval_fraction, seed, i) if eval_data is None else set()
+        eval_docs += [d for j, d in enumerate(docs) if j in held]
+        kept = [d for j, d in enumerate(docs) if j not in held]
+        n_train += len(kept)
+        files.append(PackedFile(str(spec.path), kept, seq_len, seed, i))
+        log(f"{spec.path}: {len(kept)} documents, {files[-1].tokens:,} tokens, {files[-1].windows} "
+            f"sequences per epoch, weight {spec.weight:g}; {len(held)} held out for eval")
+    for spec in eval_data or []:
+        eval_docs += docs_of(spec.path)
+    for item in bad.items:
+        log(f"skipped bad line {item}")
+    if bad.count:
+        log(f"skipped {bad.count} bad data line(s); pass --strict-data to stop at the first instead")
+    mixture = Mixture(files, [s.weight for s in data], seed)
+    return Dataset(mixture, eval_windows(eval_docs, seq_len), bad, n_train, len(eval_docs))
+
+
+def collate(samples: list[tuple[np.ndarray, np.ndarray]], pad_id: int):
+    """(inputs, targets) LongTensors (B, S); untrained and padded targets are -100 (ignored)."""
+    import torch
+
+    S = max(len(ids) for ids, _ in samples) - 1
+    inputs = torch.full((len(samples), S), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), S), -100, dtype=torch.long)
+    for b, (ids, train) in enumerate(samples):
+        n = len(ids) - 1
+        t = torch.from_numpy(ids.astype(np.int64))
+        inputs[b, :n] = t[:-1]
+        targets[b, :n] = torch.where(torch.from_numpy(train[1:]), t[1:], -100)
+    return inputs, targets

@@ -1,0 +1,401 @@
+"""The one training loop: pretraining, full fine-tuning and LoRA differ only in what trains.
+
+A step draws the global batch (every process draws the same samples from the seeded mixture and
+takes its own slice), runs `grad_accum` micro-batches, and normalises the summed token losses by
+the number of trained tokens in the whole global batch, so the update is the same whatever the
+split into processes and micro-batches (DDP averages gradients over processes, hence x world).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kaki.errors import KakiError
+from kaki.train import checkpointing as ckpt
+from kaki.train.data import build_dataset, collate, parse_data_arg
+from kaki.train.dist import Dist, all_reduce_sum, barrier, setup, teardown
+from kaki.train.logs import Metrics, setup_logging
+from kaki.train.optim import default_warmup, lr_at, make_optimizer
+from kaki.train.options import TrainOptions, to_dict
+
+FP16_PERSIMMON = ("Persimmon must not be trained in float16: it produces NaN (the model was trained in "
+                  "bfloat16; transformers' Persimmon notes say the same). Use --precision bf16 on a GPU, "
+                  "or fp32")
+
+
+def init_weights(model: torch.nn.Module, std: float) -> None:
+    """GPT-style init: N(0, std) matrices, residual output projections scaled by 1/sqrt(2 L) so the
+    residual stream's variance does not grow with depth; norm gains 1, biases 0."""
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                scale = (2 * layers) ** -0.5 if name.endswith(("self_attn.dense.weight", "dense_4h_to_h.weight")) else 1.0
+                p.normal_(0.0, std * scale)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def config_for_pretraining(path: str, tok) -> "ModelConfig":  # noqa: F821
+    from kaki.config import ModelConfig
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise KakiError(f"--init-from-config {path} could not be read as JSON ({e})") from None
+    raw.setdefault("vocab_size", tok.vocab_size)
+    if raw["vocab_size"] < tok.vocab_size:
+        raise KakiError(f"{path} has vocab_size {raw['vocab_size']} but the tokenizer has "
+                        f"{tok.vocab_size} pieces; set vocab_size >= {tok.vocab_size}")
+    # The special ids must be the tokenizer's, or generation would stop on the wrong token.
+    raw["bos_token_id"] = tok.bos_id
+    raw["eos_token_id"] = tok.eos_ids[0] if tok.eos_ids else raw.get("eos_token_id")
+    raw["pad_token_id"] = tok.pad_id
+    raw["torch_dtype"] = "float32"
+    return ModelConfig.from_dict(raw)
+
+
+class Trainer:
+    def __init__(self, o: TrainOptions):
+        self.o = o
+        if not o.data:
+            raise KakiError("--data is required (FILE[:weight],...)")
+        if not o.out:
+            raise KakiError("--out is required (the run directory)")
+        if bool(o.model) == bool(o.init_from_config):
+            raise KakiError("pass exactly one of --model DIR (fine-tune) or --init-from-config "
+                            "CONFIG.json (pretrain from random init)")
+        if o.init_from_config and not o.tokenizer:
+            raise KakiError("--init-from-config needs --tokenizer DIR (train one with `kaki train-tokenizer`)")
+        if o.lora and o.init_from_config:
+            raise KakiError("--lora adapts a trained model; it cannot start from --init-from-config")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(o, name) < 1:
+                raise KakiError(f"--{name.replace('_', '-')} must be >= 1")
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        self.d: Dist = setup(o.device)
+        self.out = Path(o.out)
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        barrier(self.d)
+        self.handlers = setup_logging(self.out, self.d.main)
+        from loguru import logger
+        self.log = logger
+
+    # ------------------------------------------------------------------ setup
+    def build(self) -> None:
+        from kaki.config import read_config
+        from kaki.llm import load_model, resolve_model_path
+        from kaki.model import CausalLM
+        from kaki.tokenizer import Tokenizer
+
+        o, d = self.o, self.d
+        if o.init_from_config:
+            self.tokenizer_dir = Path(o.tokenizer)
+            self.tok = Tokenizer.from_dir(self.tokenizer_dir)
+            cfg = config_for_pretraining(o.init_from_config, self.tok)
+        else:
+            self.model_dir = resolve_model_path(o.model)
+            self.tokenizer_dir = Path(o.tokenizer) if o.tokenizer else self.model_dir
+            cfg = read_config(self.model_dir)
+            self.tok = Tokenizer.from_dir(self.tokenizer_dir, cfg)
+        self.cfg = cfg
+        self.precision = self.pick_precision()
+        self.resume_from = ckpt.latest_checkpoint(self.out) if o.resume else None
+        if o.resume and self.resume_from is None:
+            self.log.info(f"--resume: no checkpoint in {self.out / ckpt.CHECKPOINTS}; starting fresh")
+        if o.resume and d.main:
+            ckpt.remove_partial(self.out)
+
+        torch.manual_seed(o.seed)
+        if self.resume_from is not None and not o.lora:
+            model = load_model(self.resume_from, read_config(self.resume_from), torch.float32, d.device)
+        elif o.init_from_config:
+            model = CausalLM(cfg)
+            init_weights(model, cfg.initializer_range)
+            model = model.to(d.device)
+        else:
+            model = load_model(self.model_dir, cfg, torch.float32, d.device)
+        model.train()
+        if o.lora:
+            from kaki.train.lora import apply_lora
+            for p in model.parameters():
+                p.requires_grad_(False)
+            apply_lora(model, r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
+                       targets=[t.strip() for t in o.lora_targets.split(",") if t.strip()])
+            if self.resume_from is not None:
+                from kaki.train.lora import load_adapter_weights
+                load_adapter_weights(model, self.resume_from)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        n_train = sum(p.numel() for _, p in self.named)
+        n_all = sum(p.numel() for p in model.parameters())
+        self.log.info(f"model {cfg.model_type}: {n_all:,} parameters, {n_train:,} trained "
+                      f"({'LoRA' if o.lora else 'full'}), device {d.device}, precision {self.precision}, "
+                      f"{d.world} process(es)")
+        if o.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        self.fwd = self.wrap(model)
+
+        self.seq_len = o.seq_len or min(1024, cfg.max_position_embeddings)
+        if self.seq_len > cfg.max_position_embeddings:
+            raise KakiError(f"--seq-len {self.seq_len} is longer than the model's context "
+                            f"({cfg.max_position_embeddings})")
+        eos = self.tok.eos_ids[0] if self.tok.eos_ids else None
+        if eos is None:
+            raise KakiError(f"the tokenizer in {self.tokenizer_dir} has no EOS token; packing needs one "
+                            "between documents (set eos_token in tokenizer_config.json)")
+        self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else eos
+        self.data = build_dataset(
+            parse_data_arg(o.data), self.tok, eos, self.seq_len, o.seed,
+            eval_data=parse_data_arg(o.eval_data) if o.eval_data else None,
+            eval_fraction=o.eval_fraction, mask_prompt=o.mask_prompt, train_on_prompt=o.train_on_prompt,
+            strict=o.strict_data, log=self.log.info)
+        self.global_batch = o.batch_size * o.grad_accum * d.world
+        if o.max_steps:
+            self.total = o.max_steps
+        else:
+            epochs = o.epochs if o.epochs else 1.0
+            self.total = max(1, math.ceil(epochs * self.data.train.windows_per_epoch / self.global_batch))
+        self.warmup = o.warmup_steps if o.warmup_steps is not None else default_warmup(self.total)
+        self.optimizer = make_optimizer(self.named, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2),
+                                        o.adam_eps)
+        self.step, self.tokens_seen = 0, 0
+        if self.resume_from is not None:
+            state = ckpt.restore(self.resume_from, self.optimizer, self.named)
+            self.data.train.load_state(state["data"])
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.log.info(f"resumed from {self.resume_from} at step {self.step}")
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.log.info(f"{self.total} steps of {self.global_batch} x {self.seq_len} tokens "
+                      f"({self.global_batch * self.seq_len:,} per step), warmup {self.warmup}, "
+                      f"{len(self.data.eval)} eval sequences")
+
+    def pick_precision(self) -> str:
+        o, dev = self.o, self.d.device
+        p = o.precision
+        if p == "auto":
+            p = "bf16" if dev.type == "cuda" else "fp32"
+        if p == "fp16" and self.cfg.model_type == "persimmon":
+            raise KakiError(FP16_PERSIMMON)
+        if p == "fp16" and dev.type != "cuda":
+            raise KakiError("--precision fp16 needs a CUDA GPU; use fp32 on CPU")
+        if p == "bf16" and dev.type == "cpu":
+            from kaki.kernels import cpu_has_fast_bf16
+            if not cpu_has_fast_bf16():
+                self.log.warning("bf16 autocast on a CPU without native bf16 runs several times slower "
+                                 "than fp32 here; --precision fp32 is faster")
+        return p
+
+    def wrap(self, model):
+        d = self.d
+        if not d.distributed:
+            return model
+        if self.o.fsdp:
+            from kaki.train.dist import wrap_fsdp
+            return wrap_fsdp(model, d)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.d.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ steps
+    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.fwd(inputs.to(self.d.device))
+        # Cross-entropy in fp32: a bf16 log-softmax over the vocabulary loses ~2 digits.
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.d.device).flatten(),
+                               ignore_index=-100, reduction="sum")
+
+    def train_step(self) -> tuple[float, float, int]:
+        o, d = self.o, self.d
+        samples = [self.data.train.draw() for _ in range(self.global_batch)]
+        count = sum(int(t[1:].sum()) for _, t in samples)  # trained targets in the global batch
+        per_rank = o.batch_size * o.grad_accum
+        mine = samples[d.rank * per_rank:(d.rank + 1) * per_rank]
+        lr = lr_at(self.step, lr=o.lr, total=self.total, warmup=self.warmup, schedule=o.schedule,
+                   min_ratio=o.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for m in range(o.grad_accum):
+            inputs, targets = collate(mine[m * o.batch_size:(m + 1) * o.batch_size], self.pad_id)
+            sync = m == o.grad_accum - 1 or not d.distributed or o.fsdp
+            ctx = self.fwd.no_sync() if not sync else nullcontext()
+            with ctx:
+                s = self.loss_sum(inputs, targets)
+                loss = s * (d.world / max(count, 1))
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(s.detach())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for _, p in self.named]
+        if o.grad_clip > 0:
+            norm = clip_grad_norm(self.fwd, params, o.grad_clip, o.fsdp and d.distributed)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (total,) = all_reduce_sum([total], d)
+        self.step += 1
+        self.tokens_seen += self.global_batch * self.seq_len
+        return total / max(count, 1), float(norm), lr
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float] | None:
+        o, d = self.o, self.d
+        windows = self.data.eval
+        if not windows:
+            return None
+        batches = [windows[i:i + o.batch_size] for i in range(0, len(windows), o.batch_size)]
+        if o.eval_batches:
+            batches = batches[:o.eval_batches]
+        self.model.eval()
+        loss = count = 0.0
+        # Every rank runs the same number of forwards (FSDP's gather needs all of them); a rank
+        # past the end reruns batch 0 and does not count it.
+        for i in range(math.ceil(len(batches) / d.world)):
+            j = i * d.world + d.rank
+            inputs, targets = collate(batches[j if j < len(batches) else 0], self.pad_id)
+            s = self.loss_sum(inputs, targets)
+            if j < len(batches):
+                loss += float(s)
+                count += int((targets != -100).sum())
+        self.model.train()
+        loss, count = all_reduce_sum([loss, count], d)
+        mean = loss / max(count, 1)
+        return mean, math.exp(min(mean, 50.0))
+
+    # ------------------------------------------------------------------ writing
+    def write_model(self, tmp: Path, dtype: str | None = None) -> None:
+        from kaki.llm import save_model_dir
+        if self.o.lora:
+            from kaki.train.lora import save_adapter
+            save_adapter(self.model, tmp, base_model=str(self.model_dir), tokenizer_dir=self.tokenizer_dir)
+        else:
+            save_model_dir(self.model, tmp, tokenizer_dir=self.tokenizer_dir, dtype=dtype)
+
+    def save(self) -> Path | None:
+        """Checkpoint at the current step (all ranks call it: FSDP gathers the weights)."""
+        state = {"data": self.data.train.state(), "tokens_seen": self.tokens_seen,
+                 "total_steps": self.total, "options": to_dict(self.o)}
+        path = None
+        with self.full_state():
+            if self.d.main:
+                path = ckpt.save_checkpoint(self.out, self.step, self.write_model, self.optimizer,
+                                            self.named, state, self.o.keep_last)
+                self.log.info(f"checkpoint {path}")
+        barrier(self.d)
+        return path
+
+    def full_state(self):
+        if self.o.fsdp and self.d.distributed:
+            from kaki.train.dist import fsdp_full_state
+            return fsdp_full_state(self.fwd, self.optimizer, self.named)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Path:
+        from tqdm import tqdm
+
+        o, d = self.o, self.d
+        try:
+            self.build()
+            wandb_run = self.start_wandb() if d.main and o.wandb else None
+            metrics = Metrics(self.out, self.step if self.resume_from else None, wandb_run) if d.main else None
+            if d.main:
+                (self.out / "train_options.json").write_text(json.dumps(to_dict(o), indent=2) + "\n")
+            bar = tqdm(total=self.total, initial=self.step, disable=not (d.main and o.progress),
+                       unit="step", dynamic_ncols=True)
+            start = time.perf_counter()
+            while self.step < self.total:
+                t0 = time.perf_counter()
+                loss, norm, lr = self.train_step()
+                dt = time.perf_counter() - t0
+                tps = self.global_batch * self.seq_len / dt
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                if metrics and (self.step % o.log_every == 0 or self.step == self.total):
+                    metrics.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                                 "tokens": self.tokens_seen, "tok_per_s": tps,
+                                 "elapsed_s": time.perf_counter() - start})
+                last = self.step == self.total
+                if (o.eval_every and self.step % o.eval_every == 0) or last:
+                    ev = self.evaluate()
+                    if ev and metrics:
+                        metrics.log({"step": self.step, "eval_loss": ev[0], "eval_ppl": ev[1]})
+                        self.log.info(f"step {self.step}: eval loss {ev[0]:.4f}, perplexity {ev[1]:.2f}")
+                    if metrics:
+                        metrics.plot(self.out)
+                if last or (o.save_every and self.step % o.save_every == 0):
+                    self.save()
+            bar.close()
+            with self.full_state():
+                if d.main:
+                    ckpt.publish_model(self.out, lambda tmp: self.write_model(tmp, o.save_dtype))
+                    if o.lora and o.merge:
+                        from kaki.train.lora import merge_into_model_dir
+                        merge_into_model_dir(self.model, self.out / "merged", self.tokenizer_dir, o.save_dtype)
+                    if metrics:
+                        metrics.plot(self.out)
+                    self.log.info(f"done: model in {self.out}")
+            barrier(d)
+            if wandb_run is not None:
+                wandb_run.finish()
+            return self.out
+        finally:
+            from loguru import logger
+            for h in self.handlers:
+                logger.remove(h)
+            teardown(d)
+
+    def start_wandb(self):
+        try:
+            import wandb
+        except ImportError:
+            raise KakiError("--wandb needs the wandb package: pip install 'kaki[wandb]'") from None
+        return wandb.init(project=self.o.wandb_project, config=to_dict(self.o), dir=str(self.out))
+
+
+def clip_grad_norm(fwd, params, max_norm: float, fsdp: bool) -> torch.Tensor:
+    if fsdp:
+        return fwd.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.model.layers:
+        inner = layer.forward
+
+        def forward(*args, _inner=inner):
+            return checkpoint(_inner, *args, use_reentrant=False)
+
+        layer.forward = forward
+
+
+def train(o: TrainOptions) -> Path:
+    return Trainer(o).run()
