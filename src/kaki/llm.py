@@ -222,8 +222,13 @@ def pick_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device)
 
 def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",
          progress: bool = False) -> LLM:
-    """Load a model directory (transformers layout) with its tokenizer, ready to generate."""
+    """Load a model directory (transformers layout, or Adept's Megatron release) with its
+    tokenizer, ready to generate."""
+    from kaki import adept
+
     model_dir = resolve_model_path(path_or_id)
+    if adept.is_release_dir(model_dir):
+        return adept.load_release(model_dir, dtype=dtype, device=device, progress=progress)
     cfg = read_config(model_dir)
     dev = pick_device(device)
     dt = pick_dtype(dtype, cfg, dev)

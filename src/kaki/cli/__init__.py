@@ -9,7 +9,7 @@ import sys
 from kaki.errors import KakiError
 
 # Modules that define a subcommand; each adds its parser and sets `func`.
-COMMANDS = ["kaki.cli.generate", "kaki.cli.info", "kaki.cli.train_tokenizer", "kaki.cli.train"]
+COMMANDS = ["kaki.cli.generate", "kaki.cli.info", "kaki.cli.train_tokenizer", "kaki.cli.train", "kaki.cli.convert"]
 
 
 class Parser(argparse.ArgumentParser):

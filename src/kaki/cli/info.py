@@ -15,19 +15,22 @@ def register(sub) -> None:
 
 
 def describe(model: str) -> dict:
+    from kaki import adept
     from kaki.config import read_config
     from kaki.errors import KakiError
     from kaki.llm import resolve_model_path
     from kaki.tokenizer import Tokenizer
 
     d = resolve_model_path(model)
-    cfg = read_config(d)
+    release = adept.read_release(d) if adept.is_release_dir(d) else None
+    cfg = release.cfg if release else read_config(d)
     n = cfg.num_parameters()
     try:
-        tok = Tokenizer.from_dir(d, cfg)
+        tok = release.tokenizer() if release else Tokenizer.from_dir(d, cfg)
         tok_kind, tok_vocab = tok.kind, tok.vocab_size
     except KakiError:
         tok_kind, tok_vocab = "none", 0
+    extra = {"layout": "megatron-release", "iteration": release.iteration} if release else {}
     return {
         "path": str(d), "family": cfg.model_type, "parameters": n,
         "bytes": {"float32": n * 4, "bfloat16": n * 2, "float16": n * 2},
@@ -37,6 +40,7 @@ def describe(model: str) -> dict:
         "attention_heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
         "rotary_dims": cfg.rotary_ndims, "rope_theta": cfg.rope_theta,
         "kv_cache_bytes_per_token_fp32": 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4,
+        **extra,
     }
 
 
@@ -59,4 +63,6 @@ def run(args) -> int:
           f"theta {info['rope_theta']:g})")
     print(f"  vocabulary      {info['vocab_size']:,} ({info['tokenizer']}, {info['tokenizer_vocab']:,} pieces)")
     print(f"  KV cache        {_gb(info['kv_cache_bytes_per_token_fp32'] * 1000)} per 1k tokens in fp32")
+    if info.get("layout") == "megatron-release":
+        print(f"  iteration       {info['iteration']} (Adept/Megatron release layout)")
     return 0

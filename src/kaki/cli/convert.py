@@ -1,0 +1,67 @@
+"""`kaki convert SRC DST --to hf|adept`: Adept's Megatron release <-> a transformers directory."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert a Persimmon model between Adept's release layout and transformers'",
+        description="Convert Adept's Persimmon release (latest_checkpointed_iteration.txt, adept_vocab.model, "
+                    "iter_N/mp_rank_00/model_optim_rng.pt) to a transformers directory, or a transformers "
+                    "Persimmon directory (or a release) to the release layout. Tensors are streamed one by one.")
+    p.add_argument("src", metavar="SRC", help="release directory or transformers Persimmon directory")
+    p.add_argument("dst", metavar="DST", help="directory to write (replaced atomically if it exists)")
+    p.add_argument("--to", required=True, choices=["hf", "adept"],
+                   help="hf: transformers (safetensors + config.json + tokenizer); adept: Megatron release")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: as stored in SRC)")
+    p.add_argument("--trim-vocab", action="store_true",
+                   help="drop embedding rows the tokenizer can never produce (unused/control pieces, padding)")
+    p.add_argument("--vocab-multiple", type=int, default=None, metavar="N",
+                   help="with --trim-vocab, keep a multiple of N rows (default 128, Megatron's padding)")
+    p.add_argument("--iteration", type=int, default=None,
+                   help="with --to adept, the iteration number to record (default: SRC's, else 1)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def run(args) -> int:
+    import sys
+
+    from kaki.adept.convert import (embedding_bytes_saved, parse_dtype, read_source, write_release,
+                                    write_transformers)
+    from kaki.adept.vocab_trim import VOCAB_MULTIPLE, trim_vocab
+    from kaki.errors import KakiError
+
+    if args.vocab_multiple is not None and not args.trim_vocab:
+        raise KakiError("--vocab-multiple only applies with --trim-vocab")
+    if args.iteration is not None and args.to != "adept":
+        raise KakiError("--iteration only applies with --to adept")
+    dtype = parse_dtype(args.dtype)
+    bundle = read_source(args.src)
+    if args.trim_vocab:
+        trimmed, plan = trim_vocab(bundle, args.vocab_multiple or VOCAB_MULTIPLE)
+        saved = embedding_bytes_saved(bundle, trimmed, dtype)
+        if plan.removed == 0:
+            print(f"trim-vocab: every one of the {plan.rows:,} ids can be produced by the tokenizer "
+                  "(or is needed to round to the vocab multiple); nothing removed", file=sys.stderr)
+        else:
+            why = ", ".join(f"{n:,} {reason}" for reason, n in plan.dropped.items())
+            how = ("truncated (ids unchanged)" if plan.truncation
+                   else "tokenizer rewritten, ids renumbered (map in vocab_map.json)")
+            print(f"trim-vocab: {plan.rows:,} -> {len(plan.keep):,} rows ({why}); {how}; "
+                  f"saved {saved:,} bytes ({_size(saved)})", file=sys.stderr)
+        bundle = trimmed
+    progress = not args.quiet
+    if args.to == "hf":
+        out = write_transformers(bundle, args.dst, dtype, progress=progress)
+    else:
+        out = write_release(bundle, args.dst, dtype, progress=progress, iteration=args.iteration)
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    kind = "transformers Persimmon directory" if args.to == "hf" else "Adept/Megatron release"
+    print(f"wrote {out} ({kind}, {_size(total)})")
+    return 0
