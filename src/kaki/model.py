@@ -75,7 +75,7 @@ class KVCache:
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only `rows` (finished sequences leave the batch)."""
-        rows = torch.as_tensor(rows, device=self.k.device)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)  # [] would be float
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
         self.valid = self.valid.index_select(0, rows)
