@@ -9,7 +9,8 @@ import sys
 from kaki.errors import KakiError
 
 # Modules that define a subcommand; each adds its parser and sets `func`.
-COMMANDS = ["kaki.cli.generate", "kaki.cli.info", "kaki.cli.train_tokenizer", "kaki.cli.train", "kaki.cli.convert"]
+COMMANDS = ["kaki.cli.generate", "kaki.cli.info", "kaki.cli.train_tokenizer", "kaki.cli.train", "kaki.cli.convert",
+            "kaki.cli.merge_lora"]
 
 
 class Parser(argparse.ArgumentParser):

@@ -25,6 +25,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype in memory (auto: fastest that fits on this device)")
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply a LoRA adapter directory (from `kaki train --lora`) without merging")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -32,7 +34,11 @@ def load_from_args(args: argparse.Namespace):
     model = args.model or default_model()
     if model is None:
         raise KakiError("no --model given and no bundled model found; pass --model DIR")
-    return kaki.load(model, dtype=args.dtype, device=args.device)
+    llm = kaki.load(model, dtype=args.dtype, device=args.device)
+    if getattr(args, "adapter", None):
+        from kaki.train.lora import apply_adapter
+        apply_adapter(llm, args.adapter)
+    return llm
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None = None) -> None:

@@ -74,9 +74,9 @@ class TrainOptions:
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(16.0, "LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
-    lora_targets: str = opt("query_key_value,dense,dense_h_to_4h,dense_4h_to_h",
-                            "comma-separated linear layer names to adapt")
-    merge: bool = opt(False, "with --lora: write the final model with the adapter merged in")
+    lora_targets: str = opt("all-linear", "comma-separated linear layer names to adapt, in kaki's or "
+                                          "the checkpoint's naming (query_key_value,dense or q_proj,o_proj)")
+    merge: bool = opt(False, "with --lora: also write OUT/merged, a plain model with the adapter merged in")
 
     def data_path_list(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else list(self.data or [])
