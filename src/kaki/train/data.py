@@ -3,9 +3,11 @@
 Records (one JSON object per line):
 - `{"text": "..."}`: plain text, every token trained. OpenChatKit/OIG `<human>: …\n<bot>: …` text is
   accepted as it is; `mask_prompt` trains only the replies (after `<bot>:` or `adept:`).
-- `{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}`: rendered in
-  Persimmon's chat format (`render_chat`); by default only the assistant replies, and the EOS after
-  the last one, are trained.
+- `{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}`: rendered by the
+  model's chat format (kaki.chat_format; Persimmon's `human: …\n\nadept: …` by default for
+  Persimmon); by default only the assistant replies, and the EOS after the last one, are trained.
+  A token counts as part of a reply when it starts inside the reply's span, so a piece like
+  ".\n\n" that begins in a reply and runs into the next turn's separator is trained.
 
 Packing: each document becomes [BOS] + tokens + [EOS] (BOS when the tokenizer adds one); a file's
 documents are shuffled per epoch and concatenated into one stream, cut into windows of seq_len + 1
@@ -36,37 +38,9 @@ import numpy as np
 from kaki.errors import KakiError
 
 # ----------------------------------------------------------------------------- chat rendering
-# Persimmon's chat format (the seed README): "human: {user}\n\nadept: {assistant}", turns joined by
-# a blank line. To be replaced by kaki.chat_format once it lands.
-ROLE_PREFIX = {"user": "human:", "human": "human:", "assistant": "adept:", "adept": "adept:"}
-ASSISTANT_ROLES = {"assistant", "adept"}
-TURN_SEPARATOR = "\n\n"
-
-
-def render_chat(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Text of a conversation and the character spans of the assistant replies.
-
-    A reply's span starts right after "adept:" (so the space before the reply is trained too: at
-    inference the prompt ends with "adept:" and the model writes " {reply}"). A system message is
-    a leading paragraph, since Persimmon's format has no system role."""
-    parts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    pos = 0
-    for m in messages:
-        if parts:
-            pos += len(TURN_SEPARATOR)
-        role, content = m["role"], m["content"]
-        if role == "system":
-            text = content
-        else:
-            prefix = ROLE_PREFIX[role]
-            text = f"{prefix} {content}"
-            if role in ASSISTANT_ROLES:
-                spans.append((pos + len(prefix), pos + len(text)))
-        parts.append(text)
-        pos += len(text)
-    return TURN_SEPARATOR.join(parts), spans
-
+# `messages` records are rendered by kaki.chat_format (the one module chat, serve and training
+# share), so a model is trained on exactly the text it is prompted with: Persimmon's
+# "human: {user}\n\nadept: {assistant}" for Persimmon models without a chat_template.
 
 _REPLY = re.compile(r"(?:^|\n)(?:<bot>|adept):")
 _PROMPT = re.compile(r"\n(?:<human>|human):")
@@ -105,15 +79,16 @@ def check_record(rec) -> str | None:
     if not isinstance(rec, dict):
         return "not a JSON object"
     if "messages" in rec:
+        from kaki.chat_format import normalize_messages
+
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
             return "`messages` is not a non-empty list"
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-                return f"messages[{j}] lacks a string `role` and `content`"
-            if m["role"] not in ROLE_PREFIX and m["role"] != "system":
-                return (f"messages[{j}] has role {m['role']!r}; use user, assistant or system")
-        if not any(m["role"] in ASSISTANT_ROLES and m["content"].strip() for m in msgs):
+        try:
+            msgs = normalize_messages(msgs)
+        except KakiError as e:
+            return str(e)
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
             return "no non-empty assistant message (nothing to train on)"
         return None
     if "text" not in rec:
@@ -170,11 +145,21 @@ def encode_with_starts(tok, text: str) -> tuple[list[int], list[int]]:
     return list(enc.ids), [int(char_to_byte[s]) for s, _ in enc.offsets]
 
 
-def tokenize_record(rec: dict, tok, eos_id: int, mask_prompt: bool, train_on_prompt: bool) -> Document:
+def tokenize_record(rec: dict, tok, eos_id: int, mask_prompt: bool, train_on_prompt: bool,
+                    chat=None) -> Document:
+    """One record as [BOS] + tokens + [EOS] with its loss mask. `chat`: a kaki.chat_format format
+    (needed for `messages` records)."""
+    add_bos = tok.add_bos
+    eos_in_text = False
     if "messages" in rec:
-        text, spans = render_chat(rec["messages"])
+        text, spans = chat.render_with_spans(rec["messages"])
         masked = not train_on_prompt
-        last_is_reply = rec["messages"][-1]["role"] in ASSISTANT_ROLES
+        last_is_reply = bool(spans) and spans[-1][1] >= len(text.rstrip())
+        if getattr(chat, "add_bos", None) is not None:
+            add_bos = chat.add_bos
+        eos_text = getattr(chat, "eos_token", "")
+        # A template that writes the EOS token itself: no second one from packing.
+        eos_in_text = bool(eos_text) and text.endswith(eos_text)
     else:
         text = rec["text"]
         masked = mask_prompt
@@ -190,10 +175,11 @@ def tokenize_record(rec: dict, tok, eos_id: int, mask_prompt: bool, train_on_pro
         ids = tok.encode(text, add_bos=False)
         train = [True] * len(ids)
         eos_trained = True
-    head = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-    all_ids = head + ids + [eos_id]
+    head = [tok.bos_id] if add_bos and tok.bos_id is not None else []
+    tail = [] if eos_in_text else [eos_id]
+    all_ids = head + ids + tail
     # BOS after the previous document's EOS is no prediction worth training.
-    all_train = [False] * len(head) + train + [eos_trained]
+    all_train = [False] * len(head) + train + [eos_trained] * len(tail)
     return Document(np.asarray(all_ids, dtype=np.int32), np.asarray(all_train, dtype=bool))
 
 
@@ -327,11 +313,11 @@ def split_eval(n: int, fraction: float, seed: int, index: int) -> set[int]:
 def build_dataset(data: list[DataSpec], tok, eos_id: int, seq_len: int, seed: int, *,
                   eval_data: list[DataSpec] | None = None, eval_fraction: float = 0.01,
                   mask_prompt: bool = False, train_on_prompt: bool = False, strict: bool = False,
-                  log: Callable[[str], None] = print) -> Dataset:
+                  chat=None, log: Callable[[str], None] = print) -> Dataset:
     bad = BadLines()
 
     def docs_of(path: Path) -> list[Document]:
-        return [tokenize_record(rec, tok, eos_id, mask_prompt, train_on_prompt)
+        return [tokenize_record(rec, tok, eos_id, mask_prompt, train_on_prompt, chat)
                 for _, rec in read_records(path, bad, strict)]
 
     files, eval_docs, n_train = [], [], 0

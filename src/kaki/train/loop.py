@@ -159,11 +159,15 @@ class Trainer:
             raise KakiError(f"the tokenizer in {self.tokenizer_dir} has no EOS token; packing needs one "
                             "between documents (set eos_token in tokenizer_config.json)")
         self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else eos
+        from kaki.chat_format import get_format
+        piece = lambda i: self.tok.id_to_piece(i) if i is not None else ""  # noqa: E731
+        chat = get_format(o.chat_format, model_type=cfg.model_type, chat_template=self.tok.chat_template,
+                          bos_token=piece(self.tok.bos_id), eos_token=piece(eos))
         self.data = build_dataset(
             parse_data_arg(o.data), self.tok, eos, self.seq_len, o.seed,
             eval_data=parse_data_arg(o.eval_data) if o.eval_data else None,
             eval_fraction=o.eval_fraction, mask_prompt=o.mask_prompt, train_on_prompt=o.train_on_prompt,
-            strict=o.strict_data, log=self.log.info)
+            strict=o.strict_data, chat=chat, log=self.log.info)
         self.global_batch = o.batch_size * o.grad_accum * d.world
         if o.max_steps:
             self.total = o.max_steps

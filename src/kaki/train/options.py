@@ -34,6 +34,9 @@ class TrainOptions:
     seq_len: int | None = opt(None, "tokens per packed sequence (default: min(1024, model context))")
     mask_prompt: bool = opt(False, "for `text` records: train only on replies (after <bot>: or adept:)")
     train_on_prompt: bool = opt(False, "for `messages` records: train on every token, not only replies")
+    chat_format: str = opt("auto", "how `messages` records are rendered (kaki.chat_format; auto: the "
+                                   "model's chat_template, else adept for persimmon)",
+                           choices=["auto", "adept", "openchatkit", "template", "plain"])
     strict_data: bool = opt(False, "stop at the first bad data line instead of skipping and counting")
     # optimisation
     batch_size: int = opt(8, "sequences per micro-batch on each process")
