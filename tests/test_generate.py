@@ -310,3 +310,42 @@ def test_token_ids_outside_vocabulary(llms):
     llm = llms["llama"]
     with pytest.raises(ParamError, match=r"token ids must be integers in \[0, 320\)"):
         llm.generate([[5, 999]], max_new_tokens=1)
+
+
+# ----------------------------------------------------------------------------- rows that leave early
+
+
+def test_rows_finishing_at_different_steps_leave_the_others_unchanged(family_dirs, llms):
+    """Rows that stop early leave the batch (the cache shrinks); the rest go on exactly as in
+    transformers' batch, where every row runs to the end."""
+    hf, _ = family_dirs["persimmon"]
+    prompts = random_prompts([6, 14, 2, 9], seed=26)
+    ref, scores = hf_greedy(hf, prompts, NEW_TOKENS)
+    stop_at = int(ref[3, 4])  # row 3 stops at its 5th token (or earlier, if that id came before)
+    params = [SamplingParams(max_new_tokens=3, ignore_eos=True),
+              SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
+              SamplingParams(max_new_tokens=17, ignore_eos=True),
+              SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, stop_token_ids=[stop_at])]
+    *_, (_, out) = llms["persimmon"].run(prompts, params, stream=False)
+    expect_len = [3, NEW_TOKENS, 17, ref[3].tolist().index(stop_at) + 1]
+    for row, c in enumerate(out):
+        n = min(comparable_steps(scores[row]), expect_len[row])
+        assert n >= min(MIN_COMPARED, expect_len[row])
+        assert len(c.token_ids) == expect_len[row], row
+        assert c.token_ids[:n] == ref[row, :n].tolist(), row
+    assert [c.finish_reason for c in out] == ["length", "length", "length", "stop"]
+
+
+def test_prompt_logprobs_alone_score_a_text(family_dirs, llms):
+    """max_new_tokens=0 with prompt_logprobs: scoring, nothing generated."""
+    hf, _ = family_dirs["llama"]
+    prompts = random_prompts([8, 5], seed=27)
+    out = llms["llama"].generate(prompts, max_new_tokens=0, prompt_logprobs=True)
+    lp = hf_log_probs(hf, prompts)
+    S = lp.shape[1]
+    for row, (p, c) in enumerate(zip(prompts, out)):
+        assert c.token_ids == [] and c.finish_reason == "length"
+        start = S - len(p)
+        want = [lp[row, start + t - 1, p[t]].item() for t in range(1, len(p))]
+        assert c.prompt_logprobs[0] is None
+        torch.testing.assert_close(torch.tensor(c.prompt_logprobs[1:]), torch.tensor(want), atol=1e-4, rtol=0)

@@ -24,6 +24,9 @@ SAVE_CASES = [
     ("persimmon", {"qk_layernorm": False}),
     ("gpt_neox", {"rotary_pct": 1.0, "use_parallel_residual": False}),
     ("llama", {"num_key_value_heads": 1, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("llama", {"tie_word_embeddings": True}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
 ]
 
 
@@ -318,3 +321,39 @@ def test_hub_id_resolves_from_local_cache(tmp_path, family_dirs):
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in missing.stderr
     assert "hf download kaki-test/absent-model" in lines[0]
+
+
+# ----------------------------------------------------------------------------- dtype "auto"
+
+
+@pytest.mark.parametrize("stored,device,fast_bf16,memory,expected", [
+    ("float32", "cpu", False, 1 << 40, torch.float32),
+    ("bfloat16", "cpu", False, 1 << 40, torch.float32),  # bf16 GEMMs are slow here: fp32 fits
+    ("bfloat16", "cpu", False, 1 << 10, torch.bfloat16),  # fp32 would not fit: keep the checkpoint's
+    ("bfloat16", "cpu", True, 1 << 40, torch.bfloat16),  # native bf16: no reason to double the bytes
+    ("float16", "cpu", False, 1 << 40, torch.float32),
+    ("bfloat16", "cuda", False, 1 << 40, torch.bfloat16),  # on a GPU the checkpoint's own
+    ("float16", "cuda", False, 1 << 40, torch.float16),
+])
+def test_auto_dtype(monkeypatch, family_dirs, stored, device, fast_bf16, memory, expected):
+    import kaki.llm
+
+    monkeypatch.setattr(kaki.llm, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(kaki.llm, "available_memory", lambda: memory)
+    cfg = read_config(family_dirs["persimmon"][1]).replace(torch_dtype=stored)
+    assert kaki.llm.pick_dtype("auto", cfg, torch.device(device)) == expected
+
+
+def test_auto_dtype_loads_a_bf16_checkpoint_as_float32_on_a_cpu_without_bf16(monkeypatch, tmp_path, spm_dir):
+    import kaki.llm
+
+    monkeypatch.setattr(kaki.llm, "cpu_has_fast_bf16", lambda: False)
+    hf, src = hf_model_dir("persimmon", tmp_path / "src", spm_dir)
+    d = bin_dir(hf, src, tmp_path / "bf16", 2, dtype=torch.bfloat16)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (d / "config.json").write_text(json.dumps(cfg))
+    llm = kaki.load(d, device="cpu")
+    assert llm.model.dtype == torch.float32
+    # bf16 weights widened to fp32 exactly: same logits as transformers in fp32 on those weights
+    torch.testing.assert_close(kaki_logits(d), hf_logits(hf_load(d, torch.float32)), atol=1e-5, rtol=0)

@@ -29,6 +29,10 @@ CASES = [
     ("llama", {"num_key_value_heads": 2}),  # grouped-query
     ("llama", {"num_key_value_heads": 4}),  # multi-head
     ("llama", {"num_key_value_heads": 2, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    # Llama 3.1 scaling; original context 64 puts head_dim 16's frequencies in all three bands.
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    ("llama", {"tie_word_embeddings": True}),  # Llama 3.2 1B/3B
 ]
 IDS = [f"{f}-" + ("-".join(f"{k}={v if not isinstance(v, dict) else v['rope_type']}" for k, v in o.items())
                   or "default") for f, o in CASES]
