@@ -175,3 +175,15 @@ def test_stop_string_prefix_is_held_then_released(spm_tok):
     ts, pieces = _stream(spm_tok, ids, stop=["said three"])
     assert not ts.stopped
     assert "".join(pieces) == ts.text == STOP_TEXT
+
+
+def test_tokenizer_model_follows_sentencepiece_not_transformers_conversion(spm_dir, spm_tok, spm_ref):
+    """With only tokenizer.model, sentencepiece is the truth. transformers 5 converts the Unigram
+    model into its own tokenizer, which segments some text differently (here a leading space);
+    kaki must side with sentencepiece there."""
+    import transformers
+
+    converted = transformers.AutoTokenizer.from_pretrained(spm_dir)
+    text = " leading space"
+    assert converted(text)["input_ids"] != [BOS] + spm_ref.encode(text)
+    assert spm_tok.encode(text) == [BOS] + spm_ref.encode(text)
