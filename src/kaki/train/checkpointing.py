@@ -67,7 +67,8 @@ def remove_partial(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict:
+def optimizer_tensors(optimizer: torch.optim.Optimizer, named) -> dict:
+    names = {p: n for n, p in named}
     out = {}
     for p, state in optimizer.state.items():
         for key, value in state.items():
@@ -90,10 +91,10 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, named: list[tuple[s
         optimizer.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in by_name[name].items()}
 
 
-def save_checkpoint(out: Path, step: int, write_model: Callable[[Path], None], optimizer, named,
-                    state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then drop all but the newest `keep_last`."""
-    names = {p: n for n, p in named}
+def save_checkpoint(out: Path, step: int, write_model: Callable[[Path], None],
+                    optim_tensors: dict[str, torch.Tensor], state: dict, keep_last: int) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep_last`.
+    optim_tensors: {"param name/state key": tensor} (optimizer_tensors)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -101,7 +102,7 @@ def save_checkpoint(out: Path, step: int, write_model: Callable[[Path], None], o
 
     def write(tmp: Path) -> None:
         write_model(tmp)
-        save_file(optimizer_tensors(optimizer, names), tmp / OPTIMIZER)
+        save_file(optim_tensors, tmp / OPTIMIZER)
         save_file(rng, tmp / RNG)
         (tmp / STATE).write_text(json.dumps({"format": FORMAT, "step": step, **state}, indent=2) + "\n")
 
@@ -129,17 +130,17 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def restore(path: Path, optimizer, named) -> dict:
-    """Load optimizer and RNG state from a checkpoint into the live objects; return its state."""
+def restore(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Set the RNG states from a checkpoint; return its trainer state and optimizer tensors."""
     state = read_state(path)
-    load_optimizer_tensors(optimizer, named, load_file(path / OPTIMIZER), path)
+    tensors = load_file(path / OPTIMIZER)
     rng = load_file(path / RNG)
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
         if cuda:
             torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
-    return state
+    return state, tensors
 
 
 def publish_model(out: Path, write_model: Callable[[Path], None]) -> Path:

@@ -148,7 +148,10 @@ class Trainer:
                       f"{d.world} process(es)")
         if o.activation_checkpointing:
             enable_activation_checkpointing(model)
+        self.sharded = o.fsdp and d.distributed
         self.fwd = self.wrap(model)
+        # FSDP swaps parameters for sharded ones: take the names after wrapping.
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
         self.seq_len = o.seq_len or min(1024, cfg.max_position_embeddings)
         if self.seq_len > cfg.max_position_embeddings:
@@ -179,7 +182,12 @@ class Trainer:
                                         o.adam_eps)
         self.step, self.tokens_seen = 0, 0
         if self.resume_from is not None:
-            state = ckpt.restore(self.resume_from, self.optimizer, self.named)
+            state, tensors = ckpt.restore(self.resume_from)
+            if self.sharded:
+                from kaki.train.dist import load_full_optimizer_tensors
+                load_full_optimizer_tensors(self.fwd, self.optimizer, tensors)
+            else:
+                ckpt.load_optimizer_tensors(self.optimizer, self.named, tensors, self.resume_from)
             self.data.train.load_state(state["data"])
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.log.info(f"resumed from {self.resume_from} at step {self.step}")
@@ -241,7 +249,7 @@ class Trainer:
         total = 0.0
         for m in range(o.grad_accum):
             inputs, targets = collate(mine[m * o.batch_size:(m + 1) * o.batch_size], self.pad_id)
-            sync = m == o.grad_accum - 1 or not d.distributed or o.fsdp
+            sync = m == o.grad_accum - 1 or not d.distributed or self.sharded
             ctx = self.fwd.no_sync() if not sync else nullcontext()
             with ctx:
                 s = self.loss_sum(inputs, targets)
@@ -251,10 +259,11 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for _, p in self.named]
-        if o.grad_clip > 0:
-            norm = clip_grad_norm(self.fwd, params, o.grad_clip, o.fsdp and d.distributed)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        # The global norm (under FSDP a DTensor over all shards); max_norm inf only measures it.
+        norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf,
+                                              foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -292,32 +301,50 @@ class Trainer:
         return mean, math.exp(min(mean, 50.0))
 
     # ------------------------------------------------------------------ writing
-    def write_model(self, tmp: Path, dtype: str | None = None) -> None:
+    def write_model(self, model, tmp: Path, dtype: str | None = None) -> None:
         from kaki.llm import save_model_dir
         if self.o.lora:
             from kaki.train.lora import save_adapter
-            save_adapter(self.model, tmp, base_model=str(self.model_dir), tokenizer_dir=self.tokenizer_dir)
+            save_adapter(model, tmp, base_model=str(self.model_dir))
         else:
-            save_model_dir(self.model, tmp, tokenizer_dir=self.tokenizer_dir, dtype=dtype)
+            save_model_dir(model, tmp, tokenizer_dir=self.tokenizer_dir, dtype=dtype)
+
+    def snapshot(self):
+        """(model to write, optimizer tensors) on rank 0, (None, None) elsewhere. Under FSDP every
+        rank takes part in gathering the full weights and moments; rank 0 then builds a CPU model
+        on those tensors (no copy) to write with the ordinary savers."""
+        from kaki.train.checkpointing import optimizer_tensors
+        if not self.sharded:
+            return (self.model, optimizer_tensors(self.optimizer, self.named)) if self.d.main else (None, None)
+        from kaki.model import CausalLM
+        from kaki.train.dist import full_model_state, full_optimizer_tensors
+        state = full_model_state(self.fwd)
+        tensors = full_optimizer_tensors(self.fwd, self.optimizer)
+        if not self.d.main:
+            return None, None
+        with torch.device("meta"):
+            cpu = CausalLM(self.cfg)
+        if self.o.lora:
+            from kaki.train.lora import apply_lora
+            apply_lora(cpu, r=self.o.lora_r, alpha=self.o.lora_alpha,
+                       targets=[t.strip() for t in self.o.lora_targets.split(",") if t.strip()])
+        cpu.load_state_dict(state, assign=True)
+        if self.cfg.tie_word_embeddings:
+            cpu.lm_head.weight = cpu.model.embed_tokens.weight
+        return cpu, tensors
 
     def save(self) -> Path | None:
         """Checkpoint at the current step (all ranks call it: FSDP gathers the weights)."""
         state = {"data": self.data.train.state(), "tokens_seen": self.tokens_seen,
                  "total_steps": self.total, "options": to_dict(self.o)}
+        model, tensors = self.snapshot()
         path = None
-        with self.full_state():
-            if self.d.main:
-                path = ckpt.save_checkpoint(self.out, self.step, self.write_model, self.optimizer,
-                                            self.named, state, self.o.keep_last)
-                self.log.info(f"checkpoint {path}")
+        if self.d.main:
+            path = ckpt.save_checkpoint(self.out, self.step, lambda tmp: self.write_model(model, tmp),
+                                        tensors, state, self.o.keep_last)
+            self.log.info(f"checkpoint {path}")
         barrier(self.d)
         return path
-
-    def full_state(self):
-        if self.o.fsdp and self.d.distributed:
-            from kaki.train.dist import fsdp_full_state
-            return fsdp_full_state(self.fwd, self.optimizer, self.named)
-        return nullcontext()
 
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
@@ -355,15 +382,15 @@ class Trainer:
                 if last or (o.save_every and self.step % o.save_every == 0):
                     self.save()
             bar.close()
-            with self.full_state():
-                if d.main:
-                    ckpt.publish_model(self.out, lambda tmp: self.write_model(tmp, o.save_dtype))
-                    if o.lora and o.merge:
-                        from kaki.train.lora import merge_into_model_dir
-                        merge_into_model_dir(self.model, self.out / "merged", self.tokenizer_dir, o.save_dtype)
-                    if metrics:
-                        metrics.plot(self.out)
-                    self.log.info(f"done: model in {self.out}")
+            model, _ = self.snapshot()
+            if d.main:
+                ckpt.publish_model(self.out, lambda tmp: self.write_model(model, tmp, o.save_dtype))
+                if o.lora and o.merge:
+                    from kaki.train.lora import merge_into_model_dir
+                    merge_into_model_dir(model, self.out / "merged", self.tokenizer_dir, o.save_dtype)
+                if metrics:
+                    metrics.plot(self.out)
+                self.log.info(f"done: model in {self.out}")
             barrier(d)
             if wandb_run is not None:
                 wandb_run.finish()
@@ -380,12 +407,6 @@ class Trainer:
         except ImportError:
             raise KakiError("--wandb needs the wandb package: pip install 'kaki[wandb]'") from None
         return wandb.init(project=self.o.wandb_project, config=to_dict(self.o), dir=str(self.out))
-
-
-def clip_grad_norm(fwd, params, max_norm: float, fsdp: bool) -> torch.Tensor:
-    if fsdp:
-        return fwd.clip_grad_norm_(max_norm)
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
 def enable_activation_checkpointing(model) -> None:
