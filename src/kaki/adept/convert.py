@@ -3,8 +3,9 @@
 Reading never holds the weights: a release's .pt is mmapped, safetensors are opened per tensor.
 Writing a transformers directory streams: each tensor is read, cast, written and dropped, so peak
 memory is about one tensor. Writing a release goes through torch.save, which needs the whole
-`model` dict at once: tensors that pass through unchanged stay mmapped views of the source, cast
-or trimmed ones are held in memory, so peak memory is at most one copy of the weights.
+`model` dict at once: tensors that pass through unchanged stay mmapped from the source, and each
+cast or trimmed one is parked in a scratch file and mmapped back, so peak memory is again about
+one tensor (the price is writing the converted tensors to disk twice).
 """
 
 from __future__ import annotations
@@ -264,11 +265,21 @@ def _inv_freq(bundle: Bundle, layer: int, dtype: torch.dtype) -> torch.Tensor:
     return inv.to(dtype)
 
 
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    # torch.save writes a view's whole storage: a truncated embedding would keep every row.
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        return t.clone()
-    return t
+def _file_backed(src: TensorSource, dtype: torch.dtype | None, scratch: Path) -> torch.Tensor:
+    """The tensor, cast, backed by a file rather than by memory: the source's own mmapped storage
+    when it passes through whole, else a scratch copy mmapped back."""
+    raw = src.load()
+    t = _materialize(TensorSource(src.shape, src.dtype, lambda: raw, src.origin), dtype)
+    storage = t.untyped_storage()
+    whole = storage.nbytes() == t.numel() * t.element_size()  # torch.save writes a view's whole storage
+    if (whole and storage.data_ptr() == raw.untyped_storage().data_ptr()) or t.numel() == 0:
+        return t
+    path = scratch / f"{len(list(scratch.iterdir()))}.bin"
+    with open(path, "wb") as f:
+        _write_bytes(f, t)
+    shape, target = t.shape, t.dtype
+    del t, raw
+    return torch.from_file(str(path), shared=False, size=shape.numel(), dtype=target).view(shape)
 
 
 def _vocab_text(spm_bytes: bytes) -> str:
@@ -297,9 +308,11 @@ def write_release(bundle: Bundle, out: str | Path, dtype: torch.dtype | None = N
 
     def write(tmp: Path) -> None:
         flat = {}
+        scratch = tmp / ".scratch"
+        scratch.mkdir()
         with _bar(len(bundle.sources), progress) as bar:
             for name, src in bundle.sources.items():
-                flat[keys.to_megatron(name)] = _own_storage(_materialize(src, dtype))
+                flat[keys.to_megatron(name)] = _file_backed(src, dtype, scratch)
                 bar.update(1)
         for layer in range(bundle.cfg.num_hidden_layers):
             flat[keys.INV_FREQ_NAME.format(n=layer)] = _inv_freq(bundle, layer, stored)
@@ -308,6 +321,8 @@ def write_release(bundle: Bundle, out: str | Path, dtype: torch.dtype | None = N
         folder = tmp / f"iter_{it:07d}" / "mp_rank_00"
         folder.mkdir(parents=True)
         save_checkpoint_file(state, folder / "model_optim_rng.pt")
+        del state, flat
+        shutil.rmtree(scratch)
         (tmp / TRACKER).write_text(f"{it}\n")
         (tmp / VOCAB_MODEL).write_bytes(bundle.spm)
         if bundle.vocab_file is not None:
