@@ -23,6 +23,7 @@ SAVE_CASES = [
     ("persimmon", {"partial_rotary_factor": 1.0, "rope_theta": 5000.0}),
     ("persimmon", {"qk_layernorm": False}),
     ("gpt_neox", {"rotary_pct": 1.0, "use_parallel_residual": False}),
+    ("gpt_neox", {"rotary_pct": 0.5, "rope_theta": 20000.0}),
     ("llama", {"num_key_value_heads": 1, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -357,3 +358,22 @@ def test_auto_dtype_loads_a_bf16_checkpoint_as_float32_on_a_cpu_without_bf16(mon
     assert llm.model.dtype == torch.float32
     # bf16 weights widened to fp32 exactly: same logits as transformers in fp32 on those weights
     torch.testing.assert_close(kaki_logits(d), hf_logits(hf_load(d, torch.float32)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["copy", "distinct"])
+def test_legacy_buffers_and_a_stored_tied_head_are_accepted(tmp_path, spm_dir, head):
+    """Older exports carry rotary inv_freq buffers, and some tied models store lm_head.weight as
+    well: transformers loads both (tying an identical copy, untying a distinct head), so kaki
+    must too."""
+    from safetensors.torch import load_file, save_file
+
+    hf, path = hf_model_dir("llama", tmp_path / "m", spm_dir, tie_word_embeddings=True)
+    state = load_file(path / "model.safetensors")
+    assert "lm_head.weight" not in state
+    embed = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = embed.clone() if head == "copy" else torch.randn_like(embed)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    model = kaki.load(path, dtype="float32", device="cpu").model
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (head == "copy")
+    torch.testing.assert_close(kaki_logits(path), hf_logits(hf_load(path)), atol=1e-5, rtol=0)

@@ -232,6 +232,12 @@ def renamed_sources(cfg: ModelConfig, raw: dict[str, TensorSource]) -> dict[str,
         if IGNORED.search(key):
             continue
         out[rename(key)] = src
+    head, embed = out.get("lm_head.weight"), out.get("model.embed_tokens.weight")
+    if cfg.tie_word_embeddings and head is not None and embed is not None:
+        # Some exports store the tied head as well. As transformers does: an identical copy is
+        # dropped; a different one means the weights are not tied after all (load_model unties).
+        if torch.equal(head.load(), embed.load()):
+            del out["lm_head.weight"]
     return out
 
 

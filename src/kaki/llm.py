@@ -253,6 +253,8 @@ def build_model(cfg: ModelConfig, sources: dict, dtype: torch.dtype, device: tor
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                progress: bool = False) -> CausalLM:
     sources = renamed_sources(cfg, tensor_sources(model_dir))
+    if cfg.tie_word_embeddings and "lm_head.weight" in sources:
+        cfg = cfg.replace(tie_word_embeddings=False)  # a distinct head is stored: use it, as transformers does
     return build_model(cfg, sources, dtype, device, str(model_dir), progress)
 
 
