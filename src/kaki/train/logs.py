@@ -25,7 +25,10 @@ def setup_logging(out: Path, enabled: bool):
     from loguru import logger
     from tqdm import tqdm
 
-    logger.remove()
+    try:
+        logger.remove(0)  # loguru's default stderr handler: ours below replaces it
+    except ValueError:
+        pass
     if not enabled:
         return []
     fmt = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | {message}"

@@ -30,6 +30,15 @@ FP16_PERSIMMON = ("Persimmon must not be trained in float16: it produces NaN (th
                   "or fp32")
 
 
+def token_loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the targets that are not -100 (inputs and targets are
+    already shifted: targets[:, t] is the token after inputs[:, t])."""
+    logits = model(inputs)  # (B, S, V)
+    # Cross-entropy in fp32: a bf16 log-softmax over the vocabulary loses ~2 digits.
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
 def init_weights(model: torch.nn.Module, std: float) -> None:
     """GPT-style init: N(0, std) matrices, residual output projections scaled by 1/sqrt(2 L) so the
     residual stream's variance does not grow with depth; norm gains 1, biases 0."""
@@ -231,10 +240,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            logits = self.fwd(inputs.to(self.d.device))
-        # Cross-entropy in fp32: a bf16 log-softmax over the vocabulary loses ~2 digits.
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.d.device).flatten(),
-                               ignore_index=-100, reduction="sum")
+            return token_loss_sum(self.fwd, inputs.to(self.d.device), targets.to(self.d.device))
 
     def train_step(self) -> tuple[float, float, int]:
         o, d = self.o, self.d

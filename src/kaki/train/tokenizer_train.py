@@ -108,6 +108,9 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Pat
         if t is not None and t not in specials:
             specials.append(t)
     ids = {t: i for i, t in enumerate(specials)}
+    # sentencepiece refuses one piece in two roles: a shared BOS/EOS is its EOS piece, and
+    # tokenizer_config.json names it as bos_token too.
+    spm_bos = bos_token if bos_token is not None and bos_token != eos_token else None
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -116,7 +119,7 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Pat
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=split_digits,
             max_sentence_length=MAX_SENTENCE_BYTES, unk_id=0, unk_piece=unk_token,
-            bos_id=ids.get(bos_token, -1) if bos_token else -1, bos_piece=bos_token or "<s>",
+            bos_id=ids[spm_bos] if spm_bos else -1, bos_piece=spm_bos or "<s>",
             eos_id=ids[eos_token], eos_piece=eos_token,
             pad_id=ids.get(pad_token, -1) if pad_token else -1, pad_piece=pad_token or "<pad>",
             user_defined_symbols=user_symbols or [], hard_vocab_limit=False,
