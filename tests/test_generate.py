@@ -3,6 +3,8 @@ stop strings, and the errors a bad request gets."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -251,8 +253,9 @@ def test_stop_token_ids_and_eos(llms):
     out = llm.generate(prompt, max_new_tokens=20, ignore_eos=True, stop_token_ids=[target])[0]
     assert out.token_ids == base[:first + 1] and out.finish_reason == "stop"
     # the model's EOS (config eos_token_id) stops generation unless ignore_eos
-    llm_eos = kaki.LLM(llm.model, llm.tokenizer, llm.path)
-    llm_eos.tokenizer.eos_ids = [target]
+    tokenizer = copy.copy(llm.tokenizer)  # the module's shared LLM keeps its own
+    tokenizer.eos_ids = [target]
+    llm_eos = kaki.LLM(llm.model, tokenizer, llm.path)
     out = llm_eos.generate(prompt, max_new_tokens=20)[0]
     assert out.token_ids == base[:first + 1] and out.finish_reason == "stop"
 
