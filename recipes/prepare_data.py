@@ -320,6 +320,7 @@ def write_jsonl(path: Path, records) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
     os.replace(tmp, path)
 
 
