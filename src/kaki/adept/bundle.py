@@ -43,6 +43,10 @@ class Bundle:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_proto=self.spm)
-        control = [i for i in range(sp.get_piece_size()) if sp.is_control(i)]
+        n = sp.get_piece_size()
+        control = [i for i in range(n) if sp.is_control(i)]
+        # Megatron pads the embedding past the last piece; a sampled padding id has no text, so it
+        # decodes to nothing, like a control piece (sentencepiece itself would raise).
+        padding = range(n, self.cfg.vocab_size)
         return Tokenizer(sp, "sentencepiece", self.bos_id, list(self.eos_ids), self.add_bos, self.pad_id,
-                         None, control)
+                         None, [*control, *padding])

@@ -247,5 +247,10 @@ def load_release(d: str | Path, *, dtype: str | torch.dtype = "auto", device: st
     bundle = read_release(d)
     dev = pick_device(device)
     dt = pick_dtype(dtype, bundle.cfg, dev)
-    model = build_model(bundle.cfg, bundle.sources, dt, dev, f"{bundle.origin} (config from its args)", progress)
+    try:
+        model = build_model(bundle.cfg, bundle.sources, dt, dev, bundle.origin, progress)
+    except CheckpointError as e:
+        # The shared validation speaks of config.json; a release's config is its stored args.
+        message = str(e).replace("Check that config.json belongs", "Check that the stored args belong")
+        raise CheckpointError(message.replace("config.json", "stored args")) from None
     return LLM(model, bundle.tokenizer(), str(d))
