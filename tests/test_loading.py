@@ -377,3 +377,27 @@ def test_legacy_buffers_and_a_stored_tied_head_are_accepted(tmp_path, spm_dir, h
     model = kaki.load(path, dtype="float32", device="cpu").model
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == (head == "copy")
     torch.testing.assert_close(kaki_logits(path), hf_logits(hf_load(path)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("remove,message", [
+    (("tokenizer.model", "tokenizer_config.json"), "has no tokenizer"),
+    (("model.safetensors",), "has no weights"),
+])
+def test_incomplete_directories(tmp_path, family_dirs, remove, message):
+    _, src = family_dirs["gpt_neox"]
+    d = tmp_path / "partial"
+    d.mkdir()
+    for f in src.iterdir():
+        if f.name not in remove:
+            (d / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CheckpointError, match=message):
+        kaki.load(d, dtype="float32", device="cpu")
+
+
+def test_shard_index_naming_a_missing_shard(tmp_path, family_dirs):
+    hf, _ = family_dirs["gpt_neox"]
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    victim = sorted(tmp_path.glob("model-*-of-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"names shards that are not there: {victim.name}"):
+        kaki.load(tmp_path, dtype="float32", device="cpu")
