@@ -149,6 +149,7 @@ def inline(s: str) -> str:
     s = re.sub(r"\s*\[#?[\w-]*\]_", "", s)  # footnote references
     s = re.sub(r"\*\*(\S(?:.*?\S)?)\*\*", r"\1", s)
     s = re.sub(r"(?<![\w*])\*(\S(?:[^*]*?\S)?)\*(?![\w*])", r"\1", s)
+    s = s.replace("|nbsp|", " ").replace("\\ ", "")
     s = re.sub(r"\|(\w[\w ]*)\|_?", r"\1", s)
     s = re.sub(r"\\([*_`|\\])", r"\1", s)
     s = re.sub(r"(\S)::$", r"\1:", s)
@@ -179,6 +180,7 @@ class Context:
     cls: str = ""
     section: str = ""
     doc_title: str = ""
+    classes: set = field(default_factory=set)  # short names of the classes documented so far
     ids: dict = field(default_factory=dict)
 
     def new_id(self, key: str) -> str:
@@ -201,6 +203,10 @@ def entry_name(kind: str, sig: str, ctx: Context) -> str:
     name = re.split(r"[\s(\[=:]", sig, 1)[0].lstrip("*")
     if not name:
         return sig
+    if kind in ("method", "attribute", "classmethod", "staticmethod", "coroutinemethod",
+                "abstractmethod") and not ctx.cls and ctx.module and name.split(".")[0] in ctx.classes:
+        # `.. method:: datetime.date()` after `.. class:: datetime`, outside the class body.
+        return f"{ctx.module}.{name}"
     if ctx.cls and not name.startswith(ctx.cls + "."):
         outer, _, short_cls = ctx.cls.rpartition(".")
         if name.startswith(short_cls + "."):  # `.. method:: Popen.poll()` inside Popen
@@ -321,7 +327,7 @@ class Renderer:
         # module directives inside the opening set the context for the entries that follow
         for it in body_items:
             if isinstance(it, Directive) and it.name in ("module", "currentmodule") and it.args:
-                self.ctx.module = it.args[0].strip()
+                self.ctx.module = "" if it.args[0].strip() == "None" else it.args[0].strip()
                 self.ctx.cls = ""
         pid = self.ctx.new_id(f"{self.ctx.source}#{_slug(title)}")
         held = pid in self.skip
@@ -346,7 +352,7 @@ class Renderer:
         name, arg = d.name, " ".join(d.args)
         if name in ("module", "currentmodule"):
             if d.args:
-                self.ctx.module = d.args[0].strip()
+                self.ctx.module = "" if d.args[0].strip() == "None" else d.args[0].strip()
                 self.ctx.cls = ""
             return []
         if name in DROP:
@@ -389,8 +395,10 @@ class Renderer:
         key = f"{self.ctx.source}:{name}"
         pid = self.ctx.new_id(key)
         outer_cls = self.ctx.cls
+        qual_sigs = [_qualify_sig(s, entry_name(d.name, s, self.ctx), d.name) for s in sigs]
         if d.name in CONTAINER_KINDS:
             self.ctx.cls = name
+            self.ctx.classes.add(name.rsplit(".", 1)[-1])
         items = parse(d.body, d.start + 1)
         own = [it for it in items if not (isinstance(it, Directive) and it.name in ENTRY_KINDS)]
         nested = [it for it in items if isinstance(it, Directive) and it.name in ENTRY_KINDS]
@@ -400,7 +408,6 @@ class Renderer:
         # Held out: its own text is left out; nested entries (rendered with the skip set) stay.
         body = self.render(nested if held else items)
         self.ctx.cls = outer_cls
-        qual_sigs = [_qualify_sig(s, name, d.name) for s in sigs]
         own_text = "\n".join(qual_sigs + [""] + own_lines).strip()
         self.passages.append(Passage(pid, d.name, name, self.ctx.source,
                                      _trim_paragraphs(paragraphs(own_text.splitlines()), 1500),
