@@ -222,6 +222,12 @@ def test_trim_scattered_ids_rewrites_the_tokenizer(scattered, tmp_path, capsys, 
     new_ids = torch.tensor([b.tokenizer.encode(PROMPTS[2])])
     torch.testing.assert_close(kaki_logits(b, new_ids), kaki_logits(a, ids)[..., kept], rtol=0, atol=0)
 
+    # The id map travels with the model through further conversions.
+    again = tmp_path / "again"
+    convert(out, again, "--to", "hf" if to == "adept" else "adept", "--quiet")
+    assert (again / "vocab_map.json").read_text() == (out / "vocab_map.json").read_text()
+    assert [c.text for c in greedy(kaki.load(again, dtype="float32", device="cpu"))] == [c.text for c in ga]
+
 
 def test_trim_from_transformers_to_transformers_loads_in_transformers(scattered, tmp_path):
     import transformers

@@ -69,12 +69,25 @@ def _target_dtype(src: TensorSource, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and src.dtype.is_floating_point else src.dtype
 
 
-def _materialize(src: TensorSource, dtype: torch.dtype | None) -> torch.Tensor:
-    t = src.load()
-    target = _target_dtype(src, dtype)
-    if t.dtype != target:
-        t = t.to(target)
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`t` in `dtype` (floating tensors only) and contiguous; `t` itself when it already is."""
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)
     return t.contiguous()
+
+
+def _materialize(src: TensorSource, dtype: torch.dtype | None) -> torch.Tensor:
+    return _cast(src.load(), dtype)
+
+
+def check(bundle: Bundle) -> None:
+    """Every tensor the config implies, with its shape, before a byte is written."""
+    from kaki.checkpoint import validate
+    from kaki.model import CausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(bundle.cfg)
+    validate(model, bundle.sources, bundle.origin)
 
 
 def _stored_dtype(bundle: Bundle, dtype: torch.dtype | None) -> torch.dtype:
@@ -189,6 +202,7 @@ def write_transformers(bundle: Bundle, out: str | Path, dtype: torch.dtype | Non
                        progress: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """A transformers Persimmon directory (safetensors, config.json, tokenizer files) that both
     kaki and PersimmonForCausalLM.from_pretrained load."""
+    check(bundle)
     plan = [(name, src, _target_dtype(src, dtype)) for name, src in bundle.sources.items()]
     stored = _stored_dtype(bundle, dtype)
     cfg = bundle.cfg.replace(torch_dtype=str(stored).replace("torch.", ""))
@@ -267,14 +281,14 @@ def _inv_freq(bundle: Bundle, layer: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _file_backed(src: TensorSource, dtype: torch.dtype | None, scratch: Path) -> torch.Tensor:
     """The tensor, cast, backed by a file rather than by memory: the source's own mmapped storage
-    when it passes through whole, else a scratch copy mmapped back."""
+    when it passes through whole, else a copy written to `scratch` and mmapped back."""
     raw = src.load()
-    t = _materialize(TensorSource(src.shape, src.dtype, lambda: raw, src.origin), dtype)
+    t = _cast(raw, dtype)
     storage = t.untyped_storage()
     whole = storage.nbytes() == t.numel() * t.element_size()  # torch.save writes a view's whole storage
     if (whole and storage.data_ptr() == raw.untyped_storage().data_ptr()) or t.numel() == 0:
         return t
-    path = scratch / f"{len(list(scratch.iterdir()))}.bin"
+    path = scratch / f"{sum(1 for _ in scratch.iterdir())}.bin"
     with open(path, "wb") as f:
         _write_bytes(f, t)
     shape, target = t.shape, t.dtype
@@ -293,6 +307,7 @@ def _vocab_text(spm_bytes: bytes) -> str:
 def write_release(bundle: Bundle, out: str | Path, dtype: torch.dtype | None = None,
                   progress: bool = False, iteration: int | None = None) -> Path:
     """Adept's release layout, loadable by kaki and by adept-inference's Megatron."""
+    check(bundle)
     if bundle.spm is None:
         raise KakiError(f"a release needs a sentencepiece tokenizer; {bundle.origin} has no tokenizer.model")
     import sentencepiece as spm

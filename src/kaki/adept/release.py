@@ -22,6 +22,7 @@ import torch
 from kaki.adept.bundle import Bundle
 from kaki.adept.keys import INV_FREQ, flatten, to_kaki
 from kaki.adept.unpickle import load_checkpoint_file, plain
+from kaki.adept.vocab_trim import VOCAB_MAP_FILE, read_vocab_map
 from kaki.checkpoint import TensorSource
 from kaki.config import ModelConfig
 from kaki.errors import CheckpointError
@@ -233,10 +234,14 @@ def read_release(d: str | Path) -> Bundle:
         sources[key] = src
     cfg = config_from_args(raw.get("args"), sources, eod, where)
     iteration = raw.get("iteration", layout.iteration)
+    vocab_map, original = None, None
+    if (d / VOCAB_MAP_FILE).is_file():  # written by `kaki convert --trim-vocab`
+        vocab_map, original = read_vocab_map((d / VOCAB_MAP_FILE).read_text())
     return Bundle(cfg=cfg, sources=sources, spm=spm_bytes, bos_id=eod, eos_ids=[eod], pad_id=eod,
                   add_bos=False, origin=where, iteration=iteration if isinstance(iteration, int) else None,
                   args=raw.get("args"), checkpoint_version=version, inv_freq=inv_freq,
-                  vocab_file=d / VOCAB_TEXT if (d / VOCAB_TEXT).is_file() else None)
+                  vocab_file=d / VOCAB_TEXT if (d / VOCAB_TEXT).is_file() else None,
+                  vocab_map=vocab_map, original_vocab_size=original)
 
 
 def load_release(d: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
