@@ -86,8 +86,8 @@ def locate(d: Path) -> Layout:
         raise CheckpointError(
             f"{folder} holds model-parallel shards {', '.join(ranks)}: it was saved with tensor or "
             "pipeline parallelism > 1. kaki loads single-shard checkpoints (mp_rank_00 only, as Adept "
-            "released them) and does not merge shards yet; merge them with Megatron's "
-            "checkpoint_util.py --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1")
+            "released them) and does not merge shards yet; merge them into one with Megatron's "
+            "checkpoint conversion tool (target tensor and pipeline parallel size 1) first")
     path = folder / "mp_rank_00" / CHECKPOINT_FILE
     if not path.is_file():
         inside = ", ".join(sorted(p.name for p in path.parent.iterdir())) or "nothing"
