@@ -174,3 +174,37 @@ def test_fp16_is_refused_for_persimmon(tmp_path, base, data):
     o = TrainOptions(model=str(base), data=str(data), out=str(tmp_path / "x"), precision="fp16", progress=False)
     with pytest.raises(KakiError, match="NaN"):
         Trainer(o).run()
+
+
+def test_activation_checkpointing_gives_the_same_weights(tmp_path, base, data):
+    def run(name, *extra):
+        o = TrainOptions(model=str(base), data=str(data), out=str(tmp_path / name), max_steps=2, seq_len=32,
+                         batch_size=2, progress=False, eval_every=0, save_every=0, **dict(extra))
+        t = Trainer(o)
+        t.run()
+        return t.model.state_dict()
+
+    plain = run("plain")
+    ckpt = run("ckpt", ("activation_checkpointing", True))
+    assert all(torch.equal(plain[k], ckpt[k]) for k in plain)
+
+
+def test_epochs_set_the_step_count_and_bf16_autocast_runs_on_cpu(tmp_path, base, data):
+    o = TrainOptions(model=str(base), data=str(data), out=str(tmp_path / "e"), epochs=0.5, seq_len=32,
+                     batch_size=8, progress=False, eval_every=0, save_every=0, precision="bf16")
+    t = Trainer(o)
+    t.run()
+    windows = t.data.train.windows_per_epoch
+    assert t.total == -(-windows // 2 // 8) and t.step == t.total
+    losses = [x["loss"] for x in rows(tmp_path / "e") if "loss" in x]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert t.model.lm_head.weight.dtype == torch.float32  # autocast: fp32 master weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_and_8bit_adam_on_cuda(tmp_path, base, data):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "cuda"
+    assert main(["train", "--model", str(base), "--data", str(data), "--out", str(out), "--max-steps", "4",
+                 "--device", "cuda", "--optimizer", "adamw8bit", *COMMON]) == 0
+    assert all(torch.isfinite(torch.tensor([x["loss"] for x in rows(out) if "loss" in x])))

@@ -188,7 +188,7 @@ class Trainer:
             self.total = max(1, math.ceil(epochs * self.data.train.windows_per_epoch / self.global_batch))
         self.warmup = o.warmup_steps if o.warmup_steps is not None else default_warmup(self.total)
         self.optimizer = make_optimizer(self.named, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2),
-                                        o.adam_eps)
+                                        o.adam_eps, o.optimizer, d.device)
         self.step, self.tokens_seen = 0, 0
         if self.resume_from is not None:
             state, tensors = ckpt.restore(self.resume_from)

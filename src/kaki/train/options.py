@@ -45,6 +45,7 @@ class TrainOptions:
     max_steps: int | None = opt(None, "optimizer steps (wins over --epochs)")
     epochs: float | None = opt(None, "passes over the training sequences (default 1 when no --max-steps)")
     lr: float = opt(3e-4, "peak learning rate")
+    optimizer: str = opt("adamw", "adamw, or adamw8bit (bitsandbytes, CUDA only)", choices=["adamw", "adamw8bit"])
     schedule: str = opt("cosine", "learning-rate decay after warmup", choices=["cosine", "linear", "constant"])
     warmup_steps: int | None = opt(None, "linear warmup steps (default: 5%% of the steps, at most 1000)")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr")
