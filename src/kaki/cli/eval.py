@@ -1,0 +1,92 @@
+"""`kaki eval`: perplexity and question-answering accuracy of a model on a JSONL file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from kaki.chat_format import FORMATS
+from kaki.cli.common import add_model_args, load_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="perplexity and answer accuracy on a JSONL file",
+        description="Perplexity on text/chat records (chat: assistant tokens only) and, for "
+                    "question/answer records, greedy answer accuracy (exact and key-phrase "
+                    "contains-match) with and without the gold passages in the prompt.")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="JSONL: {text}, {messages} or {question, answer, "
+                                                 "key_phrase?, passages? | passage_id?} records")
+    p.add_argument("--passages", default=None,
+                   help="passages JSONL (id, title, text) for questions' passage_id "
+                        "(default: passages.jsonl next to --data)")
+    ctx = p.add_mutually_exclusive_group()
+    ctx.add_argument("--with-context", dest="context", action="store_const", const="with",
+                     help="questions only with their gold passages in the prompt")
+    ctx.add_argument("--no-context", dest="context", action="store_const", const="without",
+                     help="questions only without passages")
+    p.set_defaults(context="both")
+    p.add_argument("--chat-format", default="auto", choices=FORMATS, help="how prompts are rendered")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit for questions")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=None,
+                   help="perplexity window in tokens (default: the model's context)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--show", action="store_true", help="print every question with the model's reply")
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from kaki.chat_format import format_for_llm
+    from kaki.errors import KakiError
+    from kaki.evaluate import answer_accuracy, attach_passages, perplexity, read_jsonl
+
+    records = read_jsonl(args.data)[:args.limit]
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise KakiError("--max-new-tokens and --batch-size must be at least 1")
+    questions = [r for r in records if "question" in r]
+    texts = [r for r in records if "question" not in r]
+    passages = args.passages or Path(args.data).with_name("passages.jsonl")
+    modes = {"both": [False, True], "with": [True], "without": [False]}[args.context]
+    if args.context == "both" and not any("passages" in q or q.get("passage_id") is not None for q in questions):
+        modes = [False]
+    if True in modes:
+        questions = attach_passages(questions, passages)
+    llm = load_from_args(args)
+    fmt = format_for_llm(llm, args.chat_format)
+    out: dict = {"model": llm.path, "data": str(args.data), "chat_format": fmt.name}
+    if texts:
+        ppl = perplexity(llm, texts, fmt, batch_size=args.batch_size, max_len=args.max_len)
+        out["perplexity"] = {"records": ppl.records, "tokens": ppl.tokens, "loss": ppl.loss,
+                             "perplexity": ppl.perplexity}
+    if questions:
+        out["questions"] = len(questions)
+        for context in modes:
+            res = answer_accuracy(llm, questions, context, fmt, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size)
+            key = "with_context" if context else "without_context"
+            out[key] = {"exact": res.exact, "contains": res.contains}
+            if args.json and args.show:
+                out[key]["items"] = res.items
+            if args.show and not args.json:
+                for it in res.items:
+                    mark = "+" if it["contains"] else "-"
+                    print(f"[{key}] {mark} {it['question']}\n    reply: {it['reply']}\n    key: {it['key_phrase']}")
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    print(f"model {out['model']}  data {out['data']}  chat format {out['chat_format']}")
+    if "perplexity" in out:
+        p = out["perplexity"]
+        print(f"perplexity {p['perplexity']:.3f}  (loss {p['loss']:.4f} over {p['tokens']} tokens, "
+              f"{p['records']} records)")
+    for key in ("without_context", "with_context"):
+        if key in out:
+            r = out[key]
+            print(f"answers {key.replace('_', ' ')}: exact {r['exact']:.1%}  contains {r['contains']:.1%}"
+                  f"  ({out['questions']} questions)")
+    sys.stdout.flush()
+    return 0
