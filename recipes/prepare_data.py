@@ -262,7 +262,8 @@ def chat_examples(passages: list[rst.Passage], seed: int) -> list[dict]:
         rng = random.Random(f"{seed}:{p.id}")
         question = rng.choice(questions_for(p, rng))
         content = question
-        if rng.random() < CONTEXT_SHARE:
+        # Context only where the gold passage, as trimmed for the prompt, holds the answer.
+        if rng.random() < CONTEXT_SHARE and answer_for(p)[:60] in " ".join(as_context(p)["text"].split()):
             ctx = [p] + distractors(p, usable, by_source, rng, rng.choice([0, 1, 1, 2, 2]))
             rng.shuffle(ctx)
             content = with_context(question, [as_context(c) for c in ctx])

@@ -471,7 +471,8 @@ def _title_text(title: str) -> str:
     return title.replace(" --- ", ": ")
 
 
-_CROSS_LINE = [(_ROLE, _role), (re.compile(r"`([^`<]+?)\s*<[^`>]+>`__?"), r"\1")]
+_CROSS_LINE = [(_ROLE, _role), (re.compile(r"`([^`<]+?)\s*<[^`>]+>`__?"), r"\1"),
+               (re.compile(r"``([^`]+?)``"), r"\1")]
 
 
 def finish_inline(text: str) -> str:
