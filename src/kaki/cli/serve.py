@@ -1,0 +1,84 @@
+"""`kaki serve`: the HTTP server (Adept's PUT /api and the OpenAI API) with continuous batching."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+from kaki.cli.common import add_model_args, load_from_args
+
+
+def register(sub) -> None:
+    from kaki.chat_format import FORMATS
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (Adept's /api and the OpenAI API)",
+                       description="Serve a model over HTTP: Adept's PUT /api, OpenAI's /v1/completions, "
+                                   "/v1/chat/completions and /v1/models, /health and /metrics. Requests are "
+                                   "batched continuously. See docs/serve.md for examples.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("KAKI_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on every route but /health[z] "
+                        "(default: $KAKI_API_KEY; none: open)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="sequences decoded together (default 32)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="prompt + reply tokens per sequence (default: the model's context)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="sequences waiting for a slot before requests get 503 (default 256)")
+    p.add_argument("--chat-format", default="auto", choices=FORMATS,
+                   help="how /v1/chat/completions renders messages (auto: the model's chat_template, "
+                        "else by model family)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id for /v1 (default: the model directory's name)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/Ctrl-C")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from kaki.errors import KakiError
+    from kaki.serve.app import create_app
+    from kaki.serve.engine import Engine, EngineConfig
+
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"kaki serve: warning: binding {args.host} without --api-key: anyone who can reach this "
+              "machine can use the model; pass --api-key KEY (or set KAKI_API_KEY)", file=sys.stderr)
+    if not 0 < args.port < 65536:
+        raise KakiError(f"--port must be 1-65535, got {args.port}")
+    llm = load_from_args(args)
+    config = EngineConfig()
+    for name in ("max_batch_size", "max_seq_len", "max_queue"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    name = args.served_model_name or (Path(llm.path).name if llm.path else "kaki")
+    engine = Engine(llm, config, model_name=name)
+    app = create_app(engine, api_key=args.api_key, chat_format=args.chat_format)
+    print(f"kaki serve: {name} on http://{_url_host(args.host)}:{args.port} (batch {config.max_batch_size}, "
+          f"{engine.max_seq_len:,} tokens per sequence, {engine.model.dtype}, {engine.model.device})",
+          file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.graceful_timeout))
+    server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
+    return 0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

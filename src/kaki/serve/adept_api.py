@@ -1,0 +1,87 @@
+"""Adept's routes, `PUT /api` and `GET /healthz`, as adept-inference's server answers them.
+
+Same request fields, defaults and response keys. On purpose, and documented in docs/serve.md:
+validation errors are HTTP 400 with a JSON body naming the field (the original answered most with
+200 and a bare string); several prompts per request work and run batched; `no_log` works (no log
+line at all, instead of a 500); concurrent requests are safe; the end-of-text token is not
+spelled out in `text`/`generations`; `human_readable_tokens` are the tokens actually sampled (the
+original re-encoded the generated text, which can split it differently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from kaki.errors import ParamError
+from kaki.sampling import SamplingParams
+from kaki.serve.engine import SeqRequest, token_text
+from kaki.serve.results import collect
+from kaki.serve.schemas import AdeptRequest, AdeptResponse
+
+router = APIRouter()
+
+
+@router.put("/api", response_model=AdeptResponse)
+async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
+    engine = request.app.state.engine
+    tok = engine.tokenizer
+    started = time.perf_counter()
+    if body.add_BOS and tok.bos_id is None:
+        raise ParamError("add_BOS", "add_BOS is true but this model's tokenizer has no BOS token")
+    prompt_ids = [tok.encode(p, add_bos=body.add_BOS) for p in body.prompts]
+    reqs = []
+    for ids in prompt_ids:
+        if not ids:
+            raise ParamError("prompts", "Empty prompts require add_BOS=true")
+        # As the original: a prompt that leaves less room than asked generates what fits.
+        max_new = engine.fit(len(ids), body.tokens_to_generate, field="tokens_to_generate", cap=True,
+                            prompt_field="prompts")
+        params = SamplingParams(
+            max_new_tokens=max_new, temperature=body.temperature, top_k=body.top_k,
+            top_p=body.top_p if body.top_p > 0 else 1.0,  # Adept's 0 means off; kaki's off is 1
+            seed=None if body.random_seed == -1 else body.random_seed,
+            logprobs=body.logprobs, prompt_logprobs=body.logprobs)
+        reqs.append(SeqRequest(ids, params))
+    handle = engine.submit(reqs, asyncio.get_running_loop())
+    results = await collect(handle, len(reqs), request.receive)
+
+    scoring = body.tokens_to_generate == 0
+    text, generations, readable, logprobs = [], [], [], []
+    for i, (ids, r) in enumerate(zip(prompt_ids, results)):
+        text.append(tok.decode(ids + r.token_ids))
+        if not scoring:
+            generations.append(tok.decode(r.token_ids))
+            readable.append(_readable_tokens(tok, ids, r.token_ids))
+        if body.logprobs:
+            # Entry j is the logprob of token j+1 given the ones before it: prompt, then reply.
+            prompt_lp = handle.prompt_logprobs[i] or [None]
+            logprobs.append([float(x) for x in prompt_lp[1:]] + r.logprobs)
+    if not body.no_log:
+        from loguru import logger
+        logger.info(f"PUT /api from {request.client.host if request.client else '?'}: {len(reqs)} prompt(s), "
+                    f"{sum(len(r.token_ids) for r in results)} tokens in {time.perf_counter() - started:.2f}s")
+    return AdeptResponse(text=text, generations=generations, human_readable_tokens=readable,
+                         logprobs=logprobs if body.logprobs else None)
+
+
+def _readable_tokens(tok, prompt_ids: list[int], ids: list[int]) -> list[str]:
+    """Each generated token as text; the first one without its leading space (the original
+    dropped the first piece's `▁`)."""
+    out = []
+    ctx = prompt_ids[-3:]
+    for t in ids:
+        out.append(token_text(tok, ctx, t))
+        ctx = (ctx + [t])[-3:]
+    if out and out[0].startswith(" "):
+        out[0] = out[0][1:]
+    return out
+
+
+@router.get("/healthz")
+async def healthz(request: Request):
+    ok = request.app.state.engine.running
+    return JSONResponse({"success": ok}, status_code=200 if ok else 503)

@@ -1,0 +1,228 @@
+"""OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
+
+Prompts are encoded with the tokenizer's own BOS rule (`add_bos_token`); chat messages are
+rendered with the server's chat format (`--chat-format`, see kaki.chat_format), whose stop strings
+are added to the request's. With `n` > 1 and a `seed`, choice j samples with seed + j, so the
+choices differ and each is reproducible. `stream: true` answers with server-sent events ending in
+`data: [DONE]`; a client that disconnects aborts its sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from kaki.errors import KakiError, ParamError
+from kaki.sampling import SamplingParams
+from kaki.serve import schemas as S
+from kaki.serve.engine import Engine, Output, SeqRequest
+from kaki.serve.results import SSE_DONE, collect, sse
+
+router = APIRouter(prefix="/v1")
+
+
+class ModelNotFound(KakiError):
+    pass
+
+
+def _check_model(engine: Engine, name: str | None) -> None:
+    if name and name != engine.model_name:
+        raise ModelNotFound(f"The model `{name}` does not exist; this server serves `{engine.model_name}` "
+                            "(see GET /v1/models)")
+
+
+def _sampling(body, engine: Engine, max_new: int, seed: int | None, **extra) -> SamplingParams:
+    """Request fields over the model's generation_config.json defaults over OpenAI's defaults."""
+    defaults = engine.llm.generation_defaults
+    pick = lambda value, key, default: value if value is not None else defaults.get(key, default)  # noqa: E731
+    top_k = pick(body.top_k, "top_k", 0)
+    return SamplingParams(
+        max_new_tokens=max_new, temperature=pick(body.temperature, "temperature", 1.0),
+        top_p=pick(body.top_p, "top_p", 1.0), top_k=max(top_k, 0),
+        repetition_penalty=pick(body.repetition_penalty, "repetition_penalty", 1.0),
+        seed=seed, stop=list(body.stop or []) + extra.pop("stop", []),
+        stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, **extra)
+
+
+def _seed(body, j: int) -> int | None:
+    return None if body.seed is None else body.seed + j
+
+
+def _ids(engine: Engine, prompt, add_bos=None) -> list[int]:
+    return engine.llm.encode_prompt(prompt, add_bos=add_bos)
+
+
+def _usage(prompt_lens: list[int], completion: int) -> S.Usage:
+    p = sum(prompt_lens)
+    return S.Usage(prompt_tokens=p, completion_tokens=completion, total_tokens=p + completion)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ----------------------------------------------------------------------------- completions
+
+@router.post("/completions", response_model=S.CompletionResponse)
+async def completions(body: S.CompletionRequest, request: Request):
+    engine: Engine = request.app.state.engine
+    _check_model(engine, body.model)
+    prompts = body.prompts()
+    prompt_ids = [_ids(engine, p) for p in prompts]
+    reqs = []
+    for ids in prompt_ids:
+        max_new = engine.fit(len(ids), body.max_tokens, field="max_tokens")
+        for j in range(body.n):
+            reqs.append(SeqRequest(ids, _sampling(body, engine, max_new, _seed(body, j),
+                                                  logprobs=body.logprobs is not None,
+                                                  top_logprobs=body.logprobs or 0)))
+    echo = [(p if isinstance(p, str) else engine.tokenizer.decode(ids)) if body.echo else ""
+            for p, ids in zip(prompts, prompt_ids) for _ in range(body.n)]
+    handle = engine.submit(reqs, asyncio.get_running_loop())
+    rid, created = _new_id("cmpl"), int(time.time())
+    lens = [len(ids) for ids in prompt_ids]
+    if body.stream:
+        return _stream(handle, _completion_chunks(handle, rid, created, engine.model_name, body, echo, lens))
+    results = await collect(handle, len(reqs), request.receive)
+    choices = []
+    for i, r in enumerate(results):
+        lp = None
+        if body.logprobs is not None:
+            lp = _completion_logprobs(r.token_texts, r.logprobs, r.tops if body.logprobs else None, len(echo[i]))
+        choices.append(S.CompletionChoice(index=i, text=echo[i] + r.text, logprobs=lp, finish_reason=r.finish_reason))
+    return S.CompletionResponse(id=rid, created=created, model=engine.model_name, choices=choices,
+                                usage=_usage(lens, sum(len(r.token_ids) for r in results)))
+
+
+def _completion_logprobs(texts, logprobs, tops, offset: int) -> S.CompletionLogprobs:
+    offsets = []
+    for t in texts:
+        offsets.append(offset)
+        offset += len(t)
+    return S.CompletionLogprobs(tokens=list(texts), token_logprobs=list(logprobs),
+                                top_logprobs=[dict(t) for t in tops] if tops is not None else None,
+                                text_offset=offsets)
+
+
+async def _completion_chunks(handle, rid, created, model, body, echo, lens):
+    offsets = [len(e) for e in echo]
+    if any(echo):
+        yield sse(S.CompletionResponse(id=rid, created=created, model=model, choices=[
+            S.CompletionChoice(index=i, text=e) for i, e in enumerate(echo) if e]))
+    generated = 0
+    async for i, out in handle:
+        if out.finish_reason in ("abort", "error"):
+            yield _error_event(out)
+            continue
+        generated += out.token_id is not None
+        lp = None
+        if body.logprobs is not None and out.logprob is not None:
+            lp = _completion_logprobs([out.token_text or ""], [out.logprob],
+                                      [out.top or []] if body.logprobs else None, offsets[i])
+            offsets[i] += len(out.token_text or "")
+        if out.text or lp is not None or out.finish_reason is not None:
+            yield sse(S.CompletionResponse(id=rid, created=created, model=model, choices=[
+                S.CompletionChoice(index=i, text=out.text, logprobs=lp, finish_reason=out.finish_reason)]))
+    if body.stream_options and body.stream_options.include_usage:
+        yield sse(S.CompletionResponse(id=rid, created=created, model=model, choices=[],
+                                       usage=_usage(lens, generated)))
+
+
+# ----------------------------------------------------------------------------- chat
+
+@router.post("/chat/completions", response_model=S.ChatCompletionResponse)
+async def chat_completions(body: S.ChatCompletionRequest, request: Request):
+    engine: Engine = request.app.state.engine
+    _check_model(engine, body.model)
+    fmt = request.app.state.chat_format
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    try:
+        text = fmt.render(messages, add_generation_prompt=True)
+    except KakiError as e:
+        raise ParamError("messages", str(e)) from None
+    ids = _ids(engine, text, add_bos=fmt.add_bos)
+    max_new = engine.fit(len(ids), body.max_new, field="max_completion_tokens"
+                         if body.max_completion_tokens is not None else "max_tokens", prompt_field="messages")
+    top = body.top_logprobs or 0
+    reqs = [SeqRequest(ids, _sampling(body, engine, max_new, _seed(body, j), stop=list(fmt.stop),
+                                      logprobs=body.logprobs, top_logprobs=top))
+            for j in range(body.n)]
+    handle = engine.submit(reqs, asyncio.get_running_loop())
+    rid, created = _new_id("chatcmpl"), int(time.time())
+    if body.stream:
+        return _stream(handle, _chat_chunks(handle, rid, created, engine.model_name, body, len(ids)))
+    results = await collect(handle, len(reqs), request.receive)
+    choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+                            logprobs=_chat_logprobs(r.token_texts, r.logprobs, r.tops) if body.logprobs else None)
+               for i, r in enumerate(results)]
+    return S.ChatCompletionResponse(id=rid, created=created, model=engine.model_name, choices=choices,
+                                    usage=_usage([len(ids)], sum(len(r.token_ids) for r in results)))
+
+
+def _top(text: str, lp: float) -> S.TopLogprob:
+    return S.TopLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
+
+
+def _chat_logprobs(texts, logprobs, tops) -> S.ChatLogprobs:
+    return S.ChatLogprobs(content=[
+        S.TokenLogprob(token=t, logprob=lp, bytes=list(t.encode("utf-8")), top_logprobs=[_top(*a) for a in top])
+        for t, lp, top in zip(texts, logprobs, tops)])
+
+
+async def _chat_chunks(handle, rid, created, model, body, n_prompt):
+    def chunk(i, delta, finish=None, logprobs=None):
+        return sse(S.ChatCompletionChunk(id=rid, created=created, model=model, choices=[
+            S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)]))
+
+    for i in range(body.n):
+        yield chunk(i, S.Delta(role="assistant", content=""))
+    generated = 0
+    async for i, out in handle:
+        if out.finish_reason in ("abort", "error"):
+            yield _error_event(out)
+            continue
+        generated += out.token_id is not None
+        lp = None
+        if body.logprobs and out.logprob is not None:
+            lp = _chat_logprobs([out.token_text or ""], [out.logprob], [out.top or []])
+        if out.text or lp is not None:
+            yield chunk(i, S.Delta(content=out.text), logprobs=lp)
+        if out.finish_reason is not None:
+            yield chunk(i, S.Delta(), finish=out.finish_reason)
+    if body.stream_options and body.stream_options.include_usage:
+        yield sse(S.ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
+                                        usage=_usage([n_prompt], generated)))
+
+
+# ----------------------------------------------------------------------------- shared
+
+def _error_event(out: Output) -> str:
+    return sse(S.error_body(out.error or "generation was stopped", kind="server_error"))
+
+
+def _stream(handle, events) -> StreamingResponse:
+    """SSE over the engine's outputs; the stream always ends with [DONE]. When the client goes
+    away, Starlette cancels this generator and `finally` aborts the sequences."""
+
+    async def body():
+        try:
+            async for event in events:
+                yield event
+            yield SSE_DONE
+        finally:
+            handle.abort()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/models", response_model=S.ModelList)
+async def models(request: Request) -> S.ModelList:
+    engine: Engine = request.app.state.engine
+    return S.ModelList(data=[S.ModelCard(id=engine.model_name, created=request.app.state.started,
+                                         max_model_len=engine.max_seq_len)])

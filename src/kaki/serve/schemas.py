@@ -1,0 +1,383 @@
+"""Request and response bodies of `kaki serve`: Adept's `PUT /api` and the OpenAI subset.
+
+Requests are validated here, so a bad field becomes a 400 whose body names it (app.py turns a
+ValidationError into `{"error": {"message", "type", "param", "code"}}`). A validator that raises
+`ParamError(field, message)` names the field itself; otherwise the field is the error's location.
+Unknown keys are ignored, as both Adept's server and OpenAI's API do.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kaki.errors import ParamError
+
+# Limits, named so the docs and the errors agree.
+ADEPT_MAX_PROMPTS = 128  # as in Adept's server
+ADEPT_MAX_TEMPERATURE = 100.0
+ADEPT_MAX_TOP_K = 1000
+MAX_N = 16  # choices per prompt
+MAX_STOP = 4  # stop strings, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions `logprobs`, as OpenAI
+MAX_TOP_LOGPROBS = 20  # /v1/chat/completions `top_logprobs`, as OpenAI
+MAX_TEMPERATURE = 2.0  # OpenAI's range
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _json_object(body: Any) -> Any:
+    """A body sent without `Content-Type: application/json` (curl -d's default) arrives as bytes:
+    read it as JSON anyway, as a client that forgot the header means it."""
+    if isinstance(body, (bytes, str)):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            raise ParamError("body", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ParamError("body", "must be a JSON object")
+    return body
+
+
+# ----------------------------------------------------------------------------- Adept PUT /api
+
+class AdeptRequest(BaseModel):
+    """Adept's request fields with their defaults; the checks run in the original's order and
+    say what the original said, but as HTTP 400 (the original answered most with 200)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompts: list[str]
+    tokens_to_generate: int = 64
+    logprobs: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    add_BOS: bool = False
+    random_seed: int = -1  # -1: not seeded
+    no_log: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, body: Any) -> Any:
+        b = dict(_json_object(body))
+        if "prompts" not in b:
+            raise ParamError("prompts", "prompts argument required")
+        if "max_len" in b:
+            raise ParamError("max_len", "max_len is no longer used.  Replace with tokens_to_generate")
+        if "sentences" in b:
+            raise ParamError("sentences", "sentences is no longer used.  Replace with prompts")
+        prompts = b["prompts"]
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ParamError("prompts", "prompts must be a string or a list of strings")
+        if not prompts:
+            raise ParamError("prompts", "prompts must not be an empty list")
+        if len(prompts) > ADEPT_MAX_PROMPTS:
+            raise ParamError("prompts", f"Maximum number of prompts is {ADEPT_MAX_PROMPTS}")
+        b["prompts"] = prompts
+
+        n = b.get("tokens_to_generate", 64)
+        if not _is_int(n):
+            raise ParamError("tokens_to_generate", "tokens_to_generate must be an integer greater than 0")
+        if n < 0:
+            raise ParamError("tokens_to_generate",
+                             "tokens_to_generate must be an integer greater than or equal to 0")
+        logprobs = b.get("logprobs", False)
+        if not isinstance(logprobs, bool):
+            raise ParamError("logprobs", "logprobs must be a boolean value")
+        if n == 0 and not logprobs:
+            raise ParamError("logprobs", "tokens_to_generate=0 implies logprobs should be True")
+        t = b.get("temperature", 1.0)
+        if not _is_number(t) or not 0.0 < t <= ADEPT_MAX_TEMPERATURE:
+            raise ParamError("temperature", "temperature must be a positive number less than or equal "
+                             f"to {ADEPT_MAX_TEMPERATURE}")
+        k = b.get("top_k", 0)
+        if not _is_int(k):
+            raise ParamError("top_k", "top_k must be an integer equal to or greater than 0 and less than "
+                             f"or equal to {ADEPT_MAX_TOP_K}")
+        if not 0 <= k <= ADEPT_MAX_TOP_K:
+            raise ParamError("top_k", f"top_k must be equal to or greater than 0 and less than or equal to "
+                             f"{ADEPT_MAX_TOP_K}")
+        p = b.get("top_p", 0.0)
+        if not _is_number(p):
+            raise ParamError("top_p", "top_p must be a positive float less than or equal to 1.0")
+        if p > 0 and k > 0:
+            raise ParamError("top_p", "cannot set both top-k and top-p samplings.")
+        if not 0 <= p <= 1:
+            raise ParamError("top_p", "top_p must be less than or equal to 1.0")
+        if not isinstance(b.get("add_BOS", False), bool):
+            raise ParamError("add_BOS", "add_BOS must be a boolean value")
+        seed = b.get("random_seed", -1)
+        if not _is_int(seed):
+            raise ParamError("random_seed", "random_seed must be integer")
+        if seed < 0 and seed != -1:
+            raise ParamError("random_seed", "random_seed must be a positive integer")
+        if not isinstance(b.get("no_log", False), bool):
+            raise ParamError("no_log", "no_log must be a boolean value")
+        if any(len(p) == 0 for p in prompts) and not b.get("add_BOS", False):
+            raise ParamError("prompts", "Empty prompts require add_BOS=true")
+        return b
+
+
+class AdeptResponse(BaseModel):
+    text: list[str]
+    logprobs: list[list[float]] | None
+    generations: list[str]
+    human_readable_tokens: list[list[str]]
+
+
+# ----------------------------------------------------------------------------- OpenAI
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class _OpenAIBase(BaseModel):
+    """Fields both OpenAI routes share. Strict: "5" is not a number, 1 is not true."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    user: str | None = None
+    # Accepted only at their neutral values: kaki does not implement them.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    # vLLM's extra sampling fields (the openai client sends them with extra_body).
+    top_k: int | None = Field(None, ge=-1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _body(cls, body: Any) -> Any:
+        return _json_object(body)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise ParamError("stop", "must be a string or a list of strings")
+        if len(v) > MAX_STOP:
+            raise ParamError("stop", f"has {len(v)} strings; at most {MAX_STOP} are allowed")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ParamError(name, "is not supported by kaki serve; leave it at 0 (repetition_penalty "
+                                 "is supported)")
+        if self.logit_bias:
+            raise ParamError("logit_bias", "is not supported by kaki serve")
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "is only allowed when stream is true")
+        return self
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v):
+        ok = (isinstance(v, str)
+              or (isinstance(v, list) and v and (all(isinstance(p, str) for p in v)
+                                                 or all(_is_int(t) for t in v)
+                                                 or all(isinstance(p, list) and p and all(_is_int(t) for t in p)
+                                                        for p in v))))
+        if not ok:
+            raise ParamError("prompt", "must be a string, a list of strings, a list of token ids or a "
+                             "list of lists of token ids (none of them empty)")
+        return v
+
+    @model_validator(mode="after")
+    def _completion_only(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ParamError("best_of", "is not supported by kaki serve (leave it unset or equal to n)")
+        if self.suffix:
+            raise ParamError("suffix", "is not supported by kaki serve")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and _is_int(p[0])):
+            return [p]
+        return list(p)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: str
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)  # None: as many as fit
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+
+    @model_validator(mode="after")
+    def _chat_only(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ParamError("top_logprobs", "needs logprobs: true")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ParamError("response_format", "only {\"type\": \"text\"} is supported by kaki serve")
+        if self.tools:
+            raise ParamError("tools", "tool calling is not supported by kaki serve")
+        return self
+
+    @property
+    def max_new(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ----------------------------------------------------------------------------- responses
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "kaki"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | int | None = None) -> dict:
+    """OpenAI's error shape, used by every route (Adept's too: a JSON object, not a bare string)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
