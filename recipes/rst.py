@@ -118,7 +118,7 @@ _ROLE = re.compile(r":(?:[\w-]+:)*([\w-]+):`((?:[^`\\]|\\.)+)`")
 
 
 def _role(m: re.Match) -> str:
-    role, text = m.group(1), m.group(2)
+    role, text = m.group(1), re.sub(r"\\(.)", r"\1", m.group(2))
     explicit = re.match(r"^(.*?)\s*<([^<>]+)>$", text, re.S)
     if explicit and explicit.group(1):
         return explicit.group(1)
@@ -140,9 +140,20 @@ def _role(m: re.Match) -> str:
     return text
 
 
+_LITERAL = re.compile(r"``(.+?)``")
+
+
 def inline(s: str) -> str:
-    s = _ROLE.sub(_role, s)
-    s = re.sub(r"``(.+?)``", r"\1", s)
+    # Roles and ``literals`` first, set aside so that `*` inside them (`*args`, `*/*.gif`) is not
+    # taken for emphasis; they come back at the end.
+    kept: list[str] = []
+
+    def keep(text: str) -> str:
+        kept.append(text)
+        return f"\x00{len(kept) - 1}\x00"
+
+    s = _ROLE.sub(lambda m: keep(_role(m)), s)
+    s = _LITERAL.sub(lambda m: keep(m.group(1)), s)
     s = re.sub(r"`([^`<]+?)\s*<[^`>]+>`__?", r"\1", s)  # `text <url>`_
     s = re.sub(r"`([^`]+)`__?", r"\1", s)  # `reference`_
     s = re.sub(r"`([^`]+)`", r"\1", s)  # default role
@@ -154,7 +165,7 @@ def inline(s: str) -> str:
     s = re.sub(r"\\([*_`|\\])", r"\1", s)
     s = re.sub(r"(\S)::$", r"\1:", s)
     s = re.sub(r"\s+::$", "", s)
-    return s
+    return re.sub(r"\x00(\d+)\x00", lambda m: kept[int(m.group(1))], s)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -330,22 +341,15 @@ class Renderer:
                 self.ctx.module = "" if it.args[0].strip() == "None" else it.args[0].strip()
                 self.ctx.cls = ""
         pid = self.ctx.new_id(f"{self.ctx.source}#{_slug(title)}")
-        held = pid in self.skip
-        body = self.render(body_items) if not held else []
-        if not held:
-            text = "\n".join(body).strip()
-            keep = _trim_paragraphs(paragraphs(body), 1200)
-            if keep:
-                self.passages.append(Passage(pid, "section", shown, self.ctx.source, keep, first_paragraph=first_prose_paragraph(body),
-                                             section=title, module=self.ctx.module))
-            return j, [title, "", *body] if text else [title, ""]
-        # Held out: record the passage (for the eval set) but emit nothing.
-        full = self.render(body_items)
-        self.passages.append(Passage(pid, "section", shown, self.ctx.source,
-                                     _trim_paragraphs(paragraphs(full), 1200),
-                                     first_paragraph=first_prose_paragraph(full), section=title,
-                                     module=self.ctx.module))
-        return j, []
+        body = self.render(body_items)
+        keep = _trim_paragraphs(paragraphs(body), 1200)
+        if keep:
+            self.passages.append(Passage(pid, "section", shown, self.ctx.source, keep,
+                                         first_paragraph=first_prose_paragraph(body),
+                                         section=title, module=self.ctx.module))
+        if pid in self.skip:
+            return j, []  # held out: the passage is recorded (for the eval set), its text left out
+        return j, [title, "", *body] if "\n".join(body).strip() else [title, ""]
 
     def directive(self, d: Directive) -> list[str]:
         pad = " " * d.indent

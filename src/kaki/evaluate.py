@@ -72,7 +72,8 @@ def attach_passages(questions: list[dict], passages_path: str | Path | None) -> 
             missing = [i for i in ids if i not in by_id]
             if missing:
                 raise KakiError(f"passage id {missing[0]!r} is not in {passages_path}")
-            q = {**q, "passages": [{"title": by_id[i].get("title", i), "text": by_id[i]["text"]} for i in ids]}
+            found = [by_id[i] for i in ids]
+            q = {**q, "passages": [{"title": p.get("title", p["id"]), "text": p["text"]} for p in found]}
         out.append(q)
     return out
 
@@ -101,7 +102,8 @@ class Perplexity:
 def scored_sequence(llm, rec: dict, fmt) -> tuple[list[int], list[bool]]:
     """Token ids of a record (BOS as the tokenizer adds it) and which ones are scored."""
     tok = llm.tokenizer
-    bos = [tok.bos_id] if (fmt.add_bos if fmt.add_bos is not None else tok.add_bos) and tok.bos_id is not None else []
+    add_bos = fmt.add_bos if fmt.add_bos is not None else tok.add_bos
+    bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
     if "messages" in rec:
         from kaki.train.data import encode_with_starts
 
@@ -218,8 +220,9 @@ def qa_prompt(llm, fmt, q: dict, context: bool, max_new_tokens: int) -> str:
     if passages:
         tok = llm.tokenizer
         count = lambda s: len(tok.encode(s, add_bos=False))  # noqa: E731
-        room = llm.context_length - max_new_tokens - count(fmt.render([{"role": "user", "content": q["question"]}])) - 8
-        passages = fit_passages(passages, room, count)
+        bare = count(fmt.render([{"role": "user", "content": q["question"]}]))
+        # What is left for passages once the question, the reply and a BOS (and slack) fit.
+        passages = fit_passages(passages, llm.context_length - max_new_tokens - bare - 8, count)
     return fmt.render([{"role": "user", "content": with_context(q["question"], passages)}],
                       add_generation_prompt=True)
 
