@@ -18,6 +18,10 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The bundled demo model, no arguments needed; `kaki chat --help` lists the flags.
+chat: $(STAMP)
+	$(BIN)/kaki chat
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/decode.py
 

@@ -4,6 +4,11 @@
 positions count from its own first real token, as transformers' generate does) and then decodes
 one token per row per step. Iterating it yields the new tokens of each step; a caller that sees a
 stop string in the text calls `finish(row)`. Finished rows leave the batch at once.
+
+A caller that keeps a conversation (the chat shell) passes its own `cache` with the ids its
+filled slots hold (`cached_ids`): one prompt only, the longest shared token prefix is kept and
+only the rest of the prompt is prefilled, and the cache grows as needed. Afterwards the cache
+holds `(prompt + tokens)[:cache.length]`.
 """
 
 from __future__ import annotations
@@ -49,9 +54,12 @@ def check_prompt_fits(n_prompt: int, max_new: int, context: int) -> int:
 
 class Generation:
     def __init__(self, model: CausalLM, prompts: list[list[int]], params: list[SamplingParams],
-                 eos_ids: list[int], context: int | None = None):
+                 eos_ids: list[int], context: int | None = None, cache: KVCache | None = None,
+                 cached_ids: list[int] = ()):
         if len(prompts) != len(params):
             raise ValueError("one SamplingParams per prompt")
+        if cache is not None and (len(prompts) != 1 or cache.batch != 1 or params[0].prompt_logprobs):
+            raise ValueError("a caller's cache takes one prompt, without prompt_logprobs")
         self.model = model
         self.device = model.device
         self.eos = set(eos_ids)
@@ -66,6 +74,13 @@ class Generation:
                 r.finish_reason = "length"
         self._pending_finish: set[int] = set()
         self.prompt_tokens_processed = 0
+        self.context = context
+        self.cache = cache
+        # Prompt tokens whose keys/values are reused from `cache`; at least one prompt token is
+        # always run, since its logits pick the first new token.
+        self.reused_tokens = 0
+        if cache is not None:
+            self.reused_tokens = min(_shared_prefix(prompts[0], cached_ids[:cache.length]), len(prompts[0]) - 1)
 
     # -------------------------------------------------------------------------------- public
 
@@ -92,6 +107,8 @@ class Generation:
 
     @torch.inference_mode()
     def _prefill(self, want_prompt_lp: bool) -> torch.Tensor:
+        if self.cache is not None:
+            return self._prefill_suffix()
         rows = list(range(len(self.rows))) if want_prompt_lp else self.active
         prompts = [self.prompts[i] for i in rows]
         S = max(len(p) for p in prompts)
@@ -117,6 +134,22 @@ class Generation:
             self.cache.select_rows(keep)
             self.positions = self.positions[keep]
             logits = logits[keep]
+        return logits[:, -1].float()
+
+    def _prefill_suffix(self) -> torch.Tensor:
+        """Prefill only the prompt tokens after the reused prefix, appending to the caller's cache."""
+        prompt, n = self.prompts[0], self.reused_tokens
+        cache = self.cache
+        cache.truncate(n)
+        need = len(prompt) + self.rows[0].max_new
+        if need > cache.capacity:
+            # Doubling (up to the context) keeps a growing conversation from reallocating every turn.
+            cache.reserve(min(self.context, max(need, 2 * cache.capacity)))
+        ids = torch.tensor([prompt[n:]], dtype=torch.long, device=self.device)  # (1, S)
+        positions = torch.arange(n, len(prompt), device=self.device)[None]  # (1, S)
+        logits = self.model(ids, positions, cache, last_only=True)
+        self.prompt_tokens_processed += len(prompt) - n
+        self.positions = positions[:, -1]
         return logits[:, -1].float()
 
     def _prompt_logprobs(self, rows, logits, ids, valid):
@@ -174,3 +207,12 @@ class Generation:
         self.positions = self.positions + 1
         logits = self.model(ids, self.positions[:, None], self.cache, last_only=True)
         return logits[:, -1].float()
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

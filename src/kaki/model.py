@@ -85,6 +85,19 @@ class KVCache:
         self.valid[:, length:] = False
         self.length = min(self.length, length)
 
+    def reserve(self, max_len: int) -> None:
+        """Grow to `max_len` slots, keeping the filled ones (a chat's cache grows with the talk)."""
+        if max_len <= self.capacity:
+            return
+        L, B, KV, _, D = self.k.shape
+        k = self.k.new_zeros(L, B, KV, max_len, D)
+        v = self.v.new_zeros(L, B, KV, max_len, D)
+        valid = self.valid.new_zeros(B, max_len)
+        k[:, :, :, :self.length] = self.k[:, :, :, :self.length]
+        v[:, :, :, :self.length] = self.v[:, :, :, :self.length]
+        valid[:, :self.length] = self.valid[:, :self.length]
+        self.k, self.v, self.valid = k, v, valid
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):

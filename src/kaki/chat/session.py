@@ -1,0 +1,378 @@
+"""A conversation with a model: turns, rendering, context-window trimming and KV prefix reuse.
+
+Text lives here and token ids go to `kaki.generate.Generation`, the one generation loop. Each
+turn renders the whole conversation with the chat format and tokenizes it whole (the canonical
+prompt: a greedy reply equals `kaki generate` on the same text); the session's KV cache keeps
+the previous turn's prompt and reply, and Generation reuses the longest token prefix the new
+prompt shares with it, so a turn runs only its new tokens.
+
+When history + the new message + the reply budget (`max_new_tokens`) exceed the model's
+context, the oldest messages leave the window the model sees (the system text stays; `/save`
+still has everything). A message that does not fit on its own is refused with the numbers.
+
+Retrieval (`kaki chat --retrieval`) plugs in as `retrieve(question) -> passages`: the passages
+go into the answered user turn only, in `kaki.chat_format`'s context block, and are dropped from
+the prompt before that question would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterator
+
+from kaki.chat_format import normalize_messages, with_context
+from kaki.errors import KakiError, ParamError
+from kaki.generate import Generation
+from kaki.model import KVCache
+from kaki.sampling import SamplingParams
+from kaki.tokenizer import TextStream
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    content: str
+    passages: list[dict] = field(default_factory=list)  # retrieved for this question (user turns)
+
+
+# ----------------------------------------------------------------------------- settings
+
+_TRUE, _FALSE = {"on", "true", "yes", "1"}, {"off", "false", "no", "0"}
+
+
+@dataclass
+class Settings:
+    """What `/set` changes, live. `sample` off means greedy whatever the temperature."""
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 128
+    seed: int | None = None
+    sample: bool = True
+
+    HELP = {
+        "temperature": "sampling temperature (> 0 turns sampling on, 0 turns it off)",
+        "top_k": "keep the k most likely tokens (0 = off)",
+        "top_p": "keep the most likely tokens up to this probability mass (1 = off)",
+        "repetition_penalty": "> 1 discourages repeating tokens (1 = off)",
+        "max_new_tokens": "longest reply, in tokens",
+        "seed": "makes sampling repeatable: a whole number, or none",
+        "sample": "on: sample with temperature/top_k/top_p; off: greedy (argmax)",
+    }
+
+    @classmethod
+    def from_params(cls, sp: SamplingParams) -> "Settings":
+        return cls(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+                   repetition_penalty=sp.repetition_penalty, max_new_tokens=sp.max_new_tokens,
+                   seed=sp.seed, sample=sp.temperature > 0)
+
+    def params(self, stop: list[str]) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens,
+                              temperature=self.temperature if self.sample else 0.0, top_k=self.top_k,
+                              top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
+                              stop=list(stop))
+
+    def items(self) -> list[tuple[str, object]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+    def set(self, key: str, text: str) -> str:
+        """Change one setting from its text form; returns what is now in effect. A bad key or
+        value raises KakiError and changes nothing."""
+        key = key.replace("-", "_")
+        if key not in self.HELP:
+            raise KakiError(f"unknown setting {key!r}; settings: {', '.join(self.HELP)}")
+        new = Settings(**dict(self.items()))
+        if key == "sample":
+            word = text.lower()
+            if word not in _TRUE | _FALSE:
+                raise KakiError(f"sample takes on or off, not {text!r}")
+            new.sample = word in _TRUE
+            if new.sample and new.temperature == 0:
+                new.temperature = 1.0
+        elif key == "seed":
+            new.seed = None if text.lower() in ("none", "off", "random") else _number(key, text, int)
+        elif key in ("top_k", "max_new_tokens"):
+            setattr(new, key, _number(key, text, int))
+        else:
+            setattr(new, key, _number(key, text, float))
+            if key == "temperature":
+                new.sample = new.temperature > 0
+        new.params([])  # SamplingParams validates every value with a message that says why
+        for k, v in new.items():
+            setattr(self, k, v)
+        if key in ("temperature", "sample"):
+            return f"sample = {'on' if self.sample else 'off'}, temperature = {self.temperature}"
+        return f"{key} = {getattr(self, key)}"
+
+
+def _number(key: str, text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ParamError(key, f"must be {what}, got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------- one reply
+
+@dataclass
+class ReplyStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose keys/values came from the session's cache
+    processed_tokens: int = 0  # prompt tokens the model ran this turn
+    new_tokens: int = 0
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+class Reply:
+    """One reply being generated. Iterate it for text pieces (leading whitespace dropped); then
+    `text`, `finish_reason` ("stop", "length" or "interrupted": closed early, e.g. Ctrl-C) and
+    `stats`. `on_done(reply)` runs once it ends, however it ends."""
+
+    def __init__(self, llm, prompt_ids: list[int], params: SamplingParams, on_done: Callable,
+                 cache: KVCache | None = None, cached_ids: list[int] = ()):
+        self.prompt_ids = prompt_ids
+        self.gen = Generation(llm.model, [prompt_ids], [params], llm.eos_ids, llm.context_length,
+                              cache=cache, cached_ids=cached_ids)
+        self.stream = TextStream(llm.tokenizer, prompt_ids, params.stop)
+        self.max_new_tokens = self.gen.rows[0].max_new
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stats = ReplyStats(prompt_tokens=len(prompt_ids), reused_tokens=self.gen.reused_tokens)
+        self._on_done = on_done
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.gen.rows[0].tokens
+
+    def __iter__(self) -> Iterator[str]:
+        t0 = time.perf_counter()
+        try:
+            for steps in self.gen:
+                if not self.stats.first_token_s:
+                    self.stats.first_token_s = time.perf_counter() - t0
+                for t in steps:
+                    piece = self.stream.push(t.id)
+                    if self.gen.rows[0].finish_reason is not None and not self.stream.stopped:
+                        piece += self.stream.finish()
+                    if self.stream.stopped:
+                        self.gen.finish(0)
+                    if not self.text:
+                        piece = piece.lstrip()  # the space after "adept:" is the format's, not the reply's
+                    if piece:
+                        self.text += piece
+                        yield piece
+            self.finish_reason = "stop" if self.stream.stopped else (self.gen.rows[0].finish_reason or "length")
+        finally:
+            if self.finish_reason is None:
+                self.finish_reason = "interrupted"
+            self.stats.total_s = time.perf_counter() - t0
+            self.stats.new_tokens = len(self.token_ids)
+            self.stats.processed_tokens = self.gen.prompt_tokens_processed
+            self._on_done(self)
+
+    def run(self) -> "Reply":
+        """Generate to the end without streaming."""
+        for _ in self:
+            pass
+        return self
+
+
+# ----------------------------------------------------------------------------- the conversation
+
+class ChatSession:
+    def __init__(self, llm, fmt, system: str | None = None, settings: Settings | None = None,
+                 retrieve: Callable[[str], list[dict]] | None = None,
+                 notify: Callable[[str], None] | None = None, stop: list[str] = ()):
+        self.llm, self.fmt = llm, fmt
+        self.stop = list(fmt.stop) + [s for s in stop if s not in fmt.stop]  # --stop adds to the format's
+        self.system = system or None
+        self.settings = settings or Settings.from_params(llm.sampling())
+        self.retrieve = retrieve
+        self.notify = notify or (lambda message: None)
+        self.turns: list[Turn] = []
+        self.window = 0  # index of the oldest turn the model still sees
+        self.dropped_notice_shown = False
+        self.last_prompt: str | None = None  # the exact text of the last conversation prompt
+        self.last_reply: Reply | None = None
+        self.total_processed = 0  # prompt tokens the model ran, all turns together
+        self._kv: KVCache | None = None
+        self._kv_ids: list[int] = []  # the ids whose keys/values fill self._kv
+
+    @property
+    def context_length(self) -> int:
+        return self.llm.context_length
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of the conversation the model sees now (system text and the window's turns)."""
+        return len(self._encode(self._render(self.turns[self.window:], add_generation_prompt=False)))
+
+    # ------------------------------------------------------------------------- turns
+
+    def say(self, text: str) -> Reply:
+        """Answer a user message (raises KakiError, changing nothing, if it cannot fit)."""
+        turn = Turn("user", text)
+        if self.retrieve is not None:
+            turn.passages = list(self.retrieve(text))
+        return self._answer(self.turns + [turn])
+
+    def retry(self) -> Reply:
+        """Generate the last reply again."""
+        if not self.turns or self.turns[-1].role != "assistant":
+            raise KakiError("there is no reply to retry yet; say something first")
+        return self._answer(self.turns[:-1], replaced=self.turns[-1])
+
+    def undo(self) -> list[Turn]:
+        """Drop the last exchange (the last user message and what follows it)."""
+        users = [i for i, t in enumerate(self.turns) if t.role == "user"]
+        if not users:
+            return []
+        gone = self.turns[users[-1]:]
+        self.turns = self.turns[:users[-1]]
+        self.window = min(self.window, len(self.turns))
+        self.last_prompt = None
+        return gone
+
+    def reset(self) -> None:
+        """Forget the conversation (the system text and the settings stay; the KV cache too,
+        since the next prompt may share the system text with it)."""
+        self.turns, self.window, self.last_prompt, self.dropped_notice_shown = [], 0, None, False
+
+    def raw(self, text: str) -> Reply:
+        """Complete `text` as it is: no chat format, not part of the conversation."""
+        ids = self.llm.tokenizer.encode(text)
+        return Reply(self.llm, ids, self.settings.params(self.stop), on_done=lambda reply: None)
+
+    # ------------------------------------------------------------------------- save / load
+
+    def messages(self) -> list[dict]:
+        """The whole conversation (not only the window) as chat-completions `messages`."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        return out + [{"role": t.role, "content": t.content} for t in self.turns]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path).expanduser()
+        write_text_atomically(path, json.dumps(self.messages(), indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    def load(self, path: str | os.PathLike) -> int:
+        """Replace the conversation with a saved one: a JSON list of messages, or an object with
+        `messages` (a /v1/chat/completions request). A system message there replaces --system."""
+        path = Path(path).expanduser()
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise KakiError(f"{path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise KakiError(f"{path} is not a JSON conversation ({e})") from None
+        if isinstance(raw, dict) and "messages" in raw:
+            raw = raw["messages"]
+        if not isinstance(raw, list):
+            raise KakiError(f"{path} must hold a JSON list of messages (what /save writes)")
+        msgs = normalize_messages(raw)
+        if msgs and msgs[0]["role"] == "system":
+            self.system = msgs.pop(0)["content"] or None
+        self.reset()
+        self.turns = [Turn(m["role"], m["content"]) for m in msgs]
+        return len(msgs)
+
+    # ------------------------------------------------------------------------- internals
+
+    def _answer(self, turns: list[Turn], replaced: Turn | None = None) -> Reply:
+        text, ids, start = self._fit(turns)
+        dropped = start > min(self.window, len(turns) - 1)
+        if self._kv is None:
+            model = self.llm.model
+            self._kv, self._kv_ids = KVCache(model.config, 1, 0, model.dtype, model.device), []
+        reply = Reply(self.llm, ids, self.settings.params(self.stop),
+                      on_done=lambda r: self._finish(r, replaced), cache=self._kv, cached_ids=self._kv_ids)
+        # Committed only now: a prompt that cannot run leaves the conversation as it was.
+        self.window, self.turns, self.last_prompt, self.last_reply = start, turns, text, reply
+        if dropped and not self.dropped_notice_shown:
+            self.dropped_notice_shown = True
+            self.notify(f"the conversation is longer than the model's {self.context_length:,}-token context "
+                        f"(with {self.settings.max_new_tokens} tokens kept for the reply), so the oldest "
+                        "messages are left out from now on; the system text stays (/stats counts them)")
+        return reply
+
+    def _finish(self, reply: Reply, replaced: Turn | None) -> None:
+        self.total_processed += reply.stats.processed_tokens
+        if reply.finish_reason == "interrupted":
+            # Stopped anywhere, even inside a forward pass: start the next turn from a clean cache.
+            self._kv, self._kv_ids = None, []
+        else:
+            self._kv_ids = (reply.prompt_ids + reply.token_ids)[:self._kv.length]
+        content = reply.text.strip()
+        if content or reply.finish_reason != "interrupted":
+            self.turns.append(Turn("assistant", content))
+        elif replaced is not None:
+            self.turns.append(replaced)  # a retry stopped before it said anything: keep the old reply
+        else:
+            self.turns.pop()  # stopped before any text: as if the message had not been sent
+
+    def _fit(self, turns: list[Turn]) -> tuple[str, list[int], int]:
+        """(text, ids, first turn in the window) of the prompt answering `turns[-1]`: the oldest
+        turns leave first, then retrieved passages (last first); the question never does."""
+        ctx, budget_new = self.context_length, self.settings.max_new_tokens
+        budget = ctx - budget_new
+        if budget <= 0:
+            raise KakiError(f"max_new_tokens {budget_new:,} leaves no room for a prompt in the model's "
+                            f"{ctx:,}-token context; /set max_new_tokens {max(1, ctx // 4)}")
+        question = turns[-1]
+        start = min(self.window, len(turns) - 1)
+        while True:
+            text = self._render(turns[start:])
+            ids = self._encode(text)
+            if len(ids) <= budget:
+                return text, ids, start
+            if start < len(turns) - 1:
+                start += 1
+                while start < len(turns) - 1 and turns[start].role != "user":
+                    start += 1  # a window starts with a user message
+            elif question.passages:
+                question.passages = question.passages[:-1]
+            else:
+                what = "with the system text, " if self.system else ""
+                raise KakiError(f"this message is {len(ids):,} tokens ({what}in the chat format) but only "
+                                f"{budget:,} fit: the model's context is {ctx:,} and {budget_new:,} are kept "
+                                "for the reply; shorten it, or /set max_new_tokens lower")
+
+    def _render(self, turns: list[Turn], add_generation_prompt: bool = True) -> str:
+        """The prompt text; retrieved passages only in the user turn being answered (the last)."""
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs += [{"role": t.role, "content": t.content} for t in turns]
+        if add_generation_prompt and turns[-1].passages:
+            msgs[-1]["content"] = with_context(turns[-1].content, turns[-1].passages)
+        return self.fmt.render(msgs, add_generation_prompt=add_generation_prompt)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.llm.tokenizer.encode(text, add_bos=self.fmt.add_bos)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a file that appears whole or not at all (a crash never leaves half a conversation)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

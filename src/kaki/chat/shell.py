@@ -1,0 +1,116 @@
+"""The `kaki chat` REPL: read a line, send it (or run a /command), stream the reply.
+
+Replies and what a command was asked to show (/raw_prompt, /stats, ...) go to stdout; notices
+(a reply cut at max_new_tokens, a stopped reply, trimmed context, errors) go to stderr, so
+`printf 'Hello\\n/quit\\n' | kaki chat > replies.txt` keeps only the replies. With a terminal on
+stdin, readline gives line editing and history; from a pipe, lines are read plainly and no
+prompt is printed.
+
+Ctrl-C during a reply stops that reply and keeps the shell; Ctrl-C or Ctrl-D at the prompt quits.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+from kaki.chat.session import ChatSession, Reply
+from kaki.errors import KakiError
+
+PROMPT = ">>> "
+
+
+class ChatShell:
+    def __init__(self, session: ChatSession, stream: bool = True, stdin: TextIO | None = None,
+                 stdout: TextIO | None = None, stderr: TextIO | None = None):
+        self.session = session
+        self.stream = stream
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.interactive = self.stdin.isatty()
+        session.notify = self.note
+
+    # ------------------------------------------------------------------------- output
+
+    def out(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def note(self, text: str) -> None:
+        """A notice for the person at the shell (stderr, after whatever stdout still holds)."""
+        self.stdout.flush()
+        self.stderr.write(f"[{text}]\n")
+        self.stderr.flush()
+
+    # ------------------------------------------------------------------------- the loop
+
+    def run(self, banner: str | None = None) -> int:
+        if self.interactive:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+            if banner:
+                self.note(banner)
+        while True:
+            try:
+                line = self.read_line()
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
+                if self.interactive:
+                    self.out("\n")
+                return 0
+            try:
+                if self.handle(line):
+                    return 0
+            except KeyboardInterrupt:  # Ctrl-C outside a reply (a slow /load, say): back to the prompt
+                self.note("stopped")
+
+    def read_line(self) -> str:
+        if self.interactive:
+            return input(PROMPT)
+        line = self.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+
+    def handle(self, line: str) -> bool:
+        """Act on one input line; True means quit."""
+        from kaki.chat.commands import run_command
+
+        if not line.strip():
+            return False  # an empty line sends nothing
+        if line.startswith("/") and not line.startswith("//"):
+            return run_command(self, line)
+        text = line[1:] if line.startswith("//") else line  # "//x" sends the message "/x"
+        self.show(lambda: self.session.say(text))
+        return False
+
+    def show(self, make_reply: Callable[[], Reply]) -> Reply | None:
+        """Start a reply and print it (streamed unless --no-stream); Ctrl-C stops it."""
+        try:
+            reply = make_reply()
+        except KakiError as e:
+            self.error(str(e))
+            return None
+        pieces = iter(reply)
+        try:
+            if self.stream:
+                for piece in pieces:
+                    self.out(piece)
+            else:
+                for _ in pieces:
+                    pass
+                self.out(reply.text)
+        except KeyboardInterrupt:
+            pieces.close()  # ends the reply as "interrupted" (a no-op if it already ended)
+            if not self.stream:
+                self.out(reply.text)
+        self.out("\n")
+        if reply.finish_reason == "interrupted":
+            self.note("stopped")
+        elif reply.finish_reason == "length":
+            self.note(f"cut at max_new_tokens={reply.max_new_tokens}; /set max_new_tokens N for longer replies")
+        return reply
+
+    def error(self, text: str) -> None:
+        self.stdout.flush()
+        self.stderr.write(f"error: {text}\n")
+        self.stderr.flush()
