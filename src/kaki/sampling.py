@@ -31,8 +31,12 @@ class SamplingParams:
     prompt_logprobs: bool = False  # logprob of each prompt token given the ones before it
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
         self.validate()
 
     def validate(self) -> None:

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Rebuild kaki-tiny, the bundled demo model, from scratch with kaki's own commands:
+#   data (Python 3.11 docs) -> tokenizer -> pretraining -> chat tuning -> bf16 export -> model card.
+#
+#   recipes/kaki-tiny.sh            full run (~1-1.5 h on 2 CPU cores); needs `apt-get install python3.11-doc`
+#   recipes/kaki-tiny.sh --smoke    a few steps on the committed data/smoke subset (CI runs this)
+#
+# Every stage is resumable: run the same command again after an interruption and it continues
+# from the newest checkpoint (finished stages are skipped).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+KAKI=("$PY" -m kaki)
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then SMOKE=1; fi
+
+if [ "$SMOKE" = 1 ]; then
+  WORK=${KAKI_WORK:-$(mktemp -d)}
+  SRC=$ROOT/data/smoke
+  OUT=${KAKI_OUT:-$WORK/kaki-tiny}
+  VOCAB=600; PT_STEPS=4; CHAT_STEPS=3; SEQ=128; BATCH=2; EVAL_LIMIT=4
+  CONFIG=$WORK/smoke.config.json
+  mkdir -p "$WORK"
+  # The same architecture, shrunk so the smoke run takes seconds.
+  "$PY" - "$ROOT/recipes/kaki-tiny.config.json" "$CONFIG" <<'PYEOF'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256)
+json.dump(cfg, open(sys.argv[2], "w"), indent=2)
+PYEOF
+else
+  WORK=${KAKI_WORK:-$ROOT/work/kaki-tiny}
+  SRC=${KAKI_DOCS:-/usr/share/doc/python3.11/html/_sources}
+  OUT=${KAKI_OUT:-$ROOT/models/kaki-tiny}
+  VOCAB=8192; PT_STEPS=${PT_STEPS:-500}; CHAT_STEPS=${CHAT_STEPS:-250}; SEQ=1024; BATCH=8; EVAL_LIMIT=0
+  CONFIG=$ROOT/recipes/kaki-tiny.config.json
+  if [ ! -d "$SRC" ]; then
+    echo "kaki-tiny: $SRC not found; install the corpus with: apt-get install -y python3.11-doc" >&2
+    exit 2
+  fi
+fi
+mkdir -p "$WORK"
+# bf16 autocast halves training time on CPUs with native bf16 (AVX512-BF16/AMX); fp32 elsewhere.
+PRECISION=$("$PY" -c "from kaki.kernels import cpu_has_fast_bf16 as f; print('bf16' if f() else 'fp32')")
+COMMON=(--seq-len "$SEQ" --batch-size "$BATCH" --precision "$PRECISION" --save-every 100 --keep-last 2)
+[ "$SMOKE" = 1 ] && COMMON+=(--no-progress)
+log() { echo "[kaki-tiny $(date +%H:%M:%S)] $*"; }
+resume_flag() { if [ -d "$1/checkpoints" ]; then echo --resume; fi; }
+START=$(date +%s)
+
+log "1/6 data from $SRC"
+if [ ! -f "$WORK/data/.done" ]; then
+  "$PY" "$ROOT/recipes/prepare_data.py" --src "$SRC" --out "$WORK/data"
+  touch "$WORK/data/.done"
+fi
+
+log "2/6 tokenizer (sentencepiece Unigram, byte fallback, $VOCAB pieces)"
+if [ ! -f "$WORK/tokenizer/tokenizer.model" ]; then
+  "${KAKI[@]}" train-tokenizer "$WORK/data/pretrain.jsonl" "$WORK/data/chat.jsonl" --vocab-size "$VOCAB" --out "$WORK/tokenizer"
+fi
+cp "$ROOT/recipes/generation_config.json" "$WORK/tokenizer/generation_config.json"
+
+log "3/6 pretraining ($PT_STEPS steps, $PRECISION)"
+if [ ! -f "$WORK/pretrain/model.safetensors" ]; then
+  "${KAKI[@]}" train --init-from-config "$CONFIG" --tokenizer "$WORK/tokenizer" \
+    --data "$WORK/data/pretrain.jsonl" --out "$WORK/pretrain" --max-steps "$PT_STEPS" \
+    --lr 2e-3 --warmup-steps $((PT_STEPS / 20 + 1)) --eval-every 100 "${COMMON[@]}" $(resume_flag "$WORK/pretrain")
+fi
+
+log "4/6 chat tuning ($CHAT_STEPS steps; loss on replies only)"
+if [ ! -f "$WORK/chat/model.safetensors" ]; then
+  # Some pretraining text stays in the mix so the model keeps its general docs knowledge.
+  "${KAKI[@]}" train --model "$WORK/pretrain" --data "$WORK/data/chat.jsonl:4,$WORK/data/pretrain.jsonl:1" \
+    --out "$WORK/chat" --max-steps "$CHAT_STEPS" --lr 1e-3 --warmup-steps $((CHAT_STEPS / 20 + 1)) \
+    --eval-every 100 "${COMMON[@]}" $(resume_flag "$WORK/chat")
+fi
+
+log "5/6 export bf16 to $OUT"
+"$PY" - "$WORK/chat" "$OUT" <<'PYEOF'
+import sys
+import kaki
+llm = kaki.load(sys.argv[1], dtype="float32", device="cpu")
+llm.save(sys.argv[2], dtype="bfloat16")
+PYEOF
+
+log "6/6 evaluation and model card"
+"$PY" "$ROOT/recipes/model_card.py" --model "$OUT" --work "$WORK" --seconds $(( $(date +%s) - START )) \
+  --limit "$EVAL_LIMIT" --precision "$PRECISION"
+log "done: $OUT ($(du -sh "$OUT" | cut -f1))"
