@@ -43,9 +43,15 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    import uvicorn
-
     from kaki.errors import KakiError
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise KakiError(f"kaki serve needs the serve extra ({e.name} is missing): "
+                        "pip install 'kaki[serve]'") from None
     from kaki.serve.app import create_app
     from kaki.serve.engine import Engine, EngineConfig
 

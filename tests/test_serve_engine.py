@@ -1,0 +1,174 @@
+"""The serving engine without HTTP: sequences that join and leave a running batch get the tokens
+they get alone (`kaki.LLM.generate`, itself checked against transformers), the slot cache's
+joins, leaves, right-shifts and compactions keep every row's keys intact, and the limits (queue,
+KV-cache budget, max_seq_len) give clear errors."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+import kaki
+from kaki.errors import KakiError, ParamError
+from kaki.sampling import SamplingParams
+from kaki.serve import cache as cache_mod
+from kaki.serve.engine import Engine, EngineConfig, QueueFull, SeqRequest
+
+from helpers import copy_tokenizer, make_hf_model, prefer_text_pieces
+
+WORDS = "the a of and to in is was he for it with as his on be at by had are but".split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine
+    OpenMP's hand-offs cost milliseconds per op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory, spm_dir, spm_proto):
+    model = make_hf_model("persimmon", seed=3, max_position_embeddings=512)
+    prefer_text_pieces(model, spm_proto)
+    path = tmp_path_factory.mktemp("serve-engine")
+    model.save_pretrained(path)
+    copy_tokenizer(spm_dir, path)
+    return kaki.load(path, dtype="float32", device="cpu")
+
+
+def collect(handle):
+    tokens, text, reason = [], "", None
+    for _, out in handle:
+        if out.token_id is not None:
+            tokens.append(out.token_id)
+        text += out.text
+        reason = out.finish_reason or reason
+    return tokens, text, reason
+
+
+def test_staggered_sequences_match_running_alone(llm, monkeypatch):
+    """60 sequences arriving at random times into 5 rows of a 64-slot cache: greedy, seeded
+    sampling and stop strings give exactly what each gives alone, and the test sees the cache both
+    move running rows right (a longer newcomer) and compact (the timeline ran out)."""
+    moves = {"right": 0, "left": 0}
+    shift = cache_mod.SlotCache.shift
+
+    def counting_shift(self, delta):
+        moves["right" if delta > 0 else "left"] += 1
+        return shift(self, delta)
+
+    monkeypatch.setattr(cache_mod.SlotCache, "shift", counting_shift)
+    engine = Engine(llm, EngineConfig(max_batch_size=5, max_seq_len=64, max_prefill_tokens=48))
+    engine.start()
+    rng = random.Random(1)
+    reqs = []
+    for i in range(60):
+        ids = llm.encode_prompt(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 18))))
+        sp = SamplingParams(max_new_tokens=rng.randint(1, 60), temperature=0.0 if i % 2 == 0 else 0.9,
+                            top_p=0.8 if i % 3 == 0 else 1.0, seed=i, stop=[" the"] if i % 5 == 0 else [],
+                            ignore_eos=i % 7 == 0)
+        sp.max_new_tokens = engine.fit(len(ids), sp.max_new_tokens, cap=True)
+        reqs.append(SeqRequest(ids, sp))
+    got = [None] * len(reqs)
+    delays = [rng.random() * 0.4 for _ in reqs]
+
+    def client(i):
+        time.sleep(delays[i])
+        got[i] = collect(engine.submit([reqs[i]]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    engine.shutdown()
+    for r, (tokens, text, reason) in zip(reqs, got):
+        ref = llm.generate([r.prompt_ids], params=r.params)[0]
+        assert (tokens, text, reason) == (ref.token_ids, ref.text, ref.finish_reason)
+    assert moves["right"] > 0 and moves["left"] > 0
+    assert engine.metrics.max_batch._value.get() == 5
+
+
+def test_prompt_logprobs_and_scoring_only(llm):
+    """tokens_to_generate=0 (Adept's scoring mode) still prefills and returns the prompt's
+    logprobs, equal to the ones kaki's own loop computes; generated logprobs match too."""
+    engine = Engine(llm, EngineConfig(max_batch_size=4, max_seq_len=128))
+    engine.start()
+    prompts = [llm.encode_prompt("the man of the world"), llm.encode_prompt("a")]
+    params = [SamplingParams(max_new_tokens=0, prompt_logprobs=True),
+              SamplingParams(max_new_tokens=6, prompt_logprobs=True, logprobs=True, top_logprobs=3)]
+    handle = engine.submit([SeqRequest(p, sp) for p, sp in zip(prompts, params)])
+    outs = {0: [], 1: []}
+    for i, out in handle:
+        outs[i].append(out)
+    engine.shutdown()
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        ref = llm.generate([p], params=sp)[0]
+        assert handle.prompt_logprobs[i] == pytest.approx(ref.prompt_logprobs, abs=1e-5)
+        got = [o.token_id for o in outs[i] if o.token_id is not None]
+        assert got == ref.token_ids
+    assert [o.logprob for o in outs[1]] == pytest.approx(ref.logprobs, abs=1e-5)
+    tops = [lp for o in outs[1] for _, lp in o.top]
+    assert tops == pytest.approx([lp for t in ref.top_logprobs for _, lp in t], abs=1e-5)
+    assert outs[0][-1].finish_reason == "length"
+
+
+def test_abort_frees_the_row_for_the_next_sequence(llm):
+    engine = Engine(llm, EngineConfig(max_batch_size=1, max_seq_len=512, max_queue=4))
+    engine.start()
+    ids = llm.encode_prompt("the")
+    long = engine.submit([SeqRequest(ids, SamplingParams(max_new_tokens=500, ignore_eos=True))])
+    waiting = engine.submit([SeqRequest(ids, SamplingParams(max_new_tokens=3))])
+    it = iter(long)
+    next(it)  # the long one holds the only row
+    assert engine.stats()["waiting"] == 1
+    long.abort()
+    reasons = [out.finish_reason for _, out in it]
+    assert reasons[-1] == "abort" and len(reasons) < 499
+    tokens, _, reason = collect(waiting)
+    assert len(tokens) == 3 and reason == "length"
+    assert engine.metrics.finished.labels("abort")._value.get() == 1
+    engine.shutdown()
+
+
+def test_queue_bound(llm):
+    engine = Engine(llm, EngineConfig(max_batch_size=1, max_queue=2, max_seq_len=64))
+    # Not started: nothing leaves the queue.
+    ids = llm.encode_prompt("the")
+    engine.submit([SeqRequest(ids, SamplingParams(max_new_tokens=2))] * 2)
+    with pytest.raises(QueueFull, match="--max-queue"):
+        engine.submit([SeqRequest(ids, SamplingParams(max_new_tokens=2))])
+    assert engine.metrics.rejected._value.get() == 1
+    engine.start()
+    engine.shutdown()
+
+
+def test_limits_give_clear_errors(llm):
+    with pytest.raises(KakiError, match=r"--max-seq-len to [\d,]+ or --max-batch-size to \d+"):
+        Engine(llm, EngineConfig(max_batch_size=10**9, max_seq_len=512))
+    with pytest.raises(KakiError, match="longer than the model's context"):
+        Engine(llm, EngineConfig(max_seq_len=1024))
+    engine = Engine(llm, EngineConfig(max_batch_size=2, max_seq_len=32))
+    with pytest.raises(ParamError, match="at most 32 tokens") as e:
+        engine.fit(40, 1)
+    assert e.value.field == "prompt"
+    with pytest.raises(ParamError) as e:
+        engine.fit(20, 20, field="max_tokens")
+    assert e.value.field == "max_tokens" and "room for 12" in str(e.value)
+    assert engine.fit(20, 20, cap=True) == 12
+    assert engine.fit(20, None) == 12
+
+
+def test_kv_budget_counts_what_is_allocated(llm):
+    cfg = llm.config
+    want = cache_mod.kv_cache_bytes(cfg, 3, 40, torch.float32)
+    c = cache_mod.SlotCache(cfg, 3, 40, torch.float32, "cpu")
+    got = c._k.numel() * 4 + c._v.numel() * 4 + c._valid.numel()
+    assert want == got
