@@ -104,8 +104,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def build(self) -> None:
         from kaki.config import read_config
-        from kaki.llm import load_model, resolve_model_path
-        from kaki.model import CausalLM
+        from kaki.llm import resolve_model_path
         from kaki.tokenizer import Tokenizer
 
         o, d = self.o, self.d
@@ -126,6 +125,60 @@ class Trainer:
         if o.resume and d.main:
             ckpt.remove_partial(self.out)
 
+        self.build_model(cfg)
+
+        self.seq_len = o.seq_len or min(1024, cfg.max_position_embeddings)
+        if self.seq_len > cfg.max_position_embeddings:
+            raise KakiError(f"--seq-len {self.seq_len} is longer than the model's context "
+                            f"({cfg.max_position_embeddings})")
+        eos = self.tok.eos_ids[0] if self.tok.eos_ids else None
+        if eos is None:
+            raise KakiError(f"the tokenizer in {self.tokenizer_dir} has no EOS token; packing needs one "
+                            "between documents (set eos_token in tokenizer_config.json)")
+        self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else eos
+        from kaki.chat_format import get_format
+        piece = lambda i: self.tok.id_to_piece(i) if i is not None else ""  # noqa: E731
+        chat = get_format(o.chat_format, model_type=cfg.model_type, chat_template=self.tok.chat_template,
+                          bos_token=piece(self.tok.bos_id), eos_token=piece(eos))
+        self.data = build_dataset(
+            parse_data_arg(o.data), self.tok, eos, self.seq_len, o.seed,
+            eval_data=parse_data_arg(o.eval_data) if o.eval_data else None,
+            eval_fraction=o.eval_fraction, mask_prompt=o.mask_prompt, train_on_prompt=o.train_on_prompt,
+            strict=o.strict_data, chat=chat, log=self.log.info)
+        self.global_batch = o.batch_size * o.grad_accum * d.world
+        if o.max_steps:
+            self.total = o.max_steps
+        else:
+            epochs = o.epochs if o.epochs else 1.0
+            self.total = max(1, math.ceil(epochs * self.data.train.windows_per_epoch / self.global_batch))
+        self.warmup = o.warmup_steps if o.warmup_steps is not None else default_warmup(self.total)
+        self.optimizer = make_optimizer(self.named, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2),
+                                        o.adam_eps, o.optimizer, d.device)
+        self.step, self.tokens_seen = 0, 0
+        if self.resume_from is not None:
+            state, tensors = ckpt.restore(self.resume_from)
+            self.check_resumable(state)
+            if self.sharded:
+                from kaki.train.dist import load_full_optimizer_tensors
+                load_full_optimizer_tensors(self.fwd, self.optimizer, tensors)
+            else:
+                ckpt.load_optimizer_tensors(self.optimizer, self.named, tensors, self.resume_from)
+            self.data.train.load_state(state["data"])
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.log.info(f"resumed from {self.resume_from} at step {self.step}")
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.log.info(f"{self.total} steps of {self.global_batch} x {self.seq_len} tokens "
+                      f"({self.global_batch * self.seq_len:,} per step), warmup {self.warmup}, "
+                      f"{len(self.data.eval)} eval sequences")
+
+    def build_model(self, cfg) -> None:
+        """Weights (random init, the base model, or the checkpoint being resumed), then what
+        trains (everything, or LoRA adapters), then the DDP/FSDP wrapper."""
+        from kaki.config import read_config
+        from kaki.llm import load_model
+        from kaki.model import CausalLM
+
+        o, d = self.o, self.d
         torch.manual_seed(o.seed)
         if self.resume_from is not None and not o.lora:
             model = load_model(self.resume_from, read_config(self.resume_from), torch.float32, d.device)
@@ -162,48 +215,20 @@ class Trainer:
         # FSDP swaps parameters for sharded ones: take the names after wrapping.
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-        self.seq_len = o.seq_len or min(1024, cfg.max_position_embeddings)
-        if self.seq_len > cfg.max_position_embeddings:
-            raise KakiError(f"--seq-len {self.seq_len} is longer than the model's context "
-                            f"({cfg.max_position_embeddings})")
-        eos = self.tok.eos_ids[0] if self.tok.eos_ids else None
-        if eos is None:
-            raise KakiError(f"the tokenizer in {self.tokenizer_dir} has no EOS token; packing needs one "
-                            "between documents (set eos_token in tokenizer_config.json)")
-        self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else eos
-        from kaki.chat_format import get_format
-        piece = lambda i: self.tok.id_to_piece(i) if i is not None else ""  # noqa: E731
-        chat = get_format(o.chat_format, model_type=cfg.model_type, chat_template=self.tok.chat_template,
-                          bos_token=piece(self.tok.bos_id), eos_token=piece(eos))
-        self.data = build_dataset(
-            parse_data_arg(o.data), self.tok, eos, self.seq_len, o.seed,
-            eval_data=parse_data_arg(o.eval_data) if o.eval_data else None,
-            eval_fraction=o.eval_fraction, mask_prompt=o.mask_prompt, train_on_prompt=o.train_on_prompt,
-            strict=o.strict_data, chat=chat, log=self.log.info)
-        self.global_batch = o.batch_size * o.grad_accum * d.world
-        if o.max_steps:
-            self.total = o.max_steps
-        else:
-            epochs = o.epochs if o.epochs else 1.0
-            self.total = max(1, math.ceil(epochs * self.data.train.windows_per_epoch / self.global_batch))
-        self.warmup = o.warmup_steps if o.warmup_steps is not None else default_warmup(self.total)
-        self.optimizer = make_optimizer(self.named, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2),
-                                        o.adam_eps, o.optimizer, d.device)
-        self.step, self.tokens_seen = 0, 0
-        if self.resume_from is not None:
-            state, tensors = ckpt.restore(self.resume_from)
-            if self.sharded:
-                from kaki.train.dist import load_full_optimizer_tensors
-                load_full_optimizer_tensors(self.fwd, self.optimizer, tensors)
-            else:
-                ckpt.load_optimizer_tensors(self.optimizer, self.named, tensors, self.resume_from)
-            self.data.train.load_state(state["data"])
-            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-            self.log.info(f"resumed from {self.resume_from} at step {self.step}")
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.log.info(f"{self.total} steps of {self.global_batch} x {self.seq_len} tokens "
-                      f"({self.global_batch * self.seq_len:,} per step), warmup {self.warmup}, "
-                      f"{len(self.data.eval)} eval sequences")
+    def check_resumable(self, state: dict) -> None:
+        """The data position only means the same samples under the same packing, seed and global
+        batch; anything else would silently train on other data than the checkpoint expects."""
+        saved, o = state.get("options", {}), self.o
+        fixed = {"seq_len": self.seq_len, "seed": o.seed, "lora": o.lora}
+        wrong = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in fixed.items()
+                 if k in saved and saved[k] is not None and saved[k] != v]
+        if wrong:
+            raise KakiError(f"{self.resume_from} was trained with {', '.join(wrong)}; resume with the "
+                            "same values (or start a new --out)")
+        old_batch = saved.get("batch_size", o.batch_size) * saved.get("grad_accum", o.grad_accum)
+        if old_batch * state.get("world", self.d.world) != self.global_batch:
+            self.log.warning("the global batch differs from the checkpoint's: training continues, but "
+                             "not as the interrupted run would have")
 
     def pick_precision(self) -> str:
         o, dev = self.o, self.d.device
@@ -341,7 +366,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint at the current step (all ranks call it: FSDP gathers the weights)."""
-        state = {"data": self.data.train.state(), "tokens_seen": self.tokens_seen,
+        state = {"data": self.data.train.state(), "tokens_seen": self.tokens_seen, "world": self.d.world,
                  "total_steps": self.total, "options": to_dict(self.o)}
         model, tensors = self.snapshot()
         path = None
