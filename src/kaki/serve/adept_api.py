@@ -11,6 +11,7 @@ original re-encoded the generated text, which can split it differently).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from fastapi import APIRouter, Request
@@ -23,6 +24,7 @@ from kaki.serve.results import collect
 from kaki.serve.schemas import AdeptRequest, AdeptResponse
 
 router = APIRouter()
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @router.put("/api", response_model=AdeptResponse)
@@ -70,11 +72,14 @@ async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
 
 def _readable_tokens(tok, prompt_ids: list[int], ids: list[int]) -> list[str]:
     """Each generated token as text; the first one without its leading space (the original
-    dropped the first piece's `▁`)."""
+    dropped the first piece's `▁`). Byte-fallback pieces show as themselves, `<0x0A>`, as in the
+    original, and so does any token that is only part of a character."""
     out = []
     ctx = prompt_ids[-3:]
     for t in ids:
-        out.append(token_text(tok, ctx, t))
+        piece = tok.id_to_piece(t)
+        text = piece if _BYTE_PIECE.fullmatch(piece) else token_text(tok, ctx, t)
+        out.append(piece if "\ufffd" in text else text)
         ctx = (ctx + [t])[-3:]
     if out and out[0].startswith(" "):
         out[0] = out[0][1:]
