@@ -1,0 +1,130 @@
+"""`kaki serve` as a real process: graceful SIGTERM (in-flight requests finish, one that outlives
+--graceful-timeout is cut off cleanly, nothing hangs), and the warning for a
+non-loopback address without an API key."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from helpers import copy_tokenizer, make_hf_model
+
+KAKI = [sys.executable, "-m", "kaki"]
+# One intra-op thread: the tiny model gains nothing from two, and a busy machine makes OpenMP slow.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, spm_dir):
+    model = make_hf_model("persimmon", seed=3, max_position_embeddings=8192)
+    path = tmp_path_factory.mktemp("serve-cli")
+    model.save_pretrained(path)
+    copy_tokenizer(spm_dir, path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_completion(url: str, max_tokens: int, out: dict, started: threading.Event) -> None:
+    """Stream one greedy completion; record its events, or the error that ended it."""
+    events = []
+    out["events"] = events
+    try:
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                "prompt": "the", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append("DONE" if line == "data: [DONE]" else json.loads(line[6:]))
+                    started.set()
+    except httpx.HTTPError as e:
+        out["error"] = e
+    started.set()
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(model_dir):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(KAKI + ["serve", "--model", str(model_dir), "--port", str(port), "--dtype", "float32",
+                                    "--graceful-timeout", "3", "--max-batch-size", "4"],
+                            env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "kaki serve did not come up"
+            time.sleep(0.2)
+        short, long = {}, {}
+        ev_short, ev_long = threading.Event(), threading.Event()
+        threads = [threading.Thread(target=stream_completion, args=(url, 200, short, ev_short)),
+                   threading.Thread(target=stream_completion, args=(url, 8000, long, ev_long))]
+        for t in threads:
+            t.start()
+        assert ev_short.wait(30) and ev_long.wait(30)  # both are generating
+        proc.send_signal(signal.SIGTERM)
+        # The listening socket closes at once: new clients are turned away...
+        deadline = time.time() + 10
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1)
+            except httpx.TransportError:
+                break
+            assert time.time() < deadline, "still accepting connections after SIGTERM"
+            time.sleep(0.05)
+        for t in threads:
+            t.join(60)
+        # uvicorn re-raises the signal once its shutdown is complete, so the exit status says
+        # "ended by SIGTERM" (what service managers expect) rather than 0.
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # ...the short request finished normally...
+    assert "error" not in short
+    assert short["events"][-1] == "DONE"
+    assert short["events"][-2]["choices"][0]["finish_reason"] == "length"
+    # ...and the one that would outlive --graceful-timeout was cut off, not left hanging.
+    assert "DONE" not in long["events"]
+    stderr = proc.stderr.read()
+    assert "Finished server process" in stderr
+
+
+def test_public_address_without_key_warns(tmp_path):
+    out = subprocess.run(KAKI + ["serve", "--host", "0.0.0.0", "--model", str(tmp_path / "missing")],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "warning: binding 0.0.0.0 without --api-key" in out.stderr
+    assert "does not exist" in out.stderr  # then the model error, on one line
+
+
+def test_loopback_detection():
+    from kaki.cli.serve import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.com")
+
+
+def test_serve_help_lists_the_limits():
+    out = subprocess.run(KAKI + ["serve", "--help"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for flag in ("--max-batch-size", "--max-seq-len", "--max-queue", "--api-key", "--chat-format", "--host"):
+        assert flag in out.stdout
+
