@@ -139,7 +139,7 @@ class ReplyStats:
 class Reply:
     """One reply being generated. Iterate it for text pieces (leading whitespace dropped); then
     `text`, `finish_reason` ("stop", "length" or "interrupted": closed early, e.g. Ctrl-C) and
-    `stats`. `on_done(reply)` runs once it ends, however it ends."""
+    `stats`. `on_done(reply)` runs once it ends, however it ends; `stop()` ends it early."""
 
     def __init__(self, llm, prompt_ids: list[int], params: SamplingParams, on_done: Callable,
                  cache: KVCache | None = None, cached_ids: list[int] = ()):
@@ -152,12 +152,26 @@ class Reply:
         self.finish_reason: str | None = None
         self.stats = ReplyStats(prompt_tokens=len(prompt_ids), reused_tokens=self.gen.reused_tokens)
         self._on_done = on_done
+        self._pieces: Iterator[str] | None = None
 
     @property
     def token_ids(self) -> list[int]:
         return self.gen.rows[0].tokens
 
     def __iter__(self) -> Iterator[str]:
+        if self._pieces is None:
+            self._pieces = self._generate()
+        return self._pieces
+
+    def stop(self) -> None:
+        """End the reply now (Ctrl-C), even before its first piece; a no-op once it has ended."""
+        if self._pieces is not None:
+            self._pieces.close()
+        if self.finish_reason is None:
+            self.finish_reason = "interrupted"
+            self._on_done(self)
+
+    def _generate(self) -> Iterator[str]:
         t0 = time.perf_counter()
         try:
             for steps in self.gen:

@@ -90,17 +90,15 @@ class ChatShell:
         except KakiError as e:
             self.error(str(e))
             return None
-        pieces = iter(reply)
         try:
             if self.stream:
-                for piece in pieces:
+                for piece in reply:
                     self.out(piece)
             else:
-                for _ in pieces:
-                    pass
+                reply.run()
                 self.out(reply.text)
         except KeyboardInterrupt:
-            pieces.close()  # ends the reply as "interrupted" (a no-op if it already ended)
+            reply.stop()  # ends it as "interrupted" (a no-op if it had already ended)
             if not self.stream:
                 self.out(reply.text)
         self.out("\n")

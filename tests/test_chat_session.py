@@ -1,0 +1,233 @@
+"""The chat session in-process: KV prefix reuse against transformers, the window, settings,
+interrupted replies, /save and /load, and the seam `--retrieval` plugs into."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kaki
+from kaki.chat import ChatSession, Settings
+from kaki.chat_format import get_format, with_context
+from kaki.errors import KakiError
+from kaki.generate import Generation
+from kaki.model import KVCache
+from kaki.sampling import SamplingParams
+
+from helpers import PAD, left_pad, random_prompts
+
+FAMILIES = ["persimmon", "gpt_neox", "llama"]
+TIE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def llms(family_dirs):
+    return {f: kaki.load(path, dtype="float32", device="cpu") for f, (_, path) in family_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def text_llm(text_model_dir):
+    return kaki.load(text_model_dir[1], dtype="float32", device="cpu")
+
+
+def hf_greedy(hf, prompt: list[int], n: int):
+    ids, mask = left_pad([prompt])
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=0, do_sample=False,
+                      output_scores=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=PAD)
+    scores = torch.stack(out.scores, 1)[0]
+    top2 = scores.topk(2, -1).values
+    close = ((top2[:, 0] - top2[:, 1]) < TIE).nonzero()
+    comparable = int(close[0, 0]) if len(close) else n  # past a near-tie fp32 may pick either token
+    return out.sequences[0, ids.shape[1]:].tolist(), comparable
+
+
+def run(gen: Generation) -> list[int]:
+    for _ in gen:
+        pass
+    return gen.rows[0].tokens
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reusing_the_cache_gives_transformers_tokens(family_dirs, llms, family):
+    """Turn 2 through the cache of turn 1 runs only its new tokens and generates what
+    transformers generates from the whole prompt; the cache grew from empty as needed."""
+    hf, llm = family_dirs[family][0], llms[family]
+    model, greedy = llm.model, SamplingParams(max_new_tokens=16, ignore_eos=True)
+    p1, extra = random_prompts([20, 9], seed=11)
+    cache = KVCache(model.config, 1, 0, model.dtype, model.device)
+    g1 = Generation(model, [p1], [greedy], llm.eos_ids, cache=cache)
+    t1 = run(g1)
+    assert g1.prompt_tokens_processed == 20 and g1.reused_tokens == 0
+    assert cache.length == 20 + 16 - 1  # the last sampled token was never fed back
+    assert cache.capacity >= 36
+
+    p2 = p1 + t1 + extra
+    g2 = Generation(model, [p2], [greedy], llm.eos_ids, cache=cache, cached_ids=(p1 + t1)[:cache.length])
+    t2 = run(g2)
+    assert g2.reused_tokens == 35 and g2.prompt_tokens_processed == len(p2) - 35
+    ref, comparable = hf_greedy(hf, p2, 16)
+    assert comparable >= 8
+    assert t2[:comparable] == ref[:comparable]
+
+    # A prompt that diverges early keeps only the shared part; an identical one still runs its
+    # last token (its logits pick the first new token).
+    g3 = Generation(model, [p1[:5] + extra], [greedy], llm.eos_ids, cache=cache, cached_ids=(p2 + t2)[:cache.length])
+    assert run(g3) == run(Generation(model, [p1[:5] + extra], [greedy], llm.eos_ids))
+    assert g3.reused_tokens == 5
+    g4 = Generation(model, [p1[:5] + extra], [greedy], llm.eos_ids, cache=cache,
+                    cached_ids=(p1[:5] + extra + g3.rows[0].tokens)[:cache.length])
+    run(g4)
+    assert g4.prompt_tokens_processed == 1
+
+
+def test_kv_cache_reserve_keeps_filled_slots(llms):
+    model = llms["llama"].model
+    cache = KVCache(model.config, 1, 8, model.dtype, model.device)
+    model(torch.tensor([[5, 6, 7, 8, 9]]), cache=cache)
+    k, v = cache.k[:, :, :, :5].clone(), cache.v[:, :, :, :5].clone()
+    cache.reserve(4)
+    assert cache.capacity == 8
+    cache.reserve(40)
+    assert cache.capacity == 40 and cache.length == 5
+    assert torch.equal(cache.k[:, :, :, :5], k) and torch.equal(cache.v[:, :, :, :5], v)
+    assert cache.valid[0].tolist() == [True] * 5 + [False] * 35
+
+
+def test_a_callers_cache_takes_one_prompt(llms):
+    llm = llms["llama"]
+    cache = KVCache(llm.config, 1, 0, llm.model.dtype, llm.model.device)
+    with pytest.raises(ValueError, match="one prompt"):
+        Generation(llm.model, [[5, 6], [7, 8]], [SamplingParams()] * 2, llm.eos_ids, cache=cache)
+
+
+# ----------------------------------------------------------------------------- the session
+
+
+def session(llm, fmt="adept", **kw) -> ChatSession:
+    settings = Settings(temperature=0.0, sample=False, max_new_tokens=kw.pop("max_new_tokens", 8))
+    return ChatSession(llm, get_format(fmt), settings=settings, **kw)
+
+
+def test_turns_render_in_the_format_and_reuse_the_cache(text_llm):
+    s = session(text_llm)
+    r1 = s.say("Hello").run()
+    assert s.last_prompt == "human: Hello\n\nadept:"
+    assert r1.stats.reused_tokens == 0 and r1.stats.processed_tokens == r1.stats.prompt_tokens
+    r2 = s.say("And then?").run()
+    assert s.last_prompt == f"human: Hello\n\nadept: {r1.text.strip()}\n\nhuman: And then?\n\nadept:"
+    assert r2.stats.reused_tokens >= r1.stats.prompt_tokens
+    assert r2.stats.processed_tokens == r2.stats.prompt_tokens - r2.stats.reused_tokens
+    assert r2.text.strip() == text_llm.generate(s.last_prompt, max_new_tokens=8)[0].text.strip()
+    # /retry runs one token: the whole prompt is in the cache already.
+    r3 = s.retry().run()
+    assert (r3.stats.reused_tokens, r3.stats.processed_tokens) == (r3.stats.prompt_tokens - 1, 1)
+    assert r3.text == r2.text and len(s.turns) == 4
+    assert s.total_processed == sum(r.stats.processed_tokens for r in (r1, r2, r3))
+
+
+def test_openchatkit_format_and_system_text(family_dirs):
+    """`auto` on a GPT-NeoX model is OpenChatKit's `<human>: ...\\n<bot>:`; --system leads."""
+    from kaki.chat_format import format_for_llm
+    llm = kaki.load(family_dirs["gpt_neox"][1], dtype="float32", device="cpu")
+    s = ChatSession(llm, format_for_llm(llm, "auto"), system="Current Date: 2023-03-10",
+                    settings=Settings(temperature=0.0, sample=False, max_new_tokens=4))
+    r = s.say("Hello.").run()
+    s.say("Where is Zurich?").run()
+    assert s.last_prompt == f"Current Date: 2023-03-10\n\n<human>: Hello.\n<bot>: {r.text.strip()}\n<human>: Where is Zurich?\n<bot>:"
+
+
+def test_interrupted_reply_keeps_what_was_shown(text_llm):
+    s = session(text_llm, max_new_tokens=30)
+    reply = s.say("Hello")
+    pieces = iter(reply)
+    shown = next(pieces) + next(pieces) + next(pieces)
+    reply.stop()  # what the shell does on Ctrl-C
+    assert reply.finish_reason == "interrupted"
+    assert s.turns[-1].role == "assistant" and s.turns[-1].content == shown.strip()
+    # The next turn starts from a clean cache and is still right.
+    r2 = s.say("More").run()
+    assert r2.stats.reused_tokens == 0
+    assert r2.text.strip() == text_llm.generate(s.last_prompt, max_new_tokens=30)[0].text.strip()
+    # Stopped before any text: as if the message had not been sent.
+    quiet = s.say("Again")
+    quiet.stop()
+    assert quiet.finish_reason == "interrupted" and [t.content for t in s.turns][-1] == r2.text.strip()
+
+
+def test_window_drops_oldest_turns_and_refuses_what_cannot_fit(text_llm):
+    notes = []
+    system = "Short answers. " + "The world is old. " * 8  # a long system text leaves little room
+    s = session(text_llm, max_new_tokens=8, system=system, notify=notes.append)
+    room = 256 - 8 - len(text_llm.tokenizer.encode(system))
+    for i in range(10):
+        s.say(f"Tell me about the world number {i}").run()
+        assert len(text_llm.tokenizer.encode(s.last_prompt)) <= 256 - 8
+        assert s.last_prompt.startswith(system + "\n\nhuman: ")  # the system text stays
+        assert s.last_prompt.endswith(f"human: Tell me about the world number {i}\n\nadept:")
+    assert s.window > 0 and len(s.turns) == 20
+    assert "number 0" not in s.last_prompt
+    assert len(notes) == 1 and "oldest messages are left out" in notes[0]
+    before = list(s.turns)
+    with pytest.raises(KakiError, match=r"this message is \d+ tokens .* but only 248 fit"):
+        s.say("the man " * room)
+    assert s.turns == before  # refused messages change nothing
+    s.undo()
+    assert len(s.turns) == 18 and s.window <= 18
+
+
+def test_settings_change_live_and_refuse_bad_values():
+    st = Settings(temperature=0.0, sample=False)
+    assert st.set("temperature", "0.8") == "sample = on, temperature = 0.8"
+    assert st.params([]).temperature == 0.8
+    st.set("sample", "off")
+    assert st.params([]).temperature == 0.0 and st.temperature == 0.8
+    st.set("seed", "7")
+    st.set("top-k", "5")
+    assert (st.seed, st.top_k) == (7, 5)
+    st.set("seed", "none")
+    assert st.seed is None
+    for key, value, message in [("top_p", "0", "top_p: must be in"), ("seed", "-1", "seed: must be"),
+                                ("max_new_tokens", "1.5", "must be a whole number"),
+                                ("sample", "maybe", "on or off"), ("warmth", "1", "unknown setting")]:
+        snapshot = st.items()
+        with pytest.raises(KakiError, match=message):
+            st.set(key, value)
+        assert st.items() == snapshot
+
+
+def test_save_and_load(text_llm, tmp_path):
+    s = session(text_llm, system="Be kind.")
+    s.say("Hello").run()
+    path = s.save(tmp_path / "c.json")
+    saved = json.loads(path.read_text())
+    assert saved[0] == {"role": "system", "content": "Be kind."} and len(saved) == 3
+    fresh = session(text_llm)
+    assert fresh.load(path) == 2 and fresh.system == "Be kind."
+    assert fresh.messages() == saved
+    # A chat-completions request body loads too.
+    (tmp_path / "req.json").write_text(json.dumps({"model": "x", "messages": saved[1:]}))
+    assert fresh.load(tmp_path / "req.json") == 2
+    for text, message in [("[{\"role\": \"wizard\", \"content\": \"hi\"}]", "role 'wizard'"),
+                          ("{\"messages\": 3}", "JSON list of messages"), ("not json", "not a JSON conversation")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(KakiError, match=message):
+            fresh.load(tmp_path / "bad.json")
+    assert fresh.messages() == saved
+
+
+def test_retrieved_passages_go_into_the_answered_turn_only(text_llm):
+    """The seam for --retrieval: passages in the context block of the question being answered;
+    later prompts carry the bare question (context is turn-local)."""
+    passages = {"What is len?": [{"title": "len()", "text": "Return the length of an object."}]}
+    s = session(text_llm, retrieve=lambda q: passages.get(q, []))
+    r = s.say("What is len?").run()
+    block = with_context("What is len?", passages["What is len?"])
+    assert s.last_prompt == f"human: {block}\n\nadept:"
+    assert s.turns[0].passages == passages["What is len?"]
+    s.say("Thanks").run()
+    assert s.last_prompt == f"human: What is len?\n\nadept: {r.text.strip()}\n\nhuman: Thanks\n\nadept:"
