@@ -221,7 +221,7 @@ def test_context_window_drops_oldest_turns(tmp_path_factory, spm_dir, spm_proto,
     too_long = " ".join(["the world is good and the man is old"] * 12)
     saved = tmp_path / "all.json"
     r = chat(small, [*questions[:6], too_long, *questions[6:], "/raw_prompt", "/stats", f"/save {saved}"],
-             "-n", 8, "--system", "Be brief.")
+             "-n", 8, "--system", "Be brief.", "--no-stream")
     msgs = json.loads(saved.read_text())
     assert msgs[0] == {"role": "system", "content": "Be brief."}
     assert [m["content"] for m in msgs[1::2]] == questions  # every question, none dropped from /save

@@ -47,7 +47,10 @@ class ChatShell:
 
     def run(self, banner: str | None = None) -> int:
         if self.interactive:
-            import readline  # noqa: F401  (importing it gives input() line editing and history)
+            try:
+                import readline  # noqa: F401  (importing it gives input() line editing and history)
+            except ImportError:  # Windows' Python has none; input() still works, without editing
+                pass
             if banner:
                 self.note(banner)
         while True:
