@@ -74,11 +74,16 @@ def renamer(model_type: str, to_checkpoint: bool = False) -> Callable[[str], str
 # ----------------------------------------------------------------------------- reading tensors
 
 class TensorSource:
-    """Where one tensor lives: `shape`, `dtype`, and `load()` to read it."""
+    """Where one tensor lives: `shape`, `dtype`, and `load()` to read it; `rows(a, b)` reads
+    rows a..b only (quantizing while loading reads big matrices in blocks)."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, load: Callable[[], torch.Tensor],
-                 origin: str):
+                 origin: str, load_rows: Callable[[int, int], torch.Tensor] | None = None):
         self.shape, self.dtype, self.load, self.origin = shape, dtype, load, origin
+        self._rows = load_rows
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        return self._rows(a, b) if self._rows is not None else self.load()[a:b]
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -130,7 +135,13 @@ def _safetensors_sources(path: Path) -> dict[str, TensorSource]:
                 return f.get_tensor(key)
         return load
 
-    return {k: TensorSource(shape, dtype, loader(k), str(path)) for k, (shape, dtype) in info.items()}
+    def rows_loader(key: str) -> Callable[[int, int], torch.Tensor]:
+        def load_rows(a: int, b: int) -> torch.Tensor:
+            with safe_open(path, framework="pt") as f:
+                return f.get_slice(key)[a:b]
+        return load_rows
+
+    return {k: TensorSource(shape, dtype, loader(k), str(path), rows_loader(k)) for k, (shape, dtype) in info.items()}
 
 
 def _check_safetensors_size(path: Path, size: int) -> None:
@@ -202,11 +213,16 @@ def _listing(items: list[str], limit: int = 8) -> str:
 
 
 def assign_weights(model: torch.nn.Module, sources: dict[str, TensorSource], dtype: torch.dtype,
-                   device: torch.device, progress: Callable[[Iterator], Iterator] | None = None) -> None:
-    """Read each tensor, cast it, and make it the parameter (assign, no copy into a preallocation)."""
+                   device: torch.device, progress: Callable[[Iterator], Iterator] | None = None,
+                   place: Callable[[torch.nn.Module, str, TensorSource, torch.device], bool] | None = None) -> None:
+    """Read each tensor, cast it, and make it the parameter (assign, no copy into a preallocation).
+    `place(model, key, source, device)` may take a tensor over (reading and storing it itself, as
+    quantizing while loading does) by returning True."""
     keys = list(sources)
     it = progress(keys) if progress else keys
     for key in it:
+        if place is not None and place(model, key, sources[key], device):
+            continue
         t = sources[key].load()
         if t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)

@@ -141,7 +141,9 @@ def save_model_dir(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: s
     def write(tmp: Path) -> None:
         state = state_for_checkpoint(model)
         if target is not None:
-            state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+            from kaki.quant import exact_keys
+            keep = exact_keys(model)  # quantization scales are part of the format, never recast
+            state = {k: v.to(target) if v.is_floating_point() and k not in keep else v for k, v in state.items()}
         save_weights(state, tmp)
         stored = next(iter(state.values())).dtype
         config = cfg.replace(torch_dtype=str(stored).replace("torch.", "")).to_dict()
@@ -221,41 +223,60 @@ def pick_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device)
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-         progress: bool = False) -> LLM:
+         progress: bool = False, quantize=None, quantize_head: bool = True) -> LLM:
     """Load a model directory (transformers layout, or Adept's Megatron release) with its
-    tokenizer, ready to generate."""
-    from kaki import adept
+    tokenizer, ready to generate.
 
+    quantize: "int8" or "int4" (or "int4:GROUP", or a kaki.quant.QuantSpec) quantizes the linear
+    layers tensor by tensor while loading (the lm_head too unless quantize_head=False); a
+    checkpoint saved quantized loads as it is stored without it."""
+    from kaki import adept
+    from kaki.quant import as_spec
+
+    spec = as_spec(quantize, quantize_head)
     model_dir = resolve_model_path(path_or_id)
     if adept.is_release_dir(model_dir):
+        if spec is not None:
+            raise KakiError("--quantize does not apply to Adept's release layout directly; convert it "
+                            "first (kaki convert SRC DST --to hf --quantize int8) and load DST")
         return adept.load_release(model_dir, dtype=dtype, device=device, progress=progress)
     cfg = read_config(model_dir)
     dev = pick_device(device)
     dt = pick_dtype(dtype, cfg, dev)
-    model = load_model(model_dir, cfg, dt, dev, progress)
+    model = load_model(model_dir, cfg, dt, dev, progress, quantize=spec)
     tokenizer = Tokenizer.from_dir(model_dir, cfg)
     return LLM(model, tokenizer, str(model_dir), generation_defaults(model_dir))
 
 
 def build_model(cfg: ModelConfig, sources: dict, dtype: torch.dtype, device: torch.device,
-                where: str, progress: bool = False) -> CausalLM:
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    validate(model, sources, where)
+                where: str, progress: bool = False, quantize=None, keep_plain: bool = False) -> CausalLM:
+    """quantize (a QuantSpec) swaps in quantized linear layers that take their weights while
+    loading (kaki.quant.load); a checkpoint stored quantized gets them whether asked or not.
+    keep_plain leaves quantized weights unpacked (for saving them right away)."""
+    place = None
+    if quantize is not None or "quantization_config" in cfg.extra:
+        from kaki.quant.load import prepare
+        model, sources, place = prepare(cfg, sources, quantize, where, keep_plain)
+    else:
+        with torch.device("meta"):
+            model = CausalLM(cfg)
+        validate(model, sources, where)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = lambda it: tqdm(it, desc="loading", unit="tensor", leave=False)  # noqa: E731
-    assign_weights(model, sources, dtype, device, bar)
+    assign_weights(model, sources, dtype, device, bar, place=place)
+    if place is not None:
+        place.finish()
     return model.eval()
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               progress: bool = False) -> CausalLM:
+               progress: bool = False, quantize=None, keep_plain: bool = False) -> CausalLM:
     sources = renamed_sources(cfg, tensor_sources(model_dir))
     if cfg.tie_word_embeddings and "lm_head.weight" in sources:
         cfg = cfg.replace(tie_word_embeddings=False)  # a distinct head is stored: use it, as transformers does
-    return build_model(cfg, sources, dtype, device, str(model_dir), progress)
+    return build_model(cfg, sources, dtype, device, str(model_dir), progress, quantize, keep_plain)
 
 
 # generation_config.json keys that map onto SamplingParams.
