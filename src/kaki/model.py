@@ -214,13 +214,14 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
+    # From the input embedding, which is never quantized (a quantized lm_head's `weight` is int8).
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         """Rotary frequencies, always fp32 (a bf16 inv_freq shifts logits by ~1e-2)."""

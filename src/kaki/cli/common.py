@@ -27,6 +27,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="apply a LoRA adapter directory (from `kaki train --lora`) without merging")
+    add_quantize_args(p)
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, metavar="FORMAT",
+                   help="quantize the linear layers while loading: int8 (per channel) or int4 (group-wise; "
+                        "int4:GROUP for a group size of 32, 64, 128 or 256, default 64). A checkpoint saved "
+                        "quantized loads as stored without this flag")
+    p.add_argument("--no-quantize-head", dest="quantize_head", action="store_false",
+                   help="with --quantize, keep the lm_head in floating point")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -34,8 +44,13 @@ def load_from_args(args: argparse.Namespace):
     model = args.model or default_model()
     if model is None:
         raise KakiError("no --model given and no bundled model found; pass --model DIR")
-    llm = kaki.load(model, dtype=args.dtype, device=args.device)
+    llm = kaki.load(model, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
+                    quantize_head=getattr(args, "quantize_head", True))
     if getattr(args, "adapter", None):
+        from kaki.quant import is_quantized
+        if is_quantized(llm.model):
+            raise KakiError("--adapter needs the unquantized base model: merge the adapter first "
+                            "(kaki merge-lora) and quantize the merged model (--quantize)")
         from kaki.train.lora import apply_adapter
         apply_adapter(llm, args.adapter)
     return llm

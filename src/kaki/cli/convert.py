@@ -11,8 +11,14 @@ def register(sub) -> None:
                     "Persimmon directory (or a release) to the release layout. Tensors are streamed one by one.")
     p.add_argument("src", metavar="SRC", help="release directory or transformers Persimmon directory")
     p.add_argument("dst", metavar="DST", help="directory to write (replaced atomically if it exists)")
-    p.add_argument("--to", required=True, choices=["hf", "adept"],
-                   help="hf: transformers (safetensors + config.json + tokenizer); adept: Megatron release")
+    p.add_argument("--to", default=None, choices=["hf", "adept"],
+                   help="hf: transformers (safetensors + config.json + tokenizer); adept: Megatron release "
+                        "(required unless --quantize, which writes hf)")
+    p.add_argument("--quantize", default=None, metavar="FORMAT",
+                   help="write a quantized transformers directory: int8, int4 or int4:GROUP (safetensors with "
+                        "the scales, quantization_config in config.json; kaki loads it without re-quantizing)")
+    p.add_argument("--no-quantize-head", dest="quantize_head", action="store_false",
+                   help="with --quantize, keep the lm_head in floating point")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (default: as stored in SRC)")
     p.add_argument("--trim-vocab", action="store_true",
@@ -37,6 +43,10 @@ def run(args) -> int:
     from kaki.adept.vocab_trim import VOCAB_MULTIPLE, trim_vocab
     from kaki.errors import KakiError
 
+    if args.quantize is not None:
+        return run_quantize(args)
+    if args.to is None:
+        raise KakiError("kaki convert needs --to hf or --to adept (or --quantize FORMAT)")
     if args.vocab_multiple is not None and not args.trim_vocab:
         raise KakiError("--vocab-multiple only applies with --trim-vocab")
     if args.iteration is not None and args.to != "adept":
@@ -64,4 +74,20 @@ def run(args) -> int:
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     kind = "transformers Persimmon directory" if args.to == "hf" else "Adept/Megatron release"
     print(f"wrote {out} ({kind}, {_size(total)})")
+    return 0
+
+
+def run_quantize(args) -> int:
+    from kaki.errors import KakiError
+    from kaki.quant import as_spec
+    from kaki.quant.convert import write_quantized
+
+    if args.to == "adept":
+        raise KakiError("--quantize writes a transformers directory; Adept's release layout has no quantized form")
+    if args.trim_vocab or args.iteration is not None:
+        raise KakiError("--trim-vocab and --iteration do not combine with --quantize; trim first, then quantize")
+    spec = as_spec(args.quantize, args.quantize_head)
+    out = write_quantized(args.src, args.dst, spec, args.dtype, progress=not args.quiet)
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({spec.format} transformers directory, {_size(total)})")
     return 0

@@ -31,9 +31,11 @@ def describe(model: str) -> dict:
     except KakiError:
         tok_kind, tok_vocab = "none", 0
     extra = {"layout": "megatron-release", "iteration": release.iteration} if release else {}
+    quant = _quantized_sizes(cfg)
     return {
         "path": str(d), "family": cfg.model_type, "parameters": n,
-        "bytes": {"float32": n * 4, "bfloat16": n * 2, "float16": n * 2},
+        "bytes": {"float32": n * 4, "bfloat16": n * 2, "float16": n * 2, **quant["bytes"]},
+        "memory": quant["memory"], "quantization": quant["stored"],
         "stored_dtype": cfg.torch_dtype, "context_length": cfg.max_position_embeddings,
         "vocab_size": cfg.vocab_size, "tokenizer": tok_kind, "tokenizer_vocab": tok_vocab,
         "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
@@ -42,6 +44,23 @@ def describe(model: str) -> dict:
         "kv_cache_bytes_per_token_fp32": 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4,
         **extra,
     }
+
+
+def _quantized_sizes(cfg) -> dict:
+    """Weight bytes in int8/int4 (embedding, norms and biases in bf16), and the memory to run one
+    full-context sequence in each format: weights plus its KV cache (fp32 for float32, else bf16)."""
+    from kaki.quant import QuantSpec, weight_bytes
+
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+    sizes = {"int8": weight_bytes(cfg, QuantSpec("int8")), "int4": weight_bytes(cfg, QuantSpec("int4"))}
+    memory = {"float32": weight_bytes(cfg, None, 4) + kv_token * 4 * cfg.max_position_embeddings}
+    for name, size in [("bfloat16", weight_bytes(cfg, None, 2)), *sizes.items()]:
+        memory[name] = size + kv_token * 2 * cfg.max_position_embeddings
+    block = cfg.extra.get("quantization_config")
+    stored = None
+    if isinstance(block, dict):
+        stored = block.get("format", "?") + (f" (group {block['group_size']})" if block.get("group_size") else "")
+    return {"bytes": sizes, "memory": memory, "stored": stored}
 
 
 def _gb(n: int) -> str:
@@ -57,8 +76,14 @@ def run(args) -> int:
     print(f"  family          {info['family']} ({info['layers']} layers, hidden {info['hidden_size']}, "
           f"{info['attention_heads']} heads / {info['kv_heads']} kv heads)")
     print(f"  parameters      {info['parameters']:,}")
-    print(f"  weights         " + ", ".join(f"{k} {_gb(v)}" for k, v in info["bytes"].items())
-          + f" (stored as {info['stored_dtype']})")
+    floats = {k: v for k, v in info["bytes"].items() if k not in ("int8", "int4")}
+    stored = f"{info['quantization']}, other weights {info['stored_dtype']}" if info["quantization"] \
+        else info["stored_dtype"]
+    print(f"  weights         " + ", ".join(f"{k} {_gb(v)}" for k, v in floats.items()) + f" (stored as {stored})")
+    print(f"  quantized       int8 {_gb(info['bytes']['int8'])}, int4 {_gb(info['bytes']['int4'])} "
+          "(linear layers and lm_head; embedding, norms and biases in bfloat16)")
+    print(f"  memory to run   " + ", ".join(f"{k} {_gb(v)}" for k, v in info["memory"].items())
+          + f" (weights + KV cache of one {info['context_length']:,}-token sequence)")
     print(f"  context         {info['context_length']:,} tokens (rotary dims {info['rotary_dims']}, "
           f"theta {info['rope_theta']:g})")
     print(f"  vocabulary      {info['vocab_size']:,} ({info['tokenizer']}, {info['tokenizer_vocab']:,} pieces)")
