@@ -139,13 +139,18 @@ def test_abort_frees_the_row_for_the_next_sequence(llm):
 
 
 def test_queue_bound(llm):
+    """A free row plus max_queue waiting sequences are taken; one more is refused, and a request
+    that could never fit is a 400-style ParamError."""
     engine = Engine(llm, EngineConfig(max_batch_size=1, max_queue=2, max_seq_len=64))
     # Not started: nothing leaves the queue.
-    ids = llm.encode_prompt("the")
-    engine.submit([SeqRequest(ids, SamplingParams(max_new_tokens=2))] * 2)
+    one = SeqRequest(llm.encode_prompt("the"), SamplingParams(max_new_tokens=2))
+    engine.submit([one] * 3)
     with pytest.raises(QueueFull, match="--max-queue"):
-        engine.submit([SeqRequest(ids, SamplingParams(max_new_tokens=2))])
+        engine.submit([one])
     assert engine.metrics.rejected._value.get() == 1
+    with pytest.raises(ParamError, match="at most 3 at once") as e:
+        engine.submit([one] * 4, field="prompts")
+    assert e.value.field == "prompts"
     engine.start()
     engine.shutdown()
 

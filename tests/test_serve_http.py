@@ -364,6 +364,15 @@ def test_client_disconnect_frees_its_slot(small_url):
     assert generated < 1000
     aborts = ("kaki_sequences_finished_total", (("reason", "abort"),))
     assert after[aborts] - before.get(aborts, 0) == 1
+    # The same for a client that gives up waiting for a whole (non-streamed) answer.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(small_url + "/v1/completions", timeout=0.5, json={
+            "prompt": "the", "max_tokens": MAX_LONG, "temperature": 0, "ignore_eos": True})
+    r = httpx.post(small_url + "/v1/completions", json={"prompt": "a", "max_tokens": 5}, timeout=30)
+    assert r.status_code == 200
+    final = metrics(small_url)
+    assert final[aborts] - after[aborts] == 1
+    assert final[("kaki_generation_tokens_total", ())] - after[("kaki_generation_tokens_total", ())] < MAX_LONG
 
 
 def test_full_queue_gets_503_with_retry_after(small_url):

@@ -48,7 +48,7 @@ async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
             seed=None if body.random_seed == -1 else body.random_seed,
             logprobs=body.logprobs, prompt_logprobs=body.logprobs)
         reqs.append(SeqRequest(ids, params))
-    handle = engine.submit(reqs, asyncio.get_running_loop())
+    handle = engine.submit(reqs, asyncio.get_running_loop(), field="prompts")
     results = await collect(handle, len(reqs), request.receive)
 
     scoring = body.tokens_to_generate == 0

@@ -180,6 +180,7 @@ class Engine:
         self._waiting: deque[_Seq] = deque()
         self._aborted: set[Handle] = set()  # handles whose sequences are to be dropped
         self._active: list[_Seq] = []  # _active[i] occupies cache row i
+        self._occupied = 0  # rows in use or being filled, as of the worker's last look
         self._state = "new"  # new -> running -> stopped
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # the last step failure, for /health
@@ -205,9 +206,11 @@ class Engine:
                              f"room for {room:,} (the limit is {limit:,} per sequence); lower {field}")
         return min(max_new, room)
 
-    def submit(self, requests: list[SeqRequest], loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+    def submit(self, requests: list[SeqRequest], loop: asyncio.AbstractEventLoop | None = None,
+               field: str = "n") -> Handle:
         """Queue sequences (all or none). With `loop`, the Handle is iterated with `async for`
-        on that loop; without, with a plain `for`."""
+        on that loop; without, with a plain `for`. `field` is what a request with more sequences
+        than the server can ever hold is told to change."""
         handle = Handle(self, len(requests), loop)
         now = time.perf_counter()
         for i, r in enumerate(requests):
@@ -216,10 +219,16 @@ class Engine:
             gen = r.params.make_generator(self.model.device)
             handle.seqs.append(_Seq(handle, i, list(r.prompt_ids), r.params, gen,
                                     TextStream(self.tokenizer, r.prompt_ids, r.params.stop), now))
+        limit = self.config.max_queue + self.config.max_batch_size
+        if len(requests) > limit:
+            raise ParamError(field, f"makes {len(requests)} sequences (prompts x n) but this server holds at "
+                             f"most {limit} at once (--max-batch-size + --max-queue); send fewer per request")
         with self._cv:
             if self._state == "stopped":
                 raise EngineStopped("the server is shutting down; retry on another replica or later")
-            if len(self._waiting) + len(requests) > self.config.max_queue:
+            # Free rows take newcomers at the next step; beyond them, max_queue may wait.
+            free_rows = self.config.max_batch_size - self._occupied
+            if len(self._waiting) + len(requests) > self.config.max_queue + free_rows:
                 self.metrics.rejected.inc(len(requests))
                 raise QueueFull(f"{len(self._waiting)} sequences are already waiting (the limit is "
                                 f"{self.config.max_queue}, `kaki serve --max-queue`); retry shortly")
@@ -283,6 +292,7 @@ class Engine:
                 drop = [r for r, s in enumerate(self._active) if s.handle in aborted]
                 free = self.cache.free_rows + len(drop)
                 newcomers = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                self._occupied = len(self._active) - len(drop) + len(newcomers)
                 self.metrics.queue_depth.set(len(self._waiting))
             try:
                 for r in drop:
