@@ -177,3 +177,22 @@ def test_kv_budget_counts_what_is_allocated(llm):
     c = cache_mod.SlotCache(cfg, 3, 40, torch.float32, "cpu")
     got = c._k.numel() * 4 + c._v.numel() * 4 + c._valid.numel()
     assert want == got
+
+
+def test_a_burst_is_prefilled_within_the_token_budget_per_step(llm, monkeypatch):
+    """Six 10-token prompts with a 20-token prefill budget: two per step, with decode steps of
+    the admitted ones in between, and everyone still gets the answer it gets alone."""
+    engine = Engine(llm, EngineConfig(max_batch_size=8, max_seq_len=64, max_prefill_tokens=20))
+    calls = []
+    prefill, decode = engine._prefill, engine._decode_step
+    monkeypatch.setattr(engine, "_prefill", lambda seqs, full: (calls.append(len(seqs)), prefill(seqs, full)))
+    monkeypatch.setattr(engine, "_decode_step", lambda: (calls.append("decode"), decode()))
+    ids = [llm.encode_prompt(" ".join(WORDS[i:i + 10]))[:10] for i in range(6)]
+    reqs = [SeqRequest(p, SamplingParams(max_new_tokens=4)) for p in ids]
+    handles = [engine.submit([r]) for r in reqs]  # all queued before the worker starts
+    engine.start()
+    got = [collect(h)[0] for h in handles]
+    engine.shutdown()
+    assert calls[:6] == [2, "decode", 2, "decode", 2, "decode"]
+    for r, tokens in zip(reqs, got):
+        assert tokens == llm.generate([r.prompt_ids], params=r.params)[0].token_ids

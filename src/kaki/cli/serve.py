@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="prompt + reply tokens per sequence (default: the model's context)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="sequences waiting for a slot before requests get 503 (default 256)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens prefilled per step (default 2048): more admits bursts faster, "
+                        "fewer keeps running replies flowing")
     p.add_argument("--chat-format", default="auto", choices=FORMATS,
                    help="how /v1/chat/completions renders messages (auto: the model's chat_template, "
                         "else by model family)")
@@ -62,7 +65,7 @@ def run(args) -> int:
         raise KakiError(f"--port must be 1-65535, got {args.port}")
     llm = load_from_args(args)
     config = EngineConfig()
-    for name in ("max_batch_size", "max_seq_len", "max_queue"):
+    for name in ("max_batch_size", "max_seq_len", "max_queue", "max_prefill_tokens"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     name = args.served_model_name or (Path(llm.path).name if llm.path else "kaki")

@@ -35,9 +35,9 @@ from kaki.tokenizer import TextStream
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE = 256
-# Padded prompt tokens per prefill call: several newcomers share one forward pass, but a burst
-# of long prompts is split so the running sequences are not stalled for too long.
-DEFAULT_MAX_PREFILL_TOKENS = 4096
+# Padded prompt tokens prefilled per step: several newcomers share one forward pass, but a burst
+# of prompts is spread over steps so the running sequences are not stalled for long.
+DEFAULT_MAX_PREFILL_TOKENS = 2048
 # Keep this fraction of free memory out of the KV-cache budget (activations, logits, allocator).
 MEMORY_HEADROOM = 0.1
 
@@ -57,7 +57,7 @@ class EngineConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # sequences decoded together
     max_seq_len: int | None = None  # prompt + generated tokens per sequence; None: the model's context
     max_queue: int = DEFAULT_MAX_QUEUE  # sequences waiting for a row before QueueFull
-    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS  # padded prompt tokens prefilled per step
 
 
 @dataclass
@@ -290,8 +290,7 @@ class Engine:
                             self._finish(s, "abort")
                     self._waiting = kept
                 drop = [r for r, s in enumerate(self._active) if s.handle in aborted]
-                free = self.cache.free_rows + len(drop)
-                newcomers = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                newcomers = self._take_newcomers(self.cache.free_rows + len(drop))
                 self._occupied = len(self._active) - len(drop) + len(newcomers)
                 self.metrics.queue_depth.set(len(self._waiting))
             try:
@@ -315,18 +314,26 @@ class Engine:
                 self.cache.length = 0
             self.metrics.running.set(len(self._active))
 
+    def _take_newcomers(self, free: int) -> list[_Seq]:
+        """Waiting sequences for this step, first come first served: as many as there are free
+        rows and as fit in one prefill of max_prefill_tokens (padded) tokens, at least one. The
+        rest wait for the next step, so a burst of prompts never stalls the running sequences
+        for more than one such prefill."""
+        out: list[_Seq] = []
+        longest = 0
+        while self._waiting and len(out) < free:
+            n = len(self._waiting[0].prompt_ids)
+            if out and (len(out) + 1) * max(longest, n) > self.config.max_prefill_tokens:
+                break
+            out.append(self._waiting.popleft())
+            longest = max(longest, n)
+        return out
+
     def _admit(self, seqs: list[_Seq]) -> None:
-        """Prefill newcomers in groups (one forward pass each) and sample their first token."""
-        limit = self.config.max_prefill_tokens
-        # Sequences that want prompt logprobs need logits at every position; the rest only the last.
+        """Prefill newcomers and sample their first token: one forward pass, or two when some
+        want prompt logprobs (those need logits at every position; the rest only the last)."""
         for full in (False, True):
-            todo = sorted((s for s in seqs if s.params.prompt_logprobs == full), key=lambda s: len(s.prompt_ids))
-            group: list[_Seq] = []
-            for s in todo:
-                if group and (len(group) + 1) * len(s.prompt_ids) > limit:
-                    self._prefill(group, full)
-                    group = []
-                group.append(s)
+            group = [s for s in seqs if s.params.prompt_logprobs == full]
             if group:
                 self._prefill(group, full)
 
