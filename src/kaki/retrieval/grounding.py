@@ -61,8 +61,11 @@ def ground(retriever: Retriever, messages: list[dict], *, fmt, count_tokens: Cal
     return Grounding(messages=plain, passages=kept, query=query, retrieved=len(hits))
 
 
-def format_sources(passages: list[Passage]) -> str:
-    """What `/sources` prints: one line per passage used, numbered as in the context block."""
+def format_sources(passages: list) -> str:
+    """What `/sources` prints: one entry per passage used, numbered as in the context block.
+    Takes `Passage`s or their `to_json()` dicts (what the chat session keeps)."""
     if not passages:
         return "(no passages were used for the last answer)"
-    return "\n".join(f"[{i}] {p.title}\n    {p.source}  (score {p.score:.4g})" for i, p in enumerate(passages, 1))
+    rows = [p.to_json() if isinstance(p, Passage) else p for p in passages]
+    return "\n".join(f"[{i}] {p['title']}\n    {p.get('source', '?')}  (score {p.get('score', float('nan')):.4g})"
+                     for i, p in enumerate(rows, 1))

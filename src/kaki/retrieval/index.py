@@ -160,10 +160,8 @@ def build_index(paths: list[str | Path], out: str | Path, *, chunking: Chunking 
                             ".rst.txt .html .htm .jsonl, or name a file directly)")
         stored_chunking = Chunking.from_json(meta["chunking"]) if "chunking" in meta else None
         chunking = chunking or stored_chunking or Chunking()
-        spec_json, get_embedder = _embedder_for(embedder, None if new_index else meta.get("embedder"),
-                                                new_index, report.notes)
-        if not new_index and spec_json is not None and meta.get("embedder") in (None, "none"):
-            raise KakiError("this index has no dense vectors; rebuild it with --rebuild to add them")
+        stored_embedder = None if new_index or meta.get("embedder") == "none" else meta.get("embedder")
+        spec_json, get_embedder = _embedder_for(embedder, stored_embedder, new_index, report.notes)
         rechunk_all = stored_chunking is not None and stored_chunking != chunking
         if rechunk_all:
             report.notes.append(f"chunking changed ({stored_chunking.describe()} -> {chunking.describe()}): "
