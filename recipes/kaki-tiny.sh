@@ -19,7 +19,7 @@ if [ "$SMOKE" = 1 ]; then
   WORK=${KAKI_WORK:-$(mktemp -d)}
   SRC=$ROOT/data/smoke
   OUT=${KAKI_OUT:-$WORK/kaki-tiny}
-  VOCAB=600; PT_STEPS=4; CHAT_STEPS=3; SEQ=128; BATCH=2; EVAL_LIMIT=4
+  VOCAB=600; PT_STEPS=4; PT_STOP=4; CHAT_STEPS=3; SEQ=128; BATCH=2; EVAL_LIMIT=4
   CONFIG=$WORK/smoke.config.json
   mkdir -p "$WORK"
   # The same architecture, shrunk so the smoke run takes seconds.
@@ -33,7 +33,10 @@ else
   WORK=${KAKI_WORK:-$ROOT/work/kaki-tiny}
   SRC=${KAKI_DOCS:-/usr/share/doc/python3.11/html/_sources}
   OUT=${KAKI_OUT:-$ROOT/models/kaki-tiny}
-  VOCAB=8192; PT_STEPS=${PT_STEPS:-500}; CHAT_STEPS=${CHAT_STEPS:-250}; SEQ=1024; BATCH=8; EVAL_LIMIT=0
+  VOCAB=8192; CHAT_STEPS=${CHAT_STEPS:-200}
+  # The shipped model's pretraining ran the first 300 steps of a 500-step cosine schedule (the
+  # session that trained it had the 2 cores shared with other work); PT_STOP=500 runs it all.
+  PT_STEPS=${PT_STEPS:-500}; PT_STOP=${PT_STOP:-300}; SEQ=1024; BATCH=8; EVAL_LIMIT=0
   CONFIG=$ROOT/recipes/kaki-tiny.config.json
   if [ ! -d "$SRC" ]; then
     echo "kaki-tiny: $SRC not found; install the corpus with: apt-get install -y python3.11-doc" >&2
@@ -61,10 +64,10 @@ if [ ! -f "$WORK/tokenizer/tokenizer.model" ]; then
 fi
 cp "$ROOT/recipes/generation_config.json" "$WORK/tokenizer/generation_config.json"
 
-log "3/6 pretraining ($PT_STEPS steps, $PRECISION)"
+log "3/6 pretraining ($PT_STOP of $PT_STEPS scheduled steps, $PRECISION)"
 if [ ! -f "$WORK/pretrain/model.safetensors" ]; then
   "${KAKI[@]}" train --init-from-config "$CONFIG" --tokenizer "$WORK/tokenizer" \
-    --data "$WORK/data/pretrain.jsonl" --out "$WORK/pretrain" --max-steps "$PT_STEPS" \
+    --data "$WORK/data/pretrain.jsonl" --out "$WORK/pretrain" --max-steps "$PT_STEPS" --stop-at-step "$PT_STOP" \
     --lr 2e-3 --warmup-steps $((PT_STEPS / 20 + 1)) --eval-every 100 "${COMMON[@]}" $(resume_flag "$WORK/pretrain")
 fi
 

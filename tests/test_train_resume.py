@@ -114,3 +114,20 @@ def test_killed_run_resumes_bit_exactly(setup, reference, tmp_path, mode, at, re
     state = json.loads((out / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
     ref_state = json.loads((reference / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
     assert state["data"] == ref_state["data"] and state["step"] == 8
+
+
+def test_stop_at_step_then_resume_equals_one_run(setup, reference, tmp_path):
+    """--stop-at-step ends a run part-way through its schedule with a usable model; --resume
+    finishes the same schedule with the same weights as one uninterrupted run."""
+    _, base, data = setup
+    out = tmp_path / "run"
+    assert main(args(base, data, out) + ["--stop-at-step", "5"]) == 0
+    state = json.loads((out / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())
+    assert state["step"] == 5
+    # The model published at the stop is the step-5 weights, on the 8-step schedule's learning rates.
+    same_weights(out / "checkpoints" / "step-00000005", out)
+    lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    ref = [r["lr"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs == ref[:5]
+    assert main(args(base, data, out) + ["--resume"]) == 0
+    same_weights(reference, out)

@@ -391,18 +391,19 @@ class Trainer:
             bar = tqdm(total=self.total, initial=self.step, disable=not (d.main and o.progress),
                        unit="step", dynamic_ncols=True)
             start = time.perf_counter()
-            while self.step < self.total:
+            end = min(self.total, o.stop_at_step) if o.stop_at_step else self.total
+            while self.step < end:
                 t0 = time.perf_counter()
                 loss, norm, lr = self.train_step()
                 dt = time.perf_counter() - t0
                 tps = self.global_batch * self.seq_len / dt
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                if metrics and (self.step % o.log_every == 0 or self.step == self.total):
+                if metrics and (self.step % o.log_every == 0 or self.step == end):
                     metrics.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                                  "tokens": self.tokens_seen, "tok_per_s": tps,
                                  "elapsed_s": time.perf_counter() - start})
-                last = self.step == self.total
+                last = self.step == end
                 if (o.eval_every and self.step % o.eval_every == 0) or last:
                     ev = self.evaluate()
                     if ev and metrics:

@@ -44,6 +44,8 @@ class TrainOptions:
                              "grad_accum x processes)")
     max_steps: int | None = opt(None, "optimizer steps (wins over --epochs)")
     epochs: float | None = opt(None, "passes over the training sequences (default 1 when no --max-steps)")
+    stop_at_step: int | None = opt(None, "end this run after step N while the schedule still spans the "
+                                         "whole run (a time-boxed part of it; --resume goes on later)")
     lr: float = opt(3e-4, "peak learning rate")
     optimizer: str = opt("adamw", "adamw, or adamw8bit (bitsandbytes, CUDA only)", choices=["adamw", "adamw8bit"])
     schedule: str = opt("cosine", "learning-rate decay after warmup", choices=["cosine", "linear", "constant"])
