@@ -103,6 +103,18 @@ def _raw_prompt(shell, arg: str) -> None:
     shell.out(text + "\n")
 
 
+@command("sources", "/sources", "the retrieved passages the last answer was given (with --retrieval)")
+def _sources(shell, arg: str) -> None:
+    from kaki.retrieval import format_sources
+    s = shell.session
+    if s.retrieve is None:
+        raise KakiError("no index in use; start the chat with --retrieval INDEX (see docs/retrieval.md)")
+    asked = [t for t in s.turns if t.role == "user"]
+    if not asked:
+        raise KakiError("nothing asked yet; send a message first")
+    shell.out(format_sources(asked[-1].passages) + "\n")
+
+
 @command("raw_say", "/raw_say TEXT", "complete TEXT as it is: no chat format, not part of the conversation")
 def _raw_say(shell, arg: str) -> None:
     text = _need(arg, "/raw_say TEXT")

@@ -21,6 +21,11 @@ def register(sub) -> None:
     add_sampling_args(p)
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="print each reply when it is complete instead of as it is generated")
+    p.add_argument("--retrieval", metavar="INDEX", default=None,
+                   help="ground answers in an index from `kaki index build`: the best passages go into each "
+                        "question's prompt; /sources shows them (see docs/retrieval.md)")
+    p.add_argument("--retrieval-k", type=int, default=3, metavar="K",
+                   help="passages retrieved per question, best first, as many as fit (default 3)")
     p.set_defaults(func=run)
 
 
@@ -41,9 +46,16 @@ def run(args) -> int:
     kw = sampling_kwargs(args)
     stop = kw.pop("stop", [])
     settings = Settings.from_params(llm.sampling(**kw))
-    session = ChatSession(llm, fmt, system=args.system, settings=settings, stop=stop)
+    retrieve = None
+    if args.retrieval:
+        from kaki.retrieval import Retriever
+        retriever = Retriever.open(args.retrieval)
+        retriever.warm()  # load the embedder now, not during the first question
+        retrieve = lambda q: [p.to_json() for p in retriever.search(q, k=args.retrieval_k)]  # noqa: E731
+    session = ChatSession(llm, fmt, system=args.system, settings=settings, stop=stop, retrieve=retrieve)
     cfg = llm.config
     banner = (f"kaki chat: {llm.path or args.model} ({cfg.model_type}, {cfg.num_parameters() / 1e6:,.1f}M "
               f"parameters, context {llm.context_length:,}, chat format {fmt.name}). Type a message; "
-              "/help lists the commands; Ctrl-C stops a reply; Ctrl-D quits.")
+              "/help lists the commands; Ctrl-C stops a reply; Ctrl-D quits."
+              + (f" Answers use passages from {args.retrieval} (/sources)." if args.retrieval else ""))
     return ChatShell(session, stream=args.stream).run(banner)

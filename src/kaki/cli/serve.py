@@ -39,6 +39,10 @@ def register(sub) -> None:
                    help="the model id for /v1 (default: the model directory's name)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/Ctrl-C")
+    p.add_argument("--retrieval", metavar="INDEX", default=None,
+                   help="ground /v1/chat/completions answers in an index from `kaki index build` (a request's "
+                        "`retrieval: false` opts out; the passages used come back in `sources`)")
+    p.add_argument("--retrieval-k", type=int, default=3, metavar="K", help="passages retrieved per request (default 3)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -70,7 +74,13 @@ def run(args) -> int:
             setattr(config, name, getattr(args, name))
     name = args.served_model_name or (Path(llm.path).name if llm.path else "kaki")
     engine = Engine(llm, config, model_name=name)
-    app = create_app(engine, api_key=args.api_key, chat_format=args.chat_format)
+    retriever = None
+    if args.retrieval:
+        from kaki.retrieval import Retriever
+        retriever = Retriever.open(args.retrieval)
+        retriever.warm()  # load the embedder at start-up, not in the first request
+    app = create_app(engine, api_key=args.api_key, chat_format=args.chat_format, retriever=retriever,
+                     retrieval_k=args.retrieval_k)
     print(f"kaki serve: {name} on http://{_url_host(args.host)}:{args.port} (batch {config.max_batch_size}, "
           f"{engine.max_seq_len:,} tokens per sequence, {engine.model.dtype}, {engine.model.device})",
           file=sys.stderr)

@@ -26,7 +26,8 @@ from kaki.serve.schemas import error_body
 OPEN_ROUTES = ("/health", "/healthz")  # reachable without the API key (load balancers)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, chat_format: str = "auto") -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None, chat_format: str = "auto",
+               retriever=None, retrieval_k: int = 3) -> FastAPI:
     from kaki.chat_format import format_for_llm
 
     fmt = format_for_llm(engine.llm, chat_format)  # a bad --chat-format fails here, at start-up
@@ -44,6 +45,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, chat_format: str =
     app = FastAPI(title="kaki serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.chat_format = fmt
+    app.state.retriever, app.state.retrieval_k = retriever, retrieval_k  # kaki.retrieval.Retriever or None
     app.state.started = int(time.time())
     app.include_router(adept_api.router)
     app.include_router(openai_api.router)

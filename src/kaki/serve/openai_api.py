@@ -23,6 +23,8 @@ from kaki.serve.engine import Engine, Output, SeqRequest
 from kaki.serve.results import SSE_DONE, collect, sse
 
 router = APIRouter(prefix="/v1")
+# Reply tokens kept free when a --retrieval request gives no max_tokens (passages fill the rest).
+RETRIEVAL_REPLY_TOKENS = 256
 
 
 class ModelNotFound(KakiError):
@@ -141,6 +143,10 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     fmt = request.app.state.chat_format
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
+    sources = None
+    if request.app.state.retriever is not None and body.retrieval:
+        # In a worker thread: the search (SQLite, the query embedder) must not block the event loop.
+        messages, sources = await asyncio.to_thread(_ground, request.app, engine, fmt, messages, body.max_new)
     try:
         text = fmt.render(messages, add_generation_prompt=True)
     except KakiError as e:
@@ -155,13 +161,28 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     handle = engine.submit(reqs, asyncio.get_running_loop())
     rid, created = _new_id("chatcmpl"), int(time.time())
     if body.stream:
-        return _stream(handle, _chat_chunks(handle, rid, created, engine.model_name, body, len(ids)))
+        return _stream(handle, _chat_chunks(handle, rid, created, engine.model_name, body, len(ids), sources))
     results = await collect(handle, len(reqs), request.receive)
     choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=r.text), finish_reason=r.finish_reason,
                             logprobs=_chat_logprobs(r.token_texts, r.logprobs, r.tops) if body.logprobs else None)
                for i, r in enumerate(results)]
     return S.ChatCompletionResponse(id=rid, created=created, model=engine.model_name, choices=choices,
-                                    usage=_usage([len(ids)], sum(len(r.token_ids) for r in results)))
+                                    usage=_usage([len(ids)], sum(len(r.token_ids) for r in results)),
+                                    sources=sources)
+
+
+def _ground(app, engine: Engine, fmt, messages: list[dict], max_new: int | None) -> tuple[list[dict], list[dict]]:
+    """The messages with retrieved passages in the last user turn, and those passages: as many
+    as fit beside the reply (`max_tokens`, else RETRIEVAL_REPLY_TOKENS kept for it)."""
+    from kaki.retrieval import ground
+    tok = engine.llm.tokenizer
+    reserve = max_new if max_new is not None else min(RETRIEVAL_REPLY_TOKENS, engine.max_seq_len // 2)
+    try:
+        g = ground(app.state.retriever, messages, fmt=fmt, count_tokens=lambda s: len(tok.encode(s, add_bos=False)),
+                   max_prompt_tokens=engine.max_seq_len - reserve, k=app.state.retrieval_k)
+    except KakiError as e:
+        raise ParamError("messages", str(e)) from None
+    return g.messages, [p.to_json() for p in g.passages]
 
 
 def _top(text: str, lp: float) -> S.TopLogprob:
@@ -174,13 +195,13 @@ def _chat_logprobs(texts, logprobs, tops) -> S.ChatLogprobs:
         for t, lp, top in zip(texts, logprobs, tops)])
 
 
-async def _chat_chunks(handle, rid, created, model, body, n_prompt):
-    def chunk(i, delta, finish=None, logprobs=None):
-        return sse(S.ChatCompletionChunk(id=rid, created=created, model=model, choices=[
+async def _chat_chunks(handle, rid, created, model, body, n_prompt, sources=None):
+    def chunk(i, delta, finish=None, logprobs=None, sources=None):
+        return sse(S.ChatCompletionChunk(id=rid, created=created, model=model, sources=sources, choices=[
             S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)]))
 
     for i in range(body.n):
-        yield chunk(i, S.Delta(role="assistant", content=""))
+        yield chunk(i, S.Delta(role="assistant", content=""), sources=sources)
     generated = 0
     async for i, out in handle:
         if out.finish_reason in ("abort", "error"):

@@ -261,6 +261,8 @@ class ChatCompletionRequest(_OpenAIBase):
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: Any = None
+    # kaki's extra: with `kaki serve --retrieval INDEX`, false answers without retrieved passages.
+    retrieval: bool = True
 
     @model_validator(mode="after")
     def _chat_only(self):
@@ -341,6 +343,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # kaki's extra: the passages put into the prompt (`kaki serve --retrieval`), best first.
+    sources: list[dict] | None = None
 
 
 class Delta(BaseModel):
@@ -362,6 +366,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    sources: list[dict] | None = None  # kaki's extra, on the first chunk (see ChatCompletionResponse)
 
 
 class ModelCard(BaseModel):
