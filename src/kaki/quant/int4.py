@@ -35,12 +35,13 @@ def quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, t
     N, K = w.shape
     if K % group:
         raise ValueError(f"in_features {K} is not a multiple of the int4 group size {group}")
-    g = w.float().reshape(N, K // group, group)
-    lo, hi = g.amin(-1), g.amax(-1)
+    g = w.reshape(N, K // group, group)
+    lo, hi = g.amin(-1).float(), g.amax(-1).float()
     # A constant group would get scale 0; any positive scale reproduces it through the zero.
     scale = ((hi - lo) / 15).clamp_(min=1e-8).to(SCALE_DTYPE)
     zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)
-    q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp_(0, 15)
+    # One float32 temporary, updated in place; w itself is never written (it may be mmapped).
+    q = torch.sub(g, zero.float()[..., None]).div_(scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
     return pack(q.reshape(N, K).to(torch.uint8)), scale, zero
 
 

