@@ -59,7 +59,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(model_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(KAKI + ["serve", "--model", str(model_dir), "--port", str(port), "--dtype", "float32",
-                                    "--graceful-timeout", "3", "--max-batch-size", "4"],
+                                    "--graceful-timeout", "1.5", "--max-batch-size", "4"],
                             env=ENV, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 90
@@ -74,7 +74,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(model_dir):
             time.sleep(0.2)
         short, long = {}, {}
         ev_short, ev_long = threading.Event(), threading.Event()
-        threads = [threading.Thread(target=stream_completion, args=(url, 200, short, ev_short)),
+        threads = [threading.Thread(target=stream_completion, args=(url, 100, short, ev_short)),
                    threading.Thread(target=stream_completion, args=(url, 8000, long, ev_long))]
         for t in threads:
             t.start()
