@@ -7,6 +7,12 @@ beats here: a bare chain of the model's matrix products (each weight streamed on
 the memory-bandwidth roofline (weight bytes per token / measured read bandwidth).
 
     .venv/bin/python benchmarks/decode.py [--quick] [--dtypes float32,bfloat16] [--batches 1,8]
+                                          [--formats int8,int4]
+
+--formats adds kaki's quantized models (kaki.load(..., quantize=FORMAT) on the float32 checkpoint)
+in the same run, against transformers float32 and against `torch.ao.quantization.quantize_dynamic`
+of transformers' model (every nn.Linear to fbgemm dynamic int8, the usual CPU recipe), with the
+roofline of each format's weight bytes.
 """
 
 from __future__ import annotations
@@ -166,6 +172,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=os.environ.get("KAKI_BENCH_DIR", "/tmp/kaki-bench"))
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per case; the best is kept")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--formats", default="", help="quantized formats to add, e.g. int8,int4 (int4:GROUP)")
     args = ap.parse_args()
     cfg = QUICK if args.quick else CONFIG
     root = Path(args.cache_dir)
@@ -217,8 +224,78 @@ def main() -> None:
                   f"{roof:.2f} tok/s per sequence; greedy rows identical {same}/{b}", flush=True)
         del hf_model, kaki_model
         gc.collect()
+    if args.formats:
+        results["formats"] = run_formats(args, cfg, root, prompt, bw, results["runs"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def run_formats(args, cfg: dict, root: Path, prompt: torch.Tensor, bw: float, float_runs: list[dict]) -> list[dict]:
+    """kaki int8/int4 vs transformers fp32 and transformers + quantize_dynamic, same prompts."""
+    import warnings
+
+    import transformers as T
+
+    import kaki
+    from kaki.config import read_config
+    from kaki.quant import as_spec, weight_bytes
+
+    path = make_checkpoint(root, "float32", cfg)
+    c = read_config(path)
+    embed = c.vocab_size * c.hidden_size
+    formats = [f for f in args.formats.split(",") if f]
+    hf32 = T.PersimmonForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice; it still works in 2.13
+        hf_dyn = torch.ao.quantization.quantize_dynamic(
+            T.PersimmonForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), {torch.nn.Linear},
+            dtype=torch.qint8)
+    models = {f: kaki.load(path, dtype="float32", device="cpu", quantize=f).model for f in formats}
+    print(f"\n== quantized formats ({', '.join(formats)}) on the float32 checkpoint; kernels: "
+          + ", ".join(f"{f} {sorted({getattr(m, 'kernel', '') for m in mod.modules() if hasattr(m, 'kernel')})}"
+                      for f, mod in models.items()), flush=True)
+    out = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        prior = [r for r in float_runs if r["dtype"] == "float32" and r["batch"] == b]
+        runs: dict[str, list[dict]] = {"hf_fp32": [], "hf_dynamic_int8": [], **{f: [] for f in formats}}
+        for rep in range(args.repeats + 1):
+            if not prior:
+                h = hf_run(hf32, b, prompt)
+            d = hf_run(hf_dyn, b, prompt)
+            ks = {f: kaki_run(m, b, prompt) for f, m in models.items()}
+            if rep:
+                if not prior:
+                    runs["hf_fp32"].append(h)
+                runs["hf_dynamic_int8"].append(d)
+                for f, k in ks.items():
+                    runs[f].append(k)
+        best_runs = {k: best(v) for k, v in runs.items() if v}
+        hf_fp32 = prior[0]["hf"] if prior else best_runs["hf_fp32"]
+        dyn = best_runs["hf_dynamic_int8"]
+        row = {"batch": b, "hf_fp32": {k: v for k, v in hf_fp32.items() if k != "tokens"},
+               "hf_dynamic_int8": {k: v for k, v in dyn.items() if k != "tokens"}}
+        print(f"batch {b}: transformers fp32 {hf_fp32['e2e_tok_s']:.2f} tok/s end-to-end "
+              f"({hf_fp32['decode_tok_s']:.2f} decode-only); transformers + quantize_dynamic "
+              f"{dyn['e2e_tok_s']:.2f} ({dyn['decode_tok_s']:.2f})", flush=True)
+        for f in formats:
+            k = best_runs[f]
+            streamed = weight_bytes(c, as_spec(f), float_bytes=4) - embed * 4
+            roof = bw * 1e9 / streamed
+            same = sum(x == y for x, y in zip(k["tokens"], dyn["tokens"]))
+            row[f] = {**{key: v for key, v in k.items() if key != "tokens"}, "roofline_tok_s": roof * b,
+                      "streamed_bytes": streamed, "same_rows_as_hf_dynamic": same}
+            print(f"  kaki {f}: {k['e2e_tok_s']:.2f} tok/s end-to-end = {k['e2e_tok_s'] / hf_fp32['e2e_tok_s']:.2f}x "
+                  f"transformers fp32, {k['e2e_tok_s'] / dyn['e2e_tok_s']:.2f}x quantize_dynamic; decode-only "
+                  f"{k['decode_tok_s']:.2f} tok/s = {k['decode_tok_s'] / b / roof:.0%} of the {f} roofline "
+                  f"({roof:.1f} tok/s per sequence, {streamed / 1e9:.2f} GB/token); prefill "
+                  f"{k['prefill_s'] * 1e3:.0f} ms; greedy rows equal to quantize_dynamic's {same}/{b}", flush=True)
+        out.append(row)
+    by_batch = {r["batch"]: r for r in out}
+    if 1 in by_batch and 8 in by_batch:
+        for f in formats:
+            ratio = by_batch[8][f]["e2e_tok_s"] / by_batch[1][f]["e2e_tok_s"]
+            print(f"kaki {f}: batch 8 throughput = {ratio:.2f}x batch 1 (end-to-end)")
+    return out
 
 
 if __name__ == "__main__":
