@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kaki-installed
+# Defined up here: rules use them as prerequisites, which make expands where the rule is read.
+INDEX := work/index/pydocs.kaki-index
+PASSAGES := data/eval/passages.jsonl
 
 .PHONY: setup test chat index bench clean
 
@@ -26,8 +29,6 @@ chat: $(STAMP)
 
 # The retrieval index over the demo model's held-out Python documentation passages (already
 # passage-sized, so one passage per record); rebuilt only when missing or older than its source.
-INDEX := work/index/pydocs.kaki-index
-PASSAGES := data/eval/passages.jsonl
 $(INDEX): $(PASSAGES) | $(STAMP)
 	$(BIN)/kaki index build $(PASSAGES) --out $@ --no-chunk
 
