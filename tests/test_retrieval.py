@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,8 +58,10 @@ def eval_index(tmp_path_factory):
 
 
 def recall_at(r: Retriever, questions: list[dict], mode: str, k: int = 5) -> float:
-    return sum(q["passage_id"] in [p.ref for p in r.search(q["question"], k=k, mode=mode)]
-               for q in questions) / len(questions)
+    # The questions are embedded once, in one batch (what search() would do one by one).
+    vectors = r.embed_queries([q["question"] for q in questions]) if mode != "bm25" else [None] * len(questions)
+    return sum(q["passage_id"] in [p.ref for p in r.search(q["question"], k=k, mode=mode, query_vector=v)]
+               for q, v in zip(questions, vectors)) / len(questions)
 
 
 def test_recall_at_5_on_the_evaluation_questions(eval_index, questions):
@@ -67,6 +70,10 @@ def test_recall_at_5_on_the_evaluation_questions(eval_index, questions):
     assert report.passages == report.embedded == n and "exact inner product" in report.dense
     with Retriever.open(index) as r:
         got = {mode: recall_at(r, questions, mode) for mode in ("bm25", "dense", "hybrid")}
+        # A question's vector in a padded batch is its vector alone (what search() computes).
+        batch = r.embed_queries([q["question"] for q in questions[:8]])
+        alone = np.concatenate([r.embed_queries([q["question"]]) for q in questions[:8]])
+        np.testing.assert_allclose(batch, alone, atol=1e-5)
     print(f"recall@5 over {len(questions)} questions, {n} passages: {got}")
     assert got["bm25"] >= 0.7, got
     assert got["hybrid"] >= 0.8, got
@@ -111,24 +118,36 @@ def test_another_embedder_is_refused(eval_index, tmp_path):
     one_line_error(r, "embedder mismatch", DEFAULT_NAME, "other-embedder", "--rebuild")
 
 
-def test_cli_build_update_and_errors(tmp_path):
+def test_cli_build_update_and_errors(tmp_path, capsys):
+    from kaki.cli import main
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.md").write_text("# Alpha\n\nAlpha particles are helium nuclei. They are stopped by paper.\n")
     (docs / "b.txt").write_text("Beta rays are electrons.")
     index = tmp_path / "docs.kaki-index"
-    r = run_kaki("index", "build", docs, "--out", index, "--embedder", "none")
+    r = run_kaki("index", "build", docs, "--out", index, "--embedder", "none")  # the installed entry point
     assert r.returncode == 0, r.stderr
     assert "2 files, 2 passages (2 added" in r.stdout and "dense: none (BM25 only)" in r.stdout
-    (docs / "b.txt").unlink()
-    r = run_kaki("index", "build", "--out", index)  # no PATH: the last build's
-    assert r.returncode == 0 and "1 files, 1 passages (0 added, 0 changed, 1 removed" in r.stdout, r.stdout
-    r = run_kaki("index", "query", index, "what stops alpha particles?")
-    assert r.returncode == 0 and "[1] Alpha" in r.stdout and "a.md:3" in r.stdout
 
-    one_line_error(run_kaki("index", "query", index, "x", "--mode", "dense"), "no dense vectors", "--mode bm25")
-    one_line_error(run_kaki("index", "query", tmp_path / "nope.kaki-index", "x"), "does not exist", "kaki index build")
-    one_line_error(run_kaki("index", "info", docs / "a.md"), "not a kaki index")
-    one_line_error(run_kaki("index", "build", tmp_path / "missing", "--out", index), "missing does not exist")
-    one_line_error(run_kaki("index", "build", docs, "--out", tmp_path / "n.kaki-index", "--chunk-sentences", "2",
-                            "--overlap", "2", "--embedder", "none"), "--overlap must be between 0 and")
+    def kaki(*args) -> tuple[int, str, str]:  # the same CLI in this process: main() as `kaki` runs it
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    def one_line(args, *needles):
+        code, out, err = kaki(*args)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (code, out, err)
+        assert all(n in err for n in needles), err
+
+    (docs / "b.txt").unlink()
+    code, out, _ = kaki("index", "build", "--out", index)  # no PATH: the last build's
+    assert code == 0 and "1 files, 1 passages (0 added, 0 changed, 1 removed" in out, out
+    code, out, _ = kaki("index", "query", index, "what stops alpha particles?")
+    assert code == 0 and "[1] Alpha" in out and "a.md:3" in out
+
+    one_line(("index", "query", index, "x", "--mode", "dense"), "no dense vectors", "--mode bm25")
+    one_line(("index", "query", tmp_path / "nope.kaki-index", "x"), "does not exist", "kaki index build")
+    one_line(("index", "info", docs / "a.md"), "not a kaki index")
+    one_line(("index", "build", tmp_path / "missing", "--out", index), "missing does not exist")
+    one_line(("index", "build", docs, "--out", tmp_path / "n.kaki-index", "--chunk-sentences", "2", "--overlap", "2",
+              "--embedder", "none"), "--overlap must be between 0 and")

@@ -178,9 +178,10 @@ class Retriever:
                     raise corrupted(self.path, e)
                 self._dense_kind = kind
 
-    def embed_query(self, query: str) -> np.ndarray:
+    def embed_queries(self, queries: list[str]) -> np.ndarray:
+        """(len(queries), dim) query vectors, batched; rows go to `search(query_vector=...)`."""
         self._ensure_dense()
-        return self._embedder.embed([query])
+        return self._embedder.embed(queries)
 
     # ------------------------------------------------------------------ searching
 
