@@ -61,7 +61,7 @@ def dequantized_reference(path, quantized: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("family", ["persimmon", "gpt_neox", "llama"])
 @pytest.mark.parametrize("spec,kernel,tol", [
     ("int8", "weight-only", 1e-5),  # exact up to fp32 rounding
-    ("int8", None, 0.1),  # fbgemm also quantizes activations, ~1% per layer, compounding
+    ("int8", None, 0.01),  # fbgemm also quantizes activations (to ~15 bits, see int8.py)
     ("int4:32", None, 0.05),  # the kernel runs on bf16 activations
 ])
 def test_quantized_model_computes_its_dequantized_weights(family_dirs, monkeypatch, family, spec, kernel, tol):
