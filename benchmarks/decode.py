@@ -172,7 +172,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=os.environ.get("KAKI_BENCH_DIR", "/tmp/kaki-bench"))
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per case; the best is kept")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--formats", default="", help="quantized formats to add, e.g. int8,int4 (int4:GROUP)")
+    ap.add_argument("--formats", default="", help="quantized formats to add, e.g. int8,int4 (int4:GROUP; "
+                                                 "int8@fbgemm-8bit etc. for another int8 kernel)")
     args = ap.parse_args()
     cfg = QUICK if args.quick else CONFIG
     root = Path(args.cache_dir)
@@ -230,13 +231,31 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
+def load_format(path: Path, fmt: str):
+    """kaki.load(path, quantize=FORMAT); "int8@KERNEL" picks an int8 kernel (KAKI_INT8_KERNEL)."""
+    import kaki
+    from kaki.quant import int8
+
+    fmt, _, kernel = fmt.partition("@")
+    old = os.environ.get("KAKI_INT8_KERNEL")
+    if kernel:
+        os.environ["KAKI_INT8_KERNEL"] = kernel
+    int8.cpu_kernel.cache_clear()
+    try:
+        return kaki.load(path, dtype="float32", device="cpu", quantize=fmt).model
+    finally:
+        os.environ.pop("KAKI_INT8_KERNEL", None)
+        if old is not None:
+            os.environ["KAKI_INT8_KERNEL"] = old
+        int8.cpu_kernel.cache_clear()
+
+
 def run_formats(args, cfg: dict, root: Path, prompt: torch.Tensor, bw: float, float_runs: list[dict]) -> list[dict]:
     """kaki int8/int4 vs transformers fp32 and transformers + quantize_dynamic, same prompts."""
     import warnings
 
     import transformers as T
 
-    import kaki
     from kaki.config import read_config
     from kaki.quant import as_spec, weight_bytes
 
@@ -250,7 +269,7 @@ def run_formats(args, cfg: dict, root: Path, prompt: torch.Tensor, bw: float, fl
         hf_dyn = torch.ao.quantization.quantize_dynamic(
             T.PersimmonForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), {torch.nn.Linear},
             dtype=torch.qint8)
-    models = {f: kaki.load(path, dtype="float32", device="cpu", quantize=f).model for f in formats}
+    models = {f: load_format(path, f) for f in formats}
     print(f"\n== quantized formats ({', '.join(formats)}) on the float32 checkpoint; kernels: "
           + ", ".join(f"{f} {sorted({getattr(m, 'kernel', '') for m in mod.modules() if hasattr(m, 'kernel')})}"
                       for f, mod in models.items()), flush=True)
@@ -279,7 +298,7 @@ def run_formats(args, cfg: dict, root: Path, prompt: torch.Tensor, bw: float, fl
               f"{dyn['e2e_tok_s']:.2f} ({dyn['decode_tok_s']:.2f})", flush=True)
         for f in formats:
             k = best_runs[f]
-            streamed = weight_bytes(c, as_spec(f), float_bytes=4) - embed * 4
+            streamed = weight_bytes(c, as_spec(f.partition("@")[0]), float_bytes=4) - embed * 4
             roof = bw * 1e9 / streamed
             same = sum(x == y for x, y in zip(k["tokens"], dyn["tokens"]))
             row[f] = {**{key: v for key, v in k.items() if key != "tokens"}, "roofline_tok_s": roof * b,

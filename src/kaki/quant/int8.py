@@ -8,7 +8,7 @@ Kernels, measured (docs/quantization.md has the tables):
   it stays fast for prompts. oneDNN's version of the same op was 10-20% faster at one row on
   AVX512 but keeps a second, unpacked copy of every weight (2x the memory), and PyTorch's
   weight-only `_weight_int8pack_mm` is as fast at 1-4 rows but 4-10x slower at 8-32, so neither
-  is the default (`KAKI_INT8_KERNEL=onednn|weight-only` picks them, for measuring).
+  is the default (`KAKI_INT8_KERNEL=fbgemm-8bit|onednn|weight-only` picks the others, for measuring).
 - CUDA (and anywhere fbgemm is missing): weight-only, gpt-fast style: `F.linear(x, W.to(x.dtype))
   * scale`; on a GPU the cast fuses into the GEMV under torch.compile and costs little without.
 Activations with 15 bits instead of 8: `quantize_dynamic`'s per-tensor 8-bit activations cost
@@ -53,13 +53,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
+# fbgemm: two-row 15-bit activations (the default); fbgemm-8bit: quantize_dynamic's single row.
+KERNELS = ("fbgemm", "fbgemm-8bit", "onednn", "weight-only")
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_kernel() -> str:
     """fbgemm where PyTorch has it (x86); weight-only elsewhere. KAKI_INT8_KERNEL overrides."""
     forced = os.environ.get("KAKI_INT8_KERNEL", "")
     if forced:
-        if forced not in ("fbgemm", "onednn", "weight-only"):
-            raise ValueError(f"KAKI_INT8_KERNEL must be fbgemm, onednn or weight-only, not {forced!r}")
+        if forced not in KERNELS:
+            raise ValueError(f"KAKI_INT8_KERNEL must be one of {', '.join(KERNELS)}, not {forced!r}")
         return forced
     return "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "weight-only"
 
@@ -154,9 +158,9 @@ class Int8Linear(nn.Module):
         if keep_plain or q.device.type != "cpu":
             return
         kernel = cpu_kernel()
-        if kernel in ("fbgemm", "onednn"):
+        if kernel != "weight-only":
             try:
-                self._packed = _prepack(self.weight, self.weight_scale, kernel)
+                self._packed = _prepack(self.weight, self.weight_scale, kernel.removesuffix("-8bit"))
             except (RuntimeError, AttributeError):
                 return  # this PyTorch cannot pack (no fbgemm, or the op is gone): weight-only
             self.kernel = kernel
@@ -181,7 +185,7 @@ class Int8Linear(nn.Module):
         if self.kernel == "fbgemm":
             x2 = x.reshape(-1, self.in_features).float()
             y = _two_row_int8(x2, self._packed, self._rowsum).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        elif self._packed is not None:  # onednn: its dynamic op as it is (8-bit activations)
+        elif self._packed is not None:  # fbgemm-8bit, onednn: the dynamic op as it is (8-bit activations)
             y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, reduce_range()).to(x.dtype)
         else:
             # gpt-fast's weight-only form: the scale applies per output, after the product.

@@ -1,0 +1,104 @@
+"""Linear-layer kernels for quantized weights on this CPU: the measurements behind kaki.quant's
+choice of kernels (docs/quantization.md).
+
+For each weight shape and row count M (1 = batch-1 decode, 8 = batch-8 decode, 32+ = prompts),
+every candidate runs interleaved with the others, round after round, and the best time of each
+is kept (the machine may be shared; contention only ever slows a run down):
+
+- fp32 / bf16 `F.linear`, and kaki's fp32 linear (kaki.kernels: rows split across cores);
+- int8: kaki's Int8Linear (fbgemm, two-row 15-bit activations), fbgemm's dynamic op as
+  `quantize_dynamic` runs it (8-bit activations), oneDNN's dynamic op, PyTorch's weight-only
+  `_weight_int8pack_mm` (bf16 activations);
+- int4: kaki's Int4Linear (`_weight_int4pack_mm_for_cpu`, bf16 activations) at groups 32/64/128.
+
+    .venv/bin/python benchmarks/quant_kernels.py [--shapes 16384x4096,4096x16384] [--rows 1,8,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+def candidates(N: int, K: int) -> dict:
+    from kaki.kernels import linear as kaki_linear
+    from kaki.quant import int4, int8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(N, K, generator=g) * K ** -0.5
+    wb = w.bfloat16()
+    q8 = int8.Int8Linear(K, N, bias=False)
+    q8.set_float(w, torch.device("cpu"))
+    q, scale = int8.quantize(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onednn = int8._prepack(q, scale, "onednn")
+    sb = scale.bfloat16()
+    out = {
+        "fp32 F.linear": lambda x, xb: F.linear(x, w),
+        "fp32 kaki": lambda x, xb: kaki_linear(x, w, None),
+        "bf16 F.linear": lambda x, xb: F.linear(xb, wb),
+        "int8 kaki (fbgemm two-row)": lambda x, xb: q8(x),
+        "int8 fbgemm dynamic": lambda x, xb: torch.ops.quantized.linear_dynamic(x, q8._packed, True),
+        "int8 onednn dynamic": lambda x, xb: torch.ops.quantized.linear_dynamic(x, onednn, False),
+        "int8 _weight_int8pack_mm": lambda x, xb: torch._weight_int8pack_mm(xb, q, sb),
+    }
+    for group in (32, 64, 128):
+        if K % group == 0:
+            m = int4.Int4Linear(K, N, bias=False, group=group)
+            m.set_float(w, torch.device("cpu"))
+            out[f"int4 kaki G{group}"] = (lambda m: lambda x, xb: m(xb))(m)
+    return out
+
+
+def measure(N: int, K: int, rows: list[int], rounds: int) -> dict:
+    fns = candidates(N, K)
+    xs = {M: (torch.randn(M, K), torch.randn(M, K).bfloat16()) for M in rows}
+    best = {name: {M: float("inf") for M in rows} for name in fns}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for M in rows:
+                x, xb = xs[M]
+                for name, f in fns.items():
+                    t0 = time.perf_counter()
+                    f(x, xb)
+                    dt = time.perf_counter() - t0
+                    if r:  # round 0 warms every kernel up
+                        best[name][M] = min(best[name][M], dt)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="16384x4096,4096x16384,6144x2048,8192x2048",
+                    help="weights as NxK (out x in): Persimmon-8B's MLP, the ~1B benchmark model's")
+    ap.add_argument("--rows", default="1,4,8,32")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, VNNI {torch.cpu._is_vnni_supported()}, "
+          f"{os.cpu_count()} cores; best of {args.rounds} interleaved rounds, ms")
+    results = {}
+    for shape in args.shapes.split(","):
+        N, K = (int(v) for v in shape.split("x"))
+        best = measure(N, K, rows, args.rounds)
+        results[shape] = best
+        print(f"\n{N}x{K} (out x in): fp32 {N * K * 4 / 1e6:.0f} MB, int8 {N * K / 1e6:.0f} MB")
+        print(f"{'kernel':30s}" + "".join(f"{'M=' + str(M):>10s}" for M in rows))
+        for name, by_m in best.items():
+            print(f"{name:30s}" + "".join(f"{by_m[M] * 1e3:10.3f}" for M in rows), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
