@@ -39,13 +39,14 @@ def candidates(N: int, K: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onednn = int8._prepack(q, scale, "onednn")
+        fbgemm = int8._prepack(q, scale, "fbgemm")  # whole, as quantize_dynamic packs it
     sb = scale.bfloat16()
     out = {
         "fp32 F.linear": lambda x, xb: F.linear(x, w),
         "fp32 kaki": lambda x, xb: kaki_linear(x, w, None),
         "bf16 F.linear": lambda x, xb: F.linear(xb, wb),
         "int8 kaki (fbgemm two-row)": lambda x, xb: q8(x),
-        "int8 fbgemm dynamic": lambda x, xb: torch.ops.quantized.linear_dynamic(x, q8._packed, True),
+        "int8 fbgemm dynamic": lambda x, xb: torch.ops.quantized.linear_dynamic(x, fbgemm, True),
         "int8 onednn dynamic": lambda x, xb: torch.ops.quantized.linear_dynamic(x, onednn, False),
         "int8 _weight_int8pack_mm": lambda x, xb: torch._weight_int8pack_mm(xb, q, sb),
     }

@@ -140,7 +140,7 @@ def test_int8_kernel_matches_dequantized_product(rows, dtype):
     # residual), ~15 bits in all: ~1e-4 where quantize_dynamic's single row gives ~1e-2.
     assert _rel(y, ref) < (1e-3 if dtype == torch.float32 else 1e-2)
     if mod.kernel == "fbgemm" and dtype == torch.float32:
-        single = torch.ops.quantized.linear_dynamic(x.reshape(-1, 256), mod._packed, int8.reduce_range())
+        single = torch.ops.quantized.linear_dynamic(x.reshape(-1, 256), mod._packs[0], int8.reduce_range())
         assert _rel(single.reshape(2, rows, 96) + mod.bias, ref) > 5 * _rel(y, ref)
     plain, _ = _layer("int8", dtype=dtype, keep_plain=True)  # the weight-only path (CUDA's)
     assert plain.kernel == "weight-only"

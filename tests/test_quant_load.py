@@ -126,6 +126,27 @@ def test_saved_quantized_checkpoint_reloads_bit_exactly(tmp_path, spm_dir, famil
         assert all(torch.equal(f.get_tensor(k), stored[k]) for k in stored) and set(f.keys()) == set(stored)
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_loading_in_small_blocks_gives_the_same_model(family_dirs, tmp_path, monkeypatch, spec):
+    """Big matrices are quantized and packed in row blocks (one 64-row block at a time here,
+    and int8 packs of 96 rows); the result must not depend on the blocks."""
+    from kaki.quant import load as qload
+
+    _, path = family_dirs["persimmon"]
+    whole = kaki.load(path, dtype="float32", quantize=spec)
+    saved = whole.save(tmp_path / "q")
+    monkeypatch.setattr(qload, "BLOCK_BYTES", 1)  # -> 64 rows per block
+    monkeypatch.setattr(int8, "PACK_ROWS", 96)
+    ids = torch.tensor(random_prompts([9], seed=6))
+    for blocked in (kaki.load(path, dtype="float32", quantize=spec), kaki.load(saved, dtype="float32")):
+        packs = [len(m._packs) for m in blocked.model.modules() if isinstance(m, int8.Int8Linear)]
+        assert spec != "int8" or max(packs) == 4  # the 320-row lm_head: 96 + 96 + 96 + 32
+        a, b = whole.model.state_dict(), blocked.model.state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        with torch.inference_mode():
+            assert torch.equal(whole.model(ids), blocked.model(ids))
+
+
 def test_no_quantize_head_and_stored_format_rules(family_dirs, tmp_path):
     _, path = family_dirs["persimmon"]
     llm = kaki.load(path, dtype="float32", quantize="int8", quantize_head=False)

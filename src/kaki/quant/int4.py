@@ -109,10 +109,15 @@ def cpu_unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def cpu_layout_known() -> bool:
+    """cpu_unpack inverts this PyTorch's packing, and 64-row blocks pack independently."""
     g = torch.Generator().manual_seed(0)
     for n in (112, 48):  # a full block plus a tail; a tail alone
         q = torch.randint(0, 16, (n, 64), generator=g, dtype=torch.uint8)
-        if not torch.equal(cpu_unpack(cpu_pack(q), n, 64), q):
+        whole = cpu_pack(q)
+        if not torch.equal(cpu_unpack(whole, n, 64), q):
+            return False
+        if n > 64 and not torch.equal(torch.cat([cpu_pack(q[:64]).view(-1), cpu_pack(q[64:]).view(-1)]),
+                                      whole.view(-1)):
             return False
     return True
 
@@ -151,31 +156,67 @@ class Int4Linear(nn.Module):
 
     def set_quantized(self, p: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                       keep_plain: bool = False) -> None:
-        N, K = self.out_features, self.in_features
-        if p.shape != (N, K // 2) or p.dtype != torch.uint8:
-            raise ValueError(f"int4 weight must be uint8 {[N, K // 2]}, got {p.dtype} {list(p.shape)}")
-        self.weight, self.weight_scale, self.weight_zero = p.contiguous(), scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
-        self._packed, self._sz, self.kernel = None, None, "dequantize"
+        """Take (plain uint8 [N, K/2], scale, zero) as they are; `keep_plain` skips packing."""
+        self.start(p.device, keep_plain)
+        self.add_rows(p, scale, zero)
+        self.finish()
+
+    def start(self, device: torch.device, keep_plain: bool = False) -> None:
+        """Pick the kernel for `device`; rows follow in order through add_rows (in blocks whose
+        sizes are multiples of 64 but for the last: the CPU packing's row blocks)."""
+        N, K, G = self.out_features, self.in_features, self.in_features // self.group
+        self.weight_scale = torch.empty(N, G, dtype=SCALE_DTYPE, device=device)
+        self.weight_zero = torch.empty(N, G, dtype=SCALE_DTYPE, device=device)
+        self._packed, self._sz, self._filled = None, None, 0
         if keep_plain:
-            return
-        sz = _scales_and_zeros(self.weight_scale, self.weight_zero)
-        if p.device.type == "cuda" and K % 128 == 0 and N % 8 == 0:
+            self.kernel = "dequantize"
+        elif device.type == "cuda" and K % 128 == 0 and N % 8 == 0:
+            self.kernel = "tinygemm"
+        elif device.type == "cpu" and cpu_kernel_ok(N, K, self.group):
+            self.kernel = "int4pack-cpu"
+        else:
+            self.kernel = "dequantize"
+        if self.kernel == "int4pack-cpu":
+            # Packed block by block as rows arrive; the plain copy is kept only if this PyTorch's
+            # packing is one cpu_unpack cannot invert (then saving needs it).
+            self._packed = torch.empty(N, K // 2, dtype=torch.uint8)
+            known = cpu_layout_known()
+            self.weight = torch.empty(0 if known else N, K // 2, dtype=torch.uint8)
+        else:
+            self.weight = torch.empty(N, K // 2, dtype=torch.uint8, device=device)
+
+    def add_rows(self, p: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        N, K = self.out_features, self.in_features
+        a, b = self._filled, self._filled + p.shape[0]
+        if p.dtype != torch.uint8 or p.shape[1:] != (K // 2,) or b > N:
+            raise ValueError(f"int4 weight must be uint8 {[N, K // 2]}; rows {a}..{b} of {p.dtype} "
+                             f"{list(p.shape)} do not fit")
+        if self.kernel == "int4pack-cpu" and a % 64:
+            raise ValueError(f"int4 rows must arrive in blocks of a multiple of 64 rows (block at row {a})")
+        self.weight_scale[a:b], self.weight_zero[a:b] = scale, zero
+        self._filled = b
+        if self.weight.shape[0] == N:
+            self.weight[a:b] = p
+        if self.kernel == "int4pack-cpu":
+            # Whole blocks of rows pack independently into consecutive bytes (see cpu_unpack).
+            self._packed.view(-1)[a * K // 2: b * K // 2] = cpu_pack(unpack(p)).view(-1)
+
+    def finish(self) -> None:
+        if self._filled != self.out_features:
+            raise ValueError(f"int4 layer got {self._filled} of its {self.out_features} rows")
+        if self.kernel in ("tinygemm", "int4pack-cpu"):
+            self._sz = _scales_and_zeros(self.weight_scale, self.weight_zero)
+        if self.kernel == "tinygemm":
             self._packed = torch.ops.aten._convert_weight_to_int4pack(self.weight, 8)  # inner k tiles
-            self._sz, self.kernel = sz, "tinygemm"
-        elif p.device.type == "cpu" and cpu_kernel_ok(N, K, self.group):
-            self._packed = cpu_pack(unpack(self.weight))
-            self._sz, self.kernel = sz, "int4pack-cpu"
-            if cpu_layout_known():  # the packed matrix is then the only copy
-                self.weight = torch.empty(0, dtype=torch.uint8)
 
     def values(self) -> torch.Tensor:
         """The [N, K] codes 0..15, from whichever copy the layer keeps."""
-        if self.kernel == "int4pack-cpu" and self.weight.numel() == 0:
+        if self.weight.shape[0] != self.out_features:
             return cpu_unpack(self._packed, self.out_features, self.in_features)
         return unpack(self.weight)
 
     def plain_weight(self) -> torch.Tensor:
-        return pack(self.values()) if self.weight.numel() == 0 else self.weight
+        return self.weight if self.weight.shape[0] == self.out_features else pack(self.values())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.plain_weight()

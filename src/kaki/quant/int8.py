@@ -35,6 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 QMAX = 127  # symmetric: -128 is never used, so -w and w quantize to opposite values
+# Rows per fbgemm matrix. Packing copies a block twice over (quantized tensor, packed matrix), so
+# blocks bound that transient: 67 MB at Persimmon's 4096 inputs, where one 1.07 GB lm_head
+# packed whole would need 2-3 GB more at the end of a load. Every layer of Persimmon-8B but the
+# lm_head (16 blocks) fits in one.
+PACK_ROWS = 16384
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +102,9 @@ def _prepack(q: torch.Tensor, scale: torch.Tensor, engine: str):
             return torch.ops.quantized.linear_prepack(qw, None)
 
 
-def _two_row_int8(x: torch.Tensor, packed, rowsum: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 -> x @ W.T with ~15-bit activations, through one int8 GEMM of 2M rows."""
+def _two_row_int8(x: torch.Tensor, packs: list, rowsum: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 -> x @ W.T with ~15-bit activations, through one int8 GEMM of 2M rows
+    per packed row block of W."""
     qmax = 127 if reduce_range() else 255
     M, K = x.shape
     lo, hi = torch.aminmax(x)
@@ -113,7 +119,9 @@ def _two_row_int8(x: torch.Tensor, packed, rowsum: torch.Tensor) -> torch.Tensor
     gain = 128.0 if qmax == 255 else 64.0
     center = (lo + hi) / 2
     torch.sub(x, x1, out=r).mul_(gain).add_(center)
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, scale, zero, packed)
+    op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    ys = [op(rows, scale, zero, p) for p in packs]
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
     return torch.add(y[:M], y[M:], alpha=1 / gain).sub_(rowsum, alpha=center / gain)
 
 
@@ -128,8 +136,10 @@ class Int8Linear(nn.Module):
     """A drop-in for nn.Linear with int8 weights. State dict: `weight` (int8 [N, K]),
     `weight_scale` (float32 [N]) and `bias` (model dtype), the layout of a saved checkpoint.
 
-    Built empty (on the meta device when loading), filled by `set_quantized` or `set_float`, then
-    the weight lives in the kernel's own form (fbgemm's packed matrix on CPU: no second copy)."""
+    Built empty (on the meta device when loading), then filled row block by row block (`start`,
+    `add_rows`, `finish`; `set_quantized` does all three): on CPU each block of PACK_ROWS rows
+    goes into fbgemm's packed form as soon as it is complete, so neither a whole unpacked matrix
+    nor a second copy of it ever exists (Persimmon's lm_head alone is 1.07 GB in int8)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -139,38 +149,75 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
         self.kernel = "none"
-        self._packed = None
+        self._packs: list = []  # fbgemm/oneDNN packed matrices, PACK_ROWS rows each
+        self._pack_sizes: list[int] = []
+        self._pending: list[torch.Tensor] = []  # rows not packed yet
         self._rowsum = None
+        self._filled = 0
 
     def set_float(self, w: torch.Tensor, device: torch.device, keep_plain: bool = False) -> None:
         self.set_quantized(*quantize(w.to(device)), keep_plain=keep_plain)
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, keep_plain: bool = False) -> None:
-        """Take (int8 [N, K], scale [N]) as they are and pick the kernel for their device;
-        `keep_plain` skips packing (for converting: the plain tensors are what gets saved)."""
-        if q.shape != (self.out_features, self.in_features) or q.dtype != torch.int8:
-            raise ValueError(f"int8 weight must be int8 {[self.out_features, self.in_features]}, "
-                             f"got {q.dtype} {list(q.shape)}")
-        self.weight_scale = scale.float().contiguous()
-        self.weight = q.contiguous()
-        self._packed = None
-        self.kernel = "weight-only"
-        if keep_plain or q.device.type != "cpu":
+        """Take (int8 [N, K], scale [N]) as they are; `keep_plain` skips packing (for converting:
+        the plain tensors are what gets saved)."""
+        self.start(q.device, keep_plain)
+        self.add_rows(q, scale)
+        self.finish()
+
+    def start(self, device: torch.device, keep_plain: bool = False) -> None:
+        """Pick the kernel for `device`; rows follow in order through add_rows."""
+        N, K = self.out_features, self.in_features
+        self.kernel = "weight-only" if keep_plain or device.type != "cpu" else cpu_kernel()
+        self.weight_scale = torch.empty(N, dtype=torch.float32, device=device)
+        self._packs, self._pack_sizes, self._pending, self._filled = [], [], [], 0
+        if self.kernel == "weight-only":
+            self.weight = torch.empty(N, K, dtype=torch.int8, device=device)
+        else:
+            self.weight = torch.empty(0, dtype=torch.int8)  # the packed blocks are the only copy
+            self._rowsum = torch.empty(N, dtype=torch.float32)
+
+    def add_rows(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        a, b = self._filled, self._filled + q.shape[0]
+        if q.dtype != torch.int8 or q.shape[1:] != (self.in_features,) or b > self.out_features:
+            raise ValueError(f"int8 weight must be int8 {[self.out_features, self.in_features]}; rows "
+                             f"{a}..{b} of {q.dtype} {list(q.shape)} do not fit")
+        self.weight_scale[a:b] = scale
+        self._filled = b
+        if self.kernel == "weight-only":
+            self.weight[a:b] = q
             return
-        kernel = cpu_kernel()
-        if kernel != "weight-only":
-            try:
-                self._packed = _prepack(self.weight, self.weight_scale, kernel.removesuffix("-8bit"))
-            except (RuntimeError, AttributeError):
-                return  # this PyTorch cannot pack (no fbgemm, or the op is gone): weight-only
-            self.kernel = kernel
-            # Row sums of W, for the residual rows' centring (see _two_row_int8).
-            self._rowsum = q.float().sum(dim=1).mul_(self.weight_scale)
-            # The packed matrix is the only copy; the buffer keeps its shape for state_dict.
-            self.weight = torch.empty(0, dtype=torch.int8)
+        self._rowsum[a:b] = q.float().sum(dim=1).mul_(self.weight_scale[a:b])  # see _two_row_int8
+        self._pending.append(q)
+        while sum(len(p) for p in self._pending) >= PACK_ROWS:
+            self._pack(PACK_ROWS)
+
+    def finish(self) -> None:
+        if self._filled != self.out_features:
+            raise ValueError(f"int8 layer got {self._filled} of its {self.out_features} rows")
+        if self._pending:
+            self._pack(sum(len(p) for p in self._pending))
+
+    def _pack(self, n: int) -> None:
+        block = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        head, rest = block[:n], block[n:]
+        self._pending = [rest] if len(rest) else []
+        a = sum(self._pack_sizes)
+        try:
+            self._packs.append(_prepack(head.contiguous(), self.weight_scale[a:a + n], self.kernel.removesuffix("-8bit")))
+        except (RuntimeError, AttributeError):
+            # This PyTorch cannot pack (no fbgemm, or the op is gone): weight-only from here.
+            done = torch.cat([_unpack(p) for p in self._packs] + [block]) if self._packs else block
+            self.kernel, self._packs, self._pack_sizes, self._pending = "weight-only", [], [], []
+            self.weight = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+            self.weight[:a + len(block)] = done
+            return
+        self._pack_sizes.append(n)
 
     def int8_weight(self) -> torch.Tensor:
-        return _unpack(self._packed) if self._packed is not None else self.weight
+        if self._packs:
+            return torch.cat([_unpack(p) for p in self._packs])
+        return self.weight
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.int8_weight()
@@ -182,11 +229,14 @@ class Int8Linear(nn.Module):
         return dequantize(self.int8_weight(), self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.out_features)
         if self.kernel == "fbgemm":
+            y = _two_row_int8(x.reshape(-1, self.in_features).float(), self._packs, self._rowsum)
+            y = y.reshape(shape).to(x.dtype)
+        elif self._packs:  # fbgemm-8bit, onednn: the dynamic op as it is (8-bit activations)
             x2 = x.reshape(-1, self.in_features).float()
-            y = _two_row_int8(x2, self._packed, self._rowsum).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        elif self._packed is not None:  # fbgemm-8bit, onednn: the dynamic op as it is (8-bit activations)
-            y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, reduce_range()).to(x.dtype)
+            ys = [torch.ops.quantized.linear_dynamic(x2, p, reduce_range()) for p in self._packs]
+            y = torch.cat(ys, dim=1).reshape(shape).to(x.dtype)
         else:
             # gpt-fast's weight-only form: the scale applies per output, after the product.
             y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)

@@ -127,11 +127,12 @@ def prepare(cfg: ModelConfig, sources: dict[str, TensorSource], quantize: QuantS
 
 class Placer:
     """assign_weights' hook: takes the tensors of quantized layers (float weights to quantize,
-    or stored codes and scales) and leaves everything else to the default path."""
+    or stored codes and scales) and leaves everything else to the default path. Both arrive in
+    blocks of rows, which the layers pack as they come (see Int8Linear/Int4Linear.start)."""
 
     def __init__(self, spec: QuantSpec, keep_plain: bool = False):
         self.spec, self.keep_plain = spec, keep_plain
-        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.pending: dict[str, dict[str, TensorSource]] = {}
 
     def __call__(self, model: nn.Module, key: str, source: TensorSource, device: torch.device) -> bool:
         mod_name, _, name = key.rpartition(".")
@@ -139,28 +140,26 @@ class Placer:
         if not isinstance(mod, QuantLinear) or name == "bias":
             return False
         if name == "weight" and source.dtype is not None and source.dtype.is_floating_point:
-            self._quantize(mod, source, device)
+            self._fill(mod, device, lambda a, b: mod_quantize(mod, source.rows(a, b).to(device)))
             return True
         parts = self.pending.setdefault(mod_name, {})
-        parts[name] = source.load().to(device)
+        parts[name] = source
         need = ("weight", "weight_scale") + (("weight_zero",) if isinstance(mod, int4.Int4Linear) else ())
         if all(n in parts for n in need):
             del self.pending[mod_name]
-            mod.set_quantized(*(parts[n] for n in need), keep_plain=self.keep_plain)
+            small = [parts[n].load().to(device) for n in need[1:]]  # scales: [N] or [N, K/group]
+            self._fill(mod, device, lambda a, b: (parts["weight"].rows(a, b).to(device), *(t[a:b] for t in small)))
         return True
 
-    def _quantize(self, mod, source: TensorSource, device: torch.device) -> None:
-        N, K = source.shape
-        step = max(1, BLOCK_BYTES // (4 * K))
-        out = None
+    def _fill(self, mod, device: torch.device, rows) -> None:
+        """Hand `mod` its rows block by block: `rows(a, b)` gives the quantized tensors of rows
+        a..b. Blocks hold ~BLOCK_BYTES of float32 and a multiple of 64 rows."""
+        N, K = mod.out_features, mod.in_features
+        step = max(64, BLOCK_BYTES // (4 * K) // 64 * 64)
+        mod.start(device, self.keep_plain)
         for a in range(0, N, step):
-            b = min(a + step, N)
-            parts = mod_quantize(mod, source.rows(a, b).to(device))
-            if out is None:  # filled in place: no second copy of the quantized matrix
-                out = [torch.empty((N, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
-            for o, p in zip(out, parts):
-                o[a:b] = p
-        mod.set_quantized(*out, keep_plain=self.keep_plain)
+            mod.add_rows(*rows(a, min(a + step, N)))
+        mod.finish()
         release_freed_memory()
 
     def finish(self) -> None:
