@@ -19,7 +19,7 @@ if [ "$SMOKE" = 1 ]; then
   WORK=${KAKI_WORK:-$(mktemp -d)}
   SRC=$ROOT/data/smoke
   OUT=${KAKI_OUT:-$WORK/kaki-tiny}
-  VOCAB=600; PT_STEPS=4; PT_STOP=4; CHAT_STEPS=3; SEQ=128; BATCH=2; EVAL_LIMIT=4
+  VOCAB=600; PT_STEPS=4; PT_STOP=4; CHAT_STEPS=3; SEQ=128; CHAT_SEQ=128; BATCH=2; EVAL_LIMIT=4
   CONFIG=$WORK/smoke.config.json
   mkdir -p "$WORK"
   # The same architecture, shrunk so the smoke run takes seconds.
@@ -33,10 +33,11 @@ else
   WORK=${KAKI_WORK:-$ROOT/work/kaki-tiny}
   SRC=${KAKI_DOCS:-/usr/share/doc/python3.11/html/_sources}
   OUT=${KAKI_OUT:-$ROOT/models/kaki-tiny}
-  VOCAB=8192; CHAT_STEPS=${CHAT_STEPS:-200}
+  VOCAB=8192; CHAT_STEPS=${CHAT_STEPS:-300}
   # The shipped model's pretraining ran the first 300 steps of a 500-step cosine schedule (the
   # session that trained it had the 2 cores shared with other work); PT_STOP=500 runs it all.
   PT_STEPS=${PT_STEPS:-500}; PT_STOP=${PT_STOP:-300}; SEQ=1024; BATCH=8; EVAL_LIMIT=0
+  CHAT_SEQ=512  # 97% of the chat examples (passages included) fit in 512 tokens
   CONFIG=$ROOT/recipes/kaki-tiny.config.json
   if [ ! -d "$SRC" ]; then
     echo "kaki-tiny: $SRC not found; install the corpus with: apt-get install -y python3.11-doc" >&2
@@ -46,7 +47,7 @@ fi
 mkdir -p "$WORK"
 # bf16 autocast halves training time on CPUs with native bf16 (AVX512-BF16/AMX); fp32 elsewhere.
 PRECISION=$("$PY" -c "from kaki.kernels import cpu_has_fast_bf16 as f; print('bf16' if f() else 'fp32')")
-COMMON=(--seq-len "$SEQ" --batch-size "$BATCH" --precision "$PRECISION" --save-every 100 --keep-last 2)
+COMMON=(--batch-size "$BATCH" --precision "$PRECISION" --save-every 100 --keep-last 2)
 [ "$SMOKE" = 1 ] && COMMON+=(--no-progress)
 log() { echo "[kaki-tiny $(date +%H:%M:%S)] $*"; }
 resume_flag() { if [ -d "$1/checkpoints" ]; then echo --resume; fi; }
@@ -68,7 +69,8 @@ log "3/6 pretraining ($PT_STOP of $PT_STEPS scheduled steps, $PRECISION)"
 if [ ! -f "$WORK/pretrain/model.safetensors" ]; then
   "${KAKI[@]}" train --init-from-config "$CONFIG" --tokenizer "$WORK/tokenizer" \
     --data "$WORK/data/pretrain.jsonl" --out "$WORK/pretrain" --max-steps "$PT_STEPS" --stop-at-step "$PT_STOP" \
-    --lr 2e-3 --warmup-steps $((PT_STEPS / 20 + 1)) --eval-every 100 "${COMMON[@]}" $(resume_flag "$WORK/pretrain")
+    --lr 2e-3 --warmup-steps $((PT_STEPS / 20 + 1)) --eval-every 100 --seq-len "$SEQ" "${COMMON[@]}" \
+    $(resume_flag "$WORK/pretrain")
 fi
 
 log "4/6 chat tuning ($CHAT_STEPS steps; loss on replies only)"
@@ -76,7 +78,7 @@ if [ ! -f "$WORK/chat/model.safetensors" ]; then
   # Some pretraining text stays in the mix so the model keeps its general docs knowledge.
   "${KAKI[@]}" train --model "$WORK/pretrain" --data "$WORK/data/chat.jsonl:4,$WORK/data/pretrain.jsonl:1" \
     --out "$WORK/chat" --max-steps "$CHAT_STEPS" --lr 1e-3 --warmup-steps $((CHAT_STEPS / 20 + 1)) \
-    --eval-every 100 "${COMMON[@]}" $(resume_flag "$WORK/chat")
+    --eval-every 100 --seq-len "$CHAT_SEQ" "${COMMON[@]}" $(resume_flag "$WORK/chat")
 fi
 
 log "5/6 export bf16 to $OUT"
