@@ -9,9 +9,9 @@ from kaki.errors import CheckpointError, KakiError
 
 FORMATS = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels (CPU and CUDA tinygemm) accept
-# Group 64: on kaki-tiny, 32 and 64 gave the same perplexity within noise while 128 lost more, and
-# 64 carries half of 32's scale/zero overhead (0.5 instead of 1 bit per weight); the CPU kernel
-# runs 64 and 128 at the same speed, 32 ~10% slower (docs/quantization.md has the numbers).
+# Group 64: on kaki-tiny's eval set 32 and 64 raise perplexity equally (+0.44%), 128 more (+0.77%);
+# 64 spends half of 32's bits on scales and zeros (0.5 instead of 1 per weight), and the CPU kernel
+# runs 64 ~10% faster than 32 (docs/quantization.md has the numbers).
 DEFAULT_INT4_GROUP = 64
 QUANT_METHOD = "kaki"
 
