@@ -196,7 +196,10 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Built empty: every path fills it (a checkpoint, or the trainer's init), and nn.Embedding's
+        # own normal_ init costs each process a ~1 s import of torch._dynamo.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.final_layernorm = make_norm(cfg, cfg.hidden_size)
 
