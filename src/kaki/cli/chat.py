@@ -40,6 +40,10 @@ def run(args) -> int:
                         "checkout; build it with recipes/kaki-tiny.sh, or pass --model DIR")
     interactive = sys.stdin.isatty()
     if interactive:
+        # A shell started from a non-interactive parent's background job inherits SIGINT ignored,
+        # and Python then never raises KeyboardInterrupt: Ctrl-C must stop replies here anyway.
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print(f"[loading {args.model or default_model()} ...]", file=sys.stderr, flush=True)
     llm = load_from_args(args)
     fmt = format_for_llm(llm, args.chat_format)
