@@ -145,6 +145,17 @@ def test_stream_holds_a_character_split_over_byte_tokens(spm_tok, spm_ref):
     assert "".join(pieces) == "a😀b"
 
 
+def test_ids_past_the_sentencepiece_vocabulary_decode_to_nothing(spm_tok, spm_ref):
+    # A padded embedding (Adept's release pads to a multiple of 128) lets a model sample ids the
+    # tokenizer has no piece for; decoding and streaming them must not raise.
+    n = spm_ref.get_piece_size()
+    ids = spm_tok.encode("hello world", add_bos=False)
+    assert spm_tok.decode(ids[:1] + [n, n + 5] + ids[1:]) == spm_tok.decode(ids)
+    assert spm_tok.id_to_piece(n) == ""
+    _, pieces = _stream(spm_tok, ids + [n + 1])
+    assert "".join(pieces) == spm_tok.decode(ids)
+
+
 # ----------------------------------------------------------------------------- stop strings
 
 STOP_TEXT = "The man said two words, then three more words."

@@ -58,12 +58,16 @@ class Tokenizer:
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         if self.kind == "sentencepiece":
-            return self.backend.decode(ids)
+            # Checkpoints pad the embedding past the tokenizer (Adept's release: to a multiple of
+            # 128); a model may still sample those rows. They carry no text, and sentencepiece
+            # raises IndexError on them, so they are dropped as tokenizers' decode drops them.
+            n = self.backend.get_piece_size()
+            return self.backend.decode([i for i in ids if 0 <= i < n])
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_piece(self, i: int) -> str:
         if self.kind == "sentencepiece":
-            return self.backend.id_to_piece(i)
+            return self.backend.id_to_piece(i) if 0 <= i < self.backend.get_piece_size() else ""
         return self.backend.id_to_token(i) or ""
 
     def token_to_id(self, token: str) -> int | None:
