@@ -129,17 +129,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def save_model_dir(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-                   dtype: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
+                   dtype: str | None = None, extra_files: dict[str, str] | None = None,
+                   config: ModelConfig | None = None, rename_key=None) -> Path:
+    """config: what config.json says (default model.config); rename_key: a last rename of each
+    weight's checkpoint name (a classification head's, kaki.heads)."""
     import json
     import shutil
 
     from kaki.checkpoint import save_weights, state_for_checkpoint, write_atomically
 
     target = DTYPES[dtype] if dtype else None
-    cfg = model.config
+    cfg = config or model.config
 
     def write(tmp: Path) -> None:
         state = state_for_checkpoint(model)
+        if rename_key is not None:
+            state = {rename_key(k): v for k, v in state.items()}
         if target is not None:
             from kaki.quant import exact_keys
             keep = exact_keys(model)  # quantization scales are part of the format, never recast

@@ -11,7 +11,7 @@ from kaki.errors import KakiError
 # Modules that define a subcommand; each adds its parser and sets `func`.
 COMMANDS = ["kaki.cli.generate", "kaki.cli.info", "kaki.cli.train_tokenizer", "kaki.cli.train", "kaki.cli.convert",
             "kaki.cli.merge_lora", "kaki.cli.eval", "kaki.cli.serve",
-            "kaki.cli.chat", "kaki.cli.index"]
+            "kaki.cli.chat", "kaki.cli.index", "kaki.cli.classify"]
 
 
 class Parser(argparse.ArgumentParser):
