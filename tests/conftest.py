@@ -29,7 +29,7 @@ def family_dirs(tmp_path_factory, spm_dir):
     """One default tiny model directory per family, shared by tests that only read it:
     {family: (hf_model, path)}."""
     out = {}
-    for family in ("persimmon", "gpt_neox", "llama"):
+    for family in ("persimmon", "gpt_neox", "llama", "gptj"):
         out[family] = hf_model_dir(family, tmp_path_factory.mktemp(family), spm_dir)
     return out
 

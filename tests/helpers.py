@@ -19,6 +19,8 @@ FAMILY_CONFIGS = {
                      max_position_embeddings=256, vocab_size=320, rotary_pct=0.25, use_parallel_residual=True),
     "llama": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, vocab_size=320),
+    # rotary_dim 8 of head_dim 16: partial interleaved rotary, as GPT-J-6B's 64 of 256.
+    "gptj": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=320, rotary_dim=8),
 }
 FAMILIES = list(FAMILY_CONFIGS)
 PAD, BOS, EOS = 0, 1, 2
@@ -27,7 +29,8 @@ PAD, BOS, EOS = 0, 1, 2
 def hf_config(family: str, **overrides):
     import transformers as T
 
-    cls = {"persimmon": T.PersimmonConfig, "gpt_neox": T.GPTNeoXConfig, "llama": T.LlamaConfig}[family]
+    cls = {"persimmon": T.PersimmonConfig, "gpt_neox": T.GPTNeoXConfig, "llama": T.LlamaConfig,
+           "gptj": T.GPTJConfig}[family]
     kw = dict(FAMILY_CONFIGS[family], bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
               initializer_range=0.2)
     kw.update(overrides)
@@ -44,7 +47,7 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or "layernorm" in name:
+            if "norm" in name or ".ln_" in name:  # GPT-J's norms are ln_1 and ln_f
                 p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))

@@ -17,7 +17,7 @@ from kaki.errors import CheckpointError, KakiError
 
 from helpers import copy_tokenizer, generate_positions, hf_model_dir, left_pad, random_prompts
 
-FAMILIES = ["persimmon", "gpt_neox", "llama"]
+FAMILIES = ["persimmon", "gpt_neox", "llama", "gptj"]
 # Non-default flags, so a save that dropped one of them would show in the logits.
 SAVE_CASES = [
     ("persimmon", {"partial_rotary_factor": 1.0, "rope_theta": 5000.0}),
@@ -28,6 +28,8 @@ SAVE_CASES = [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    ("gptj", {"rotary_dim": 16, "n_inner": 160}),
+    ("gptj", {"tie_word_embeddings": True}),
 ]
 
 
@@ -278,7 +280,7 @@ def test_unknown_model_type(tmp_path, family_dirs):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "mamba"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"'mamba' is not supported; kaki runs gpt_neox, llama, persimmon"):
+    with pytest.raises(CheckpointError, match=r"'mamba' is not supported; kaki runs gpt_neox, gptj, llama, persimmon"):
         read_config(tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""kaki's one model against transformers' three, loaded through kaki's production loader.
+"""kaki's one model against transformers' four, loaded through kaki's production loader.
 
 Every case is a tiny random transformers model saved to disk and read back by `kaki.load`; the
 reference is the same directory run by transformers with the inputs its `generate` builds:
@@ -33,6 +33,9 @@ CASES = [
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
     ("llama", {"tie_word_embeddings": True}),  # Llama 3.2 1B/3B
+    ("gptj", {}),  # interleaved rotary on 8 of 16 dims, one shared LayerNorm, lm_head bias
+    ("gptj", {"rotary_dim": 16}),
+    ("gptj", {"n_inner": 160}),
 ]
 IDS = [f"{f}-" + ("-".join(f"{k}={v if not isinstance(v, dict) else v['rope_type']}" for k, v in o.items())
                   or "default") for f, o in CASES]
@@ -107,7 +110,7 @@ BF16_ULPS = 4
 
 
 BF16_CASES = [("persimmon", {}), ("gpt_neox", {}), ("gpt_neox", {"use_parallel_residual": False}),
-              ("llama", {"num_key_value_heads": 1})]
+              ("llama", {"num_key_value_heads": 1}), ("gptj", {})]
 
 
 @pytest.mark.parametrize("family,overrides", BF16_CASES,
@@ -153,7 +156,7 @@ def _hf_steps_forced(hf, ids, mask, tokens):
     return prefill, steps, tokens
 
 
-@pytest.mark.parametrize("family", ["persimmon", "gpt_neox", "llama"])
+@pytest.mark.parametrize("family", ["persimmon", "gpt_neox", "llama", "gptj"])
 def test_cached_decoding_equals_full_recomputation(family_dirs, family):
     """Prefill + one-token cached steps give the logits a single uncached forward over the whole
     sequence gives (different GEMM shapes, so equal up to fp32 rounding, not bit for bit)."""
@@ -185,7 +188,7 @@ def test_cached_decoding_equals_full_recomputation(family_dirs, family):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("family", ["persimmon", "gpt_neox", "llama"])
+@pytest.mark.parametrize("family", ["persimmon", "gpt_neox", "llama", "gptj"])
 def test_cuda_matches_transformers_on_cuda(tmp_path, spm_dir, family, dtype):
     """The same comparison on a GPU, both sides on CUDA. GPU attention kernels reduce in a
     different order than CPU ones, so fp32 is held to 1e-4 rather than 1e-5; bf16 to the ulp

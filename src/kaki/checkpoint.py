@@ -41,9 +41,19 @@ WEIGHT_NAMES: dict[str, list[tuple[str, str]]] = {
         ("model.layers.{n}.mlp.down_proj.", "model.layers.{n}.mlp.dense_4h_to_h."),
         ("model.norm.", "model.final_layernorm."),
     ],
+    "gptj": [
+        ("transformer.wte.", "model.embed_tokens."),
+        ("transformer.h.{n}.ln_1.", "model.layers.{n}.input_layernorm."),
+        ("transformer.h.{n}.attn.out_proj.", "model.layers.{n}.self_attn.dense."),
+        ("transformer.h.{n}.attn.", "model.layers.{n}.self_attn."),
+        ("transformer.h.{n}.mlp.fc_in.", "model.layers.{n}.mlp.dense_h_to_4h."),
+        ("transformer.h.{n}.mlp.fc_out.", "model.layers.{n}.mlp.dense_4h_to_h."),
+        ("transformer.ln_f.", "model.final_layernorm."),
+    ],
 }
-# Buffers older exports saved that carry no learned weights (recomputed or constant).
-IGNORED = re.compile(r"(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
+# Buffers older exports saved that carry no learned weights (recomputed or constant): rotary
+# frequencies, and NeoX's and GPT-J's causal-mask buffers (`attention.bias`, `attn.bias`).
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|\b(attention|attn)\.(masked_)?bias)$")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,7 +1,8 @@
 """The model configuration: one dataclass for every family, read from a checkpoint's config.json.
 
-Field names follow transformers' config.json. The three families differ only in the values of
-a few flags (norm kind, activation, residual layout, rotary fraction, q/k norm, biases, KV heads);
+Field names follow transformers' config.json. The families (Persimmon, GPT-NeoX, Llama, GPT-J)
+differ only in the values of a few flags (norm kind, activation, residual layout, rotary fraction
+and layout, q/k norm, biases, KV heads);
 `FAMILIES` says, as data, where each family keeps them and what they default to.
 """
 
@@ -45,12 +46,19 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # the dtype the checkpoint's weights are stored in
     initializer_range: float = 0.02
+    # GPT-J's flags, off for the other families:
+    shared_layernorm: bool = False  # parallel residual with one norm: x + attn(ln1(x)) + mlp(ln1(x))
+    rotary_interleaved: bool = False  # rotate pairs (x0, x1), (x2, x3)... instead of NeoX's halves
+    rotary_dim: int | None = None  # rotated dims per head as a count; wins over partial_rotary_factor
+    lm_head_bias: bool = False
     # Keys of the original config.json kaki does not model (architectures, id2label, ...):
     # written back unchanged on save so a round trip loses nothing.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def rotary_ndims(self) -> int:
+        if self.rotary_dim is not None:
+            return self.rotary_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
@@ -72,9 +80,11 @@ class ModelConfig:
         mlp = (3 if self.gated_mlp else 2) * h * i
         if self.mlp_bias:
             mlp += (2 if self.gated_mlp else 1) * i + h
-        layer = attn + mlp + 2 * norm
+        layer = attn + mlp + (1 if self.shared_layernorm else 2) * norm
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        if self.lm_head_bias:
+            head += self.vocab_size
         return embed + L * layer + norm + head
 
     @classmethod
@@ -120,6 +130,9 @@ class ModelConfig:
                 used.add(key)
         if values.get("head_dim") is None:
             values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+        if values.get("intermediate_size") is None and values.get("hidden_size") is not None:
+            # GPT-J's n_inner: null (its default) means the GPT-2 convention of 4 * n_embd.
+            values["intermediate_size"] = 4 * values["hidden_size"]
         if values.get("num_key_value_heads") is None:
             values["num_key_value_heads"] = values["num_attention_heads"]
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -219,6 +232,29 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
         "fixed": {"rms_norm": True, "qk_layernorm": False, "partial_rotary_factor": 1.0,
                   "use_parallel_residual": False, "gated_mlp": True, "fused_qkv": False},
+    },
+    "gptj": {
+        "architecture": "GPTJForCausalLM",
+        "keys": {
+            "vocab_size": (["vocab_size"], 50400),
+            "hidden_size": (["n_embd", "hidden_size"], 4096),
+            "intermediate_size": (["n_inner"], None),
+            "num_hidden_layers": (["n_layer", "num_hidden_layers"], 28),
+            "num_attention_heads": (["n_head", "num_attention_heads"], 16),
+            "max_position_embeddings": (["n_positions", "max_position_embeddings"], 2048),
+            "hidden_act": (["activation_function"], "gelu_new"),
+            "layer_norm_eps": (["layer_norm_epsilon"], 1e-5),
+            # A count of dims, not a fraction: GPT-J-6B rotates 64 of each head's 256.
+            "rotary_dim": (["rotary_dim"], 64),
+            "tie_word_embeddings": (["tie_word_embeddings"], False),
+        },
+        # transformers' GPT-J hard-codes rope base 10000 and has no bias on q/k/v/out_proj, but
+        # has one on fc_in/fc_out and the lm_head.
+        "fixed": {"num_key_value_heads": None, "head_dim": None, "rms_norm": False,
+                  "qk_layernorm": False, "partial_rotary_factor": 1.0, "rope_theta": 10000.0,
+                  "rope_scaling": None, "use_parallel_residual": True, "shared_layernorm": True,
+                  "rotary_interleaved": True, "lm_head_bias": True, "attention_bias": False,
+                  "mlp_bias": True, "gated_mlp": False, "fused_qkv": False},
     },
 }
 

@@ -1,4 +1,4 @@
-"""One decoder-only transformer for Persimmon, GPT-NeoX/Pythia and Llama, set by a ModelConfig.
+"""One decoder-only transformer for Persimmon, GPT-NeoX/Pythia, Llama and GPT-J, set by a ModelConfig.
 
 Parameter names are Persimmon's as transformers publishes them (`model.layers.N.self_attn.
 query_key_value`), so a Persimmon checkpoint loads with no renaming; other families go through the
@@ -22,10 +22,16 @@ def relu2(x: torch.Tensor) -> torch.Tensor:
     return torch.square(F.relu(x))
 
 
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2/GPT-J's tanh GELU spelled out as transformers spells it: F.gelu(approximate="tanh")
+    is the same function but rounds differently (~1e-6 in fp32 logits, more in bf16)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 ACTIVATIONS = {
     "relu2": relu2,
     "gelu": F.gelu,  # exact erf gelu, as NeoX's "gelu"
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": gelu_new,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
@@ -118,6 +124,7 @@ class Attention(nn.Module):
             self.q_layernorm = nn.LayerNorm(self.head_dim, eps=cfg.layer_norm_eps)
             self.k_layernorm = nn.LayerNorm(self.head_dim, eps=cfg.layer_norm_eps)
         self.qk_norm = cfg.qk_layernorm
+        self.rotate = rotate_every_two if cfg.rotary_interleaved else rotate_half
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask, causal: bool):
@@ -133,7 +140,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-        q, k = apply_rotary(q, cos, sin, self.rot), apply_rotary(k, cos, sin, self.rot)
+        q = apply_rotary(q, cos, sin, self.rot, self.rotate)
+        k = apply_rotary(k, cos, sin, self.rot, self.rotate)
         if cache is not None:
             start = cache.length
             cache.k[layer, :, :, start:start + S] = k
@@ -146,16 +154,25 @@ class Attention(nn.Module):
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """NeoX layout: dim i pairs with dim i + R/2."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
-    """NeoX half-split rotary on the first `rot` dims of each head; the rest pass through."""
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J layout: dim 2j pairs with dim 2j + 1; (x0, x1, ...) -> (-x1, x0, -x3, x2, ...)."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., R/2, 2)
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (..., R)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int,
+                 rotate=rotate_half) -> torch.Tensor:
+    """Rotary on the first `rot` dims of each head; the rest pass through. `rotate` picks the
+    pairing, and cos/sin must be laid out to match (see CausalLM.rotary)."""
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)
 
 
 class MLP(nn.Module):
@@ -179,16 +196,21 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        # GPT-J has no second norm: its MLP reads the attention's normalised input.
+        self.shared_norm = cfg.shared_layernorm
+        if not self.shared_norm:
+            self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
         self.parallel = cfg.use_parallel_residual
         self.index = index
 
     def forward(self, x, cos, sin, cache, mask, causal):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, self.index, cache, mask, causal)
+        h = self.input_layernorm(x)
+        attn = self.self_attn(h, cos, sin, self.index, cache, mask, causal)
         if self.parallel:
-            # NeoX sums as mlp + attn + residual; the grouping matters for bit-equality.
-            return self.mlp(self.post_attention_layernorm(x)) + attn + x
+            # NeoX sums as mlp + attn + residual, GPT-J as attn + mlp + residual: one addition
+            # commutes exactly, but the residual must come last for bit-equality.
+            return self.mlp(h if self.shared_norm else self.post_attention_layernorm(x)) + attn + x
         x = x + attn
         return self.mlp(self.post_attention_layernorm(x)) + x
 
@@ -212,7 +234,7 @@ class CausalLM(nn.Module):
                                   f"{', '.join(ACTIVATIONS)}")
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -236,7 +258,11 @@ class CausalLM(nn.Module):
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions[..., None].float() * self.inv_freq(positions.device)  # (B, S, R/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        # Each angle serves one pair of dims: (j, j + R/2) in NeoX's layout, (2j, 2j + 1) in GPT-J's.
+        if self.config.rotary_interleaved:
+            emb = freqs.repeat_interleave(2, dim=-1)  # (B, S, R)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, R)
         # Rounded to the model dtype before use, as transformers does.
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, S, R)
 

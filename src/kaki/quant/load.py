@@ -195,8 +195,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     if cfg.extra.get("quantization_config") is not None:
         raise KakiError("this model is already quantized")
     if cfg.tie_word_embeddings and spec.head:
-        head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=model.lm_head.weight.device)
-        head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+        old_head = model.lm_head
+        head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=old_head.weight.device)
+        head.weight = nn.Parameter(old_head.weight.detach().clone(), requires_grad=False)
+        head.bias = old_head.bias  # GPT-J's head has one; only the weight was tied
         model.lm_head = head
         cfg = cfg.replace(tie_word_embeddings=False)
     names = target_modules(model, spec)
