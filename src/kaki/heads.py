@@ -71,6 +71,7 @@ class ClassifierModel(CausalLM):
         bias = task == TOKEN and cfg.extra.get("token_classification_bias", True)
         self.score = Linear(cfg.hidden_size, num_labels, bias=bool(bias))
         self.dropout = nn.Dropout(token_dropout(cfg.extra) if task == TOKEN else 0.0)
+        self.trained_whole = (HEAD,)  # LoRA training adapts the decoder; the head trains whole
 
     def forward(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Sequence task: pooled logits (B, num_labels); token task: logits (B, S, num_labels).

@@ -11,7 +11,12 @@ examples:
   kaki train --config train.yaml --resume
   torchrun --nproc-per-node 2 -m kaki train --model DIR --data d.jsonl --out runs/ddp [--fsdp]
 multi-node: torchrun --nnodes N --node-rank I --rdzv-endpoint HOST:PORT --nproc-per-node G -m kaki train ...
+  kaki train --task sequence-classification --model DIR --data labelled.jsonl --out runs/clf [--lora]
+  kaki train --task token-classification --model DIR --data tagged.jsonl --out runs/ner
 data: JSONL, {"text": ...} or {"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}
+classification data: {"text": ..., "label": NAME | ID | 0.7 (regression) | [NAMES] (multi-label)} or
+  {"tokens": [words], "labels": [one per word]}; --labels a,b,c fixes the label order. The output
+  is a transformers *ForSequenceClassification / *ForTokenClassification directory (kaki classify).
 global batch = --batch-size x --grad-accum x processes sequences of --seq-len tokens.
 """
 

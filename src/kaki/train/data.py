@@ -100,8 +100,10 @@ def check_record(rec) -> str | None:
     return None
 
 
-def read_records(path: Path, bad: BadLines, strict: bool) -> list[tuple[int, dict]]:
-    """(line number, record) for every usable line; bad lines go to `bad` (or raise if strict)."""
+def read_records(path: Path, bad: BadLines, strict: bool,
+                 check: Callable[[object], str | None] = check_record) -> list[tuple[int, dict]]:
+    """(line number, record) for every usable line; bad lines (`check` says why) go to `bad`
+    (or raise if strict)."""
     if not path.is_file():
         raise KakiError(f"data file {path} does not exist")
     out = []
@@ -119,7 +121,7 @@ def read_records(path: Path, bad: BadLines, strict: bool) -> list[tuple[int, dic
                 continue
             try:
                 rec = json.loads(line)
-                problem = check_record(rec)
+                problem = check(rec)
             except json.JSONDecodeError as e:
                 problem = f"invalid JSON ({e.msg} at column {e.colno})"
             if problem is not None:

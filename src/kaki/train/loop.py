@@ -102,12 +102,14 @@ class Trainer:
         self.log = logger
 
     # ------------------------------------------------------------------ setup
-    def build(self) -> None:
+    def read_sources(self):
+        """The model's config and tokenizer (from --model, or --init-from-config and --tokenizer),
+        and the precision to train in."""
         from kaki.config import read_config
         from kaki.llm import resolve_model_path
         from kaki.tokenizer import Tokenizer
 
-        o, d = self.o, self.d
+        o = self.o
         if o.init_from_config:
             self.tokenizer_dir = Path(o.tokenizer)
             self.tok = Tokenizer.from_dir(self.tokenizer_dir)
@@ -119,6 +121,11 @@ class Trainer:
             self.tok = Tokenizer.from_dir(self.tokenizer_dir, cfg)
         self.cfg = cfg
         self.precision = self.pick_precision()
+        return cfg
+
+    def build(self) -> None:
+        o, d = self.o, self.d
+        cfg = self.read_sources()
         self.resume_from = ckpt.latest_checkpoint(self.out) if o.resume else None
         if o.resume and self.resume_from is None:
             self.log.info(f"--resume: no checkpoint in {self.out / ckpt.CHECKPOINTS}; starting fresh")
@@ -188,6 +195,12 @@ class Trainer:
             model = model.to(d.device)
         else:
             model = load_model(self.model_dir, cfg, torch.float32, d.device)
+        self.adapt(model)
+
+    def adapt(self, model) -> None:
+        """What trains (everything, or LoRA adapters plus the modules the model names in
+        `trained_whole`, peft's modules_to_save), then the DDP/FSDP wrapper."""
+        o, d, cfg = self.o, self.d, self.cfg
         model.train()
         if o.lora:
             from kaki.train.lora import apply_lora
@@ -195,6 +208,8 @@ class Trainer:
                 p.requires_grad_(False)
             apply_lora(model, r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
                        targets=[t.strip() for t in o.lora_targets.split(",") if t.strip()])
+            for name in getattr(model, "trained_whole", ()):
+                model.get_submodule(name).requires_grad_(True)
             if self.resume_from is not None:
                 from kaki.train.lora import load_adapter_weights
                 load_adapter_weights(model, self.resume_from)
@@ -267,10 +282,18 @@ class Trainer:
         with self.autocast():
             return token_loss_sum(self.fwd, inputs.to(self.d.device), targets.to(self.d.device))
 
+    def draw_global(self) -> tuple[list, int]:
+        """The global batch's samples and how many loss terms (trained targets) they hold."""
+        samples = [self.data.train.draw() for _ in range(self.global_batch)]
+        return samples, sum(int(t[1:].sum()) for _, t in samples)
+
+    def micro_loss(self, samples: list) -> torch.Tensor:
+        """Summed loss of one micro-batch."""
+        return self.loss_sum(*collate(samples, self.pad_id))
+
     def train_step(self) -> tuple[float, float, int]:
         o, d = self.o, self.d
-        samples = [self.data.train.draw() for _ in range(self.global_batch)]
-        count = sum(int(t[1:].sum()) for _, t in samples)  # trained targets in the global batch
+        samples, count = self.draw_global()
         per_rank = o.batch_size * o.grad_accum
         mine = samples[d.rank * per_rank:(d.rank + 1) * per_rank]
         lr = lr_at(self.step, lr=o.lr, total=self.total, warmup=self.warmup, schedule=o.schedule,
@@ -279,19 +302,26 @@ class Trainer:
             g["lr"] = lr
         total = 0.0
         for m in range(o.grad_accum):
-            inputs, targets = collate(mine[m * o.batch_size:(m + 1) * o.batch_size], self.pad_id)
             sync = m == o.grad_accum - 1 or not d.distributed or self.sharded
             ctx = self.fwd.no_sync() if not sync else nullcontext()
             with ctx:
-                s = self.loss_sum(inputs, targets)
+                s = self.micro_loss(mine[m * o.batch_size:(m + 1) * o.batch_size])
                 loss = s * (d.world / max(count, 1))
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(s.detach())
+        norm = self.optimizer_step()
+        (total,) = all_reduce_sum([total], d)
+        self.step += 1
+        self.tokens_seen += self.global_batch * self.seq_len
+        return total / max(count, 1), norm, lr
+
+    def optimizer_step(self) -> float:
+        """Clip the accumulated gradients, step, clear them; returns the gradient norm."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for _, p in self.named]
         # The global norm (under FSDP a DTensor over all shards); max_norm inf only measures it.
-        norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf,
+        norm = torch.nn.utils.clip_grad_norm_(params, self.o.grad_clip if self.o.grad_clip > 0 else math.inf,
                                               foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
@@ -301,10 +331,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (total,) = all_reduce_sum([total], d)
-        self.step += 1
-        self.tokens_seen += self.global_batch * self.seq_len
-        return total / max(count, 1), float(norm), lr
+        return float(norm)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float] | None:
@@ -395,31 +422,26 @@ class Trainer:
             while self.step < end:
                 t0 = time.perf_counter()
                 loss, norm, lr = self.train_step()
-                dt = time.perf_counter() - t0
-                tps = self.global_batch * self.seq_len / dt
+                row = self.step_row(loss, norm, lr, time.perf_counter() - t0)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                **({"tok_s": f"{row['tok_per_s']:,.0f}"} if "tok_per_s" in row else {}))
                 if metrics and (self.step % o.log_every == 0 or self.step == end):
-                    metrics.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                                 "tokens": self.tokens_seen, "tok_per_s": tps,
-                                 "elapsed_s": time.perf_counter() - start})
+                    metrics.log({"step": self.step, **row, "elapsed_s": time.perf_counter() - start})
                 last = self.step == end
                 if (o.eval_every and self.step % o.eval_every == 0) or last:
-                    ev = self.evaluate()
+                    ev = self.eval_row()
                     if ev and metrics:
-                        metrics.log({"step": self.step, "eval_loss": ev[0], "eval_ppl": ev[1]})
-                        self.log.info(f"step {self.step}: eval loss {ev[0]:.4f}, perplexity {ev[1]:.2f}")
+                        metrics.log({"step": self.step, **ev})
+                        self.log.info(f"step {self.step}: "
+                                      + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in ev.items()))
                     if metrics:
                         metrics.plot(self.out)
                 if last or (o.save_every and self.step % o.save_every == 0):
                     self.save()
             bar.close()
-            model, _ = self.snapshot()
+            self.publish()
             if d.main:
-                ckpt.publish_model(self.out, lambda tmp: self.write_model(model, tmp, o.save_dtype))
-                if o.lora and o.merge:
-                    from kaki.train.lora import merge_into_model_dir
-                    merge_into_model_dir(model, self.out / "merged", self.tokenizer_dir, o.save_dtype)
                 if metrics:
                     metrics.plot(self.out)
                 self.log.info(f"done: model in {self.out}")
@@ -432,6 +454,25 @@ class Trainer:
             for h in self.handlers:
                 logger.remove(h)
             teardown(d)
+
+    def step_row(self, loss: float, norm: float, lr: float, seconds: float) -> dict:
+        """One step's metrics.jsonl figures."""
+        return {"loss": loss, "lr": lr, "grad_norm": norm, "tokens": self.tokens_seen,
+                "tok_per_s": self.global_batch * self.seq_len / seconds}
+
+    def eval_row(self) -> dict | None:
+        ev = self.evaluate()
+        return {"eval_loss": ev[0], "eval_ppl": ev[1]} if ev else None
+
+    def publish(self) -> None:
+        """The final model at the top of --out (all ranks call it: FSDP gathers the weights)."""
+        o = self.o
+        model, _ = self.snapshot()
+        if self.d.main:
+            ckpt.publish_model(self.out, lambda tmp: self.write_model(model, tmp, o.save_dtype))
+            if o.lora and o.merge:
+                from kaki.train.lora import merge_into_model_dir
+                merge_into_model_dir(model, self.out / "merged", self.tokenizer_dir, o.save_dtype)
 
     def start_wandb(self):
         try:
@@ -455,4 +496,7 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def train(o: TrainOptions) -> Path:
+    if o.task != "causal-lm":
+        from kaki.train.classify_loop import ClassifierTrainer
+        return ClassifierTrainer(o).run()
     return Trainer(o).run()

@@ -31,6 +31,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 ALL_LINEAR = "all-linear"
+# Output heads (the LM head, a classifier's `score`) are never adapted: a classifier's new head
+# trains whole, as peft's modules_to_save does.
+HEADS = ("lm_head", "score")
 
 
 class LoRALinear(Linear):
@@ -65,14 +68,14 @@ def _targets(model, targets: list[str]) -> list[str]:
     layer but the LM head (peft's meaning)."""
     found = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or isinstance(mod, LoRALinear) or name == "lm_head":
+        if not isinstance(mod, nn.Linear) or isinstance(mod, LoRALinear) or name in HEADS:
             continue
         last = {name.rsplit(".", 1)[-1], _checkpoint_name(model, name).rsplit(".", 1)[-1]}
         if ALL_LINEAR in targets or last & set(targets):
             found.append(name)
     if not found:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                        if isinstance(m, nn.Linear) and n != "lm_head"})
+                        if isinstance(m, nn.Linear) and n not in HEADS})
         raise KakiError(f"--lora-targets {','.join(targets)} matches no linear layer; this model has "
                         f"{', '.join(names)} (or use all-linear)")
     return found

@@ -22,6 +22,10 @@ def opt(default: Any, help: str, **kw) -> Any:
 @dataclass
 class TrainOptions:
     # what to train
+    task: str = opt("causal-lm", "causal-lm (next-token), or a classifier head trained on labelled JSONL",
+                    choices=["causal-lm", "sequence-classification", "token-classification"])
+    labels: str | None = opt(None, "classification: label names in id order, comma-separated (default: "
+                                   "--model's id2label when it is a classifier, else the data's, sorted)")
     data: str | None = opt(None, "training JSONL files as FILE[:weight],... (records: `text` or `messages`)")
     out: str | None = opt(None, "run directory: checkpoints/, metrics.jsonl, loss.png, train.log and "
                                "the final model")
@@ -144,7 +148,7 @@ def read_yaml(path: str) -> dict[str, Any]:
         if name not in FIELDS:
             raise KakiError(f"--config {path}: unknown key {key!r}; keys are the flags of `kaki train` "
                             f"(e.g. {', '.join(list(FIELDS)[:5])})")
-        if name in ("data", "eval_data") and isinstance(value, list):
+        if name in ("data", "eval_data", "labels") and isinstance(value, list):
             value = ",".join(str(v) for v in value)
         out[name] = value
     return out
