@@ -181,4 +181,8 @@ def _stats(shell, arg: str) -> None:
         lines.append(f"last reply: {st.new_tokens:,} tokens in {st.total_s:.2f} s ({st.tokens_per_s:.1f} tokens/s), "
                      f"first token after {st.first_token_s:.3f} s, ended by {r.finish_reason}")
     lines.append(f"prompt tokens processed this session: {s.total_processed:,}")
+    if s.moderator is not None:
+        checks = ", ".join(f"{'message' if where == 'input' else 'reply'} {v.label} {v.score:.2f}"
+                           + (" blocked" if v.blocked else "") for where, v in s.last_checks.items())
+        lines.append(f"moderation: {s.moderator.describe()}; last checked: {checks or 'nothing yet'}")
     shell.out("\n".join(lines) + "\n")

@@ -13,6 +13,12 @@ still has everything). A message that does not fit on its own is refused with th
 Retrieval (`kaki chat --retrieval`) plugs in as `retrieve(question) -> passages`: the passages
 go into the answered user turn only, in `kaki.chat_format`'s context block, and are dropped from
 the prompt before that question would be.
+
+Moderation (`kaki chat --moderation DIR`, a kaki.moderation.Moderator) screens each message before
+the model sees it and each reply once it has ended. A blocked message is answered with the
+moderator's refusal and the model never runs; a blocked reply is replaced by the refusal. Either
+way the exchange leaves the conversation (a retried reply that is blocked gives the old one back),
+so the model never sees blocked text in later turns and `/save` does not keep it.
 """
 
 from __future__ import annotations
@@ -153,6 +159,7 @@ class Reply:
         self.stats = ReplyStats(prompt_tokens=len(prompt_ids), reused_tokens=self.gen.reused_tokens)
         self._on_done = on_done
         self._pieces: Iterator[str] | None = None
+        self.moderation: tuple[str, object] | None = None  # ("output", Verdict) once a moderator checked it
 
     @property
     def token_ids(self) -> list[int]:
@@ -204,17 +211,42 @@ class Reply:
         return self
 
 
+class Refusal:
+    """What `say` returns for a message moderation blocks: the refusal as an already finished reply
+    (same surface as Reply). The model never ran and the conversation is unchanged."""
+
+    finish_reason = "content_filter"
+    max_new_tokens = 0
+    token_ids: list[int] = []
+
+    def __init__(self, text: str, verdict):
+        self.text = text
+        self.moderation = ("input", verdict)
+        self.stats = ReplyStats()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([self.text])
+
+    def stop(self) -> None:
+        pass
+
+    def run(self) -> "Refusal":
+        return self
+
+
 # ----------------------------------------------------------------------------- the conversation
 
 class ChatSession:
     def __init__(self, llm, fmt, system: str | None = None, settings: Settings | None = None,
                  retrieve: Callable[[str], list[dict]] | None = None,
-                 notify: Callable[[str], None] | None = None, stop: list[str] = ()):
+                 notify: Callable[[str], None] | None = None, stop: list[str] = (), moderator=None):
         self.llm, self.fmt = llm, fmt
         self.stop = list(fmt.stop) + [s for s in stop if s not in fmt.stop]  # --stop adds to the format's
         self.system = system or None
         self.settings = settings or Settings.from_params(llm.sampling())
         self.retrieve = retrieve
+        self.moderator = moderator  # kaki.moderation.Moderator or None
+        self.last_checks: dict = {}  # {"input"/"output": Verdict} of the last message and reply screened
         self.notify = notify or (lambda message: None)
         self.turns: list[Turn] = []
         self.window = 0  # index of the oldest turn the model still sees
@@ -236,8 +268,11 @@ class ChatSession:
 
     # ------------------------------------------------------------------------- turns
 
-    def say(self, text: str) -> Reply:
+    def say(self, text: str) -> Reply | Refusal:
         """Answer a user message (raises KakiError, changing nothing, if it cannot fit)."""
+        refusal = self._screen_input(text)
+        if refusal is not None:
+            return refusal
         turn = Turn("user", text)
         if self.retrieve is not None:
             turn.passages = list(self.retrieve(text))
@@ -265,10 +300,13 @@ class ChatSession:
         since the next prompt may share the system text with it)."""
         self.turns, self.window, self.last_prompt, self.dropped_notice_shown = [], 0, None, False
 
-    def raw(self, text: str) -> Reply:
+    def raw(self, text: str) -> Reply | Refusal:
         """Complete `text` as it is: no chat format, not part of the conversation."""
+        refusal = self._screen_input(text)
+        if refusal is not None:
+            return refusal
         ids = self.llm.tokenizer.encode(text)
-        return Reply(self.llm, ids, self.settings.params(self.stop), on_done=lambda reply: None)
+        return Reply(self.llm, ids, self.settings.params(self.stop), on_done=self._screen_output)
 
     # ------------------------------------------------------------------------- save / load
 
@@ -330,12 +368,31 @@ class ChatSession:
         else:
             self._kv_ids = (reply.prompt_ids + reply.token_ids)[:self._kv.length]
         content = reply.text.strip()
-        if content or reply.finish_reason != "interrupted":
+        blocked = bool(content) and self._screen_output(reply)
+        if not blocked and (content or reply.finish_reason != "interrupted"):
             self.turns.append(Turn("assistant", content))
         elif replaced is not None:
-            self.turns.append(replaced)  # a retry stopped before it said anything: keep the old reply
+            self.turns.append(replaced)  # a retry stopped before any text, or blocked: the old reply stays
         else:
-            self.turns.pop()  # stopped before any text: as if the message had not been sent
+            self.turns.pop()  # stopped before any text, or blocked: as if the message had not been sent
+
+    def _screen_input(self, text: str) -> Refusal | None:
+        if self.moderator is None:
+            return None
+        verdict = self.last_checks["input"] = self.moderator.check(text)
+        self.last_checks.pop("output", None)
+        return Refusal(self.moderator.refusal, verdict) if verdict.blocked else None
+
+    def _screen_output(self, reply: Reply) -> bool:
+        """Check an ended reply (a stopped one too: its text is shown); True if it was blocked, in
+        which case its text is now the refusal and its finish_reason "content_filter"."""
+        if self.moderator is None or not reply.text.strip():
+            return False
+        verdict = self.last_checks["output"] = self.moderator.check(reply.text.strip())
+        reply.moderation = ("output", verdict)
+        if verdict.blocked:
+            reply.text, reply.finish_reason = self.moderator.refusal, "content_filter"
+        return verdict.blocked
 
     def _fit(self, turns: list[Turn]) -> tuple[str, list[int], int]:
         """(text, ids, first turn in the window) of the prompt answering `turns[-1]`: the oldest

@@ -7,6 +7,9 @@ stdin, readline gives line editing and history; from a pipe, lines are read plai
 prompt is printed.
 
 Ctrl-C during a reply stops that reply and keeps the shell; Ctrl-C or Ctrl-D at the prompt quits.
+
+With a moderator (`--moderation`) replies are not streamed: a reply is printed once it has been
+checked, since text already on the screen cannot be taken back.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TextIO
 
-from kaki.chat.session import ChatSession, Reply
+from kaki.chat.session import ChatSession, Refusal, Reply
 from kaki.errors import KakiError
 
 PROMPT = ">>> "
@@ -24,7 +27,7 @@ class ChatShell:
     def __init__(self, session: ChatSession, stream: bool = True, stdin: TextIO | None = None,
                  stdout: TextIO | None = None, stderr: TextIO | None = None):
         self.session = session
-        self.stream = stream
+        self.stream = stream and session.moderator is None
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
@@ -86,7 +89,7 @@ class ChatShell:
         self.show(lambda: self.session.say(text))
         return False
 
-    def show(self, make_reply: Callable[[], Reply]) -> Reply | None:
+    def show(self, make_reply: Callable[[], Reply | Refusal]) -> Reply | Refusal | None:
         """Start a reply and print it (streamed unless --no-stream); Ctrl-C stops it."""
         try:
             reply = make_reply()
@@ -105,7 +108,11 @@ class ChatShell:
             if not self.stream:
                 self.out(reply.text)
         self.out("\n")
-        if reply.finish_reason == "interrupted":
+        if reply.finish_reason == "content_filter":
+            where, verdict = reply.moderation
+            self.note(f"{'your message' if where == 'input' else 'the reply'} was blocked by moderation "
+                      f"({verdict.label}, {verdict.score:.2f}); the exchange is not kept")
+        elif reply.finish_reason == "interrupted":
             self.note("stopped")
         elif reply.finish_reason == "length":
             self.note(f"cut at max_new_tokens={reply.max_new_tokens}; /set max_new_tokens N for longer replies")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from kaki.cli.common import add_model_args, add_sampling_args, default_model, load_from_args, sampling_kwargs
+from kaki.cli.common import (add_model_args, add_moderation_args, add_sampling_args, default_model, load_from_args,
+                             moderator_from_args, sampling_kwargs)
 
 
 def register(sub) -> None:
@@ -26,6 +27,7 @@ def register(sub) -> None:
                         "question's prompt; /sources shows them (see docs/retrieval.md)")
     p.add_argument("--retrieval-k", type=int, default=3, metavar="K",
                    help="passages retrieved per question, best first, as many as fit (default 3)")
+    add_moderation_args(p)
     p.set_defaults(func=run)
 
 
@@ -45,6 +47,7 @@ def run(args) -> int:
         import signal
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print(f"[loading {args.model or default_model()} ...]", file=sys.stderr, flush=True)
+    moderator = moderator_from_args(args)  # first: a bad --moderation-block fails before the big load
     llm = load_from_args(args)
     fmt = format_for_llm(llm, args.chat_format)
     kw = sampling_kwargs(args)
@@ -56,10 +59,12 @@ def run(args) -> int:
         retriever = Retriever.open(args.retrieval)
         retriever.warm()  # load the embedder now, not during the first question
         retrieve = lambda q: [p.to_json() for p in retriever.search(q, k=args.retrieval_k)]  # noqa: E731
-    session = ChatSession(llm, fmt, system=args.system, settings=settings, stop=stop, retrieve=retrieve)
+    session = ChatSession(llm, fmt, system=args.system, settings=settings, stop=stop, retrieve=retrieve,
+                          moderator=moderator)
     cfg = llm.config
     banner = (f"kaki chat: {llm.path or args.model} ({cfg.model_type}, {cfg.num_parameters() / 1e6:,.1f}M "
               f"parameters, context {llm.context_length:,}, chat format {fmt.name}). Type a message; "
               "/help lists the commands; Ctrl-C stops a reply; Ctrl-D quits."
-              + (f" Answers use passages from {args.retrieval} (/sources)." if args.retrieval else ""))
+              + (f" Answers use passages from {args.retrieval} (/sources)." if args.retrieval else "")
+              + (f" Moderation: {moderator.describe()}; replies show once checked." if moderator else ""))
     return ChatShell(session, stream=args.stream).run(banner)

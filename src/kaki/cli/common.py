@@ -72,3 +72,28 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None = N
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     keys = ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def add_moderation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("moderation")
+    g.add_argument("--moderation", metavar="DIR", default=None,
+                   help="screen every user message and every reply with a moderation model: a sequence "
+                        "classifier, or a causal LM prompted in GPT-JT-Moderation's few-shot format")
+    g.add_argument("--moderation-block", metavar="LABEL,...", default=None,
+                   help="labels that block (default for the few-shot format: 'needs caution,needs "
+                        "intervention'; for a classifier: every label not named like casual/safe/ok/neutral)")
+    g.add_argument("--moderation-threshold", type=float, default=None, metavar="P",
+                   help="block when the blocking labels' probability reaches P (default: when one of them "
+                        "is the most likely label; 0.5 per label for a multi-label classifier)")
+
+
+def moderator_from_args(args: argparse.Namespace):
+    """The Moderator for --moderation (None without it), on the chat model's device and dtype."""
+    if not args.moderation:
+        for flag in ("moderation_block", "moderation_threshold"):
+            if getattr(args, flag) is not None:
+                raise KakiError(f"--{flag.replace('_', '-')} needs --moderation DIR")
+        return None
+    from kaki.moderation import load_moderator
+    return load_moderator(args.moderation, block=args.moderation_block, threshold=args.moderation_threshold,
+                          dtype=args.dtype, device=args.device)

@@ -6,7 +6,7 @@ import ipaddress
 import os
 import sys
 
-from kaki.cli.common import add_model_args, load_from_args
+from kaki.cli.common import add_model_args, add_moderation_args, load_from_args, moderator_from_args
 
 
 def register(sub) -> None:
@@ -43,6 +43,7 @@ def register(sub) -> None:
                    help="ground /v1/chat/completions answers in an index from `kaki index build` (a request's "
                         "`retrieval: false` opts out; the passages used come back in `sources`)")
     p.add_argument("--retrieval-k", type=int, default=3, metavar="K", help="passages retrieved per request (default 3)")
+    add_moderation_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -67,6 +68,7 @@ def run(args) -> int:
               "machine can use the model; pass --api-key KEY (or set KAKI_API_KEY)", file=sys.stderr)
     if not 0 < args.port < 65536:
         raise KakiError(f"--port must be 1-65535, got {args.port}")
+    moderator = moderator_from_args(args)  # first: a bad --moderation-block fails before the big load
     llm = load_from_args(args)
     config = EngineConfig()
     for name in ("max_batch_size", "max_seq_len", "max_queue", "max_prefill_tokens"):
@@ -80,10 +82,12 @@ def run(args) -> int:
         retriever = Retriever.open(args.retrieval)
         retriever.warm()  # load the embedder at start-up, not in the first request
     app = create_app(engine, api_key=args.api_key, chat_format=args.chat_format, retriever=retriever,
-                     retrieval_k=args.retrieval_k)
+                     retrieval_k=args.retrieval_k, moderator=moderator)
     print(f"kaki serve: {name} on http://{_url_host(args.host)}:{args.port} (batch {config.max_batch_size}, "
           f"{engine.max_seq_len:,} tokens per sequence, {engine.model.dtype}, {engine.model.device})",
           file=sys.stderr)
+    if moderator is not None:
+        print(f"kaki serve: moderation by {moderator.describe()}", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.graceful_timeout))
     server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown

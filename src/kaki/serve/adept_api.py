@@ -6,6 +6,11 @@ validation errors are HTTP 400 with a JSON body naming the field (the original a
 line at all, instead of a 500); concurrent requests are safe; the end-of-text token is not
 spelled out in `text`/`generations`; `human_readable_tokens` are the tokens actually sampled (the
 original re-encoded the generated text, which can split it differently).
+
+With `--moderation`, each prompt and each generation is screened (kaki.serve.screen). A blocked
+prompt is not run; a blocked prompt or generation gets the moderator's refusal as its generation
+(after a space, as a reply would start), no `human_readable_tokens` and no `logprobs`, and the
+response gains `moderation`: per prompt, the check that decided it.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from kaki.sampling import SamplingParams
 from kaki.serve.engine import SeqRequest, token_text
 from kaki.serve.results import collect
 from kaki.serve.schemas import AdeptRequest, AdeptResponse
+from kaki.serve.screen import CONTENT_FILTER, Screen
 
 router = APIRouter()
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-@router.put("/api", response_model=AdeptResponse)
+# exclude_unset: `moderation` appears only when the server moderates; the original's keys stay as they were.
+@router.put("/api", response_model=AdeptResponse, response_model_exclude_unset=True)
 async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
     engine = request.app.state.engine
     tok = engine.tokenizer
@@ -35,8 +42,9 @@ async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
     if body.add_BOS and tok.bos_id is None:
         raise ParamError("add_BOS", "add_BOS is true but this model's tokenizer has no BOS token")
     prompt_ids = [tok.encode(p, add_bos=body.add_BOS) for p in body.prompts]
-    reqs = []
-    for ids in prompt_ids:
+    screen = Screen(request.app, log=not body.no_log)
+    reqs, run = [], []
+    for k, ids in enumerate(prompt_ids):
         if not ids:
             raise ParamError("prompts", "Empty prompts require add_BOS=true")
         # As the original: a prompt that leaves less room than asked generates what fits.
@@ -47,27 +55,44 @@ async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
             top_p=body.top_p if body.top_p > 0 else 1.0,  # Adept's 0 means off; kaki's off is 1
             seed=None if body.random_seed == -1 else body.random_seed,
             logprobs=body.logprobs, prompt_logprobs=body.logprobs)
-        reqs.append(SeqRequest(ids, params))
-    handle = engine.submit(reqs, asyncio.get_running_loop(), field="prompts")
-    results = await collect(handle, len(reqs), request.receive)
+        screen.decided[k] = decided = await screen.check_input([body.prompts[k]])
+        if decided is None or not decided.blocked:
+            run.append(k)
+            reqs.append(SeqRequest(ids, params))
+    handle = engine.submit(reqs, asyncio.get_running_loop(), field="prompts") if reqs else None
+    results = dict(zip(run, await collect(handle, len(reqs), request.receive))) if handle else {}
 
     scoring = body.tokens_to_generate == 0
     text, generations, readable, logprobs = [], [], [], []
-    for i, (ids, r) in enumerate(zip(prompt_ids, results)):
+    for i, ids in enumerate(prompt_ids):
+        r = results.get(i)
+        if r is not None and not scoring:
+            await screen.check_result(i, r)
+        if r is None or r.finish_reason == CONTENT_FILTER:
+            prompt = tok.decode(ids)
+            refusal = ("" if not prompt or prompt[-1].isspace() else " ") + screen.moderator.refusal
+            text.append(prompt + ("" if scoring else refusal))
+            if not scoring:
+                generations.append(refusal)
+                readable.append([])
+            if body.logprobs:
+                logprobs.append([])
+            continue
         text.append(tok.decode(ids + r.token_ids))
         if not scoring:
             generations.append(tok.decode(r.token_ids))
             readable.append(_readable_tokens(tok, ids, r.token_ids))
         if body.logprobs:
             # Entry j is the logprob of token j+1 given the ones before it: prompt, then reply.
-            prompt_lp = handle.prompt_logprobs[i] or [None]
+            prompt_lp = handle.prompt_logprobs[run.index(i)] or [None]
             logprobs.append([float(x) for x in prompt_lp[1:]] + r.logprobs)
     if not body.no_log:
         from loguru import logger
         logger.info(f"PUT /api from {request.client.host if request.client else '?'}: {len(reqs)} prompt(s), "
-                    f"{sum(len(r.token_ids) for r in results)} tokens in {time.perf_counter() - started:.2f}s")
+                    f"{sum(len(r.token_ids) for r in results.values())} tokens in {time.perf_counter() - started:.2f}s")
+    extra = {"moderation": [screen.decided[i] for i in range(len(prompt_ids))]} if screen.moderator else {}
     return AdeptResponse(text=text, generations=generations, human_readable_tokens=readable,
-                         logprobs=logprobs if body.logprobs else None)
+                         logprobs=logprobs if body.logprobs else None, **extra)
 
 
 def _readable_tokens(tok, prompt_ids: list[int], ids: list[int]) -> list[str]:

@@ -27,7 +27,8 @@ OPEN_ROUTES = ("/health", "/healthz")  # reachable without the API key (load bal
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, chat_format: str = "auto",
-               retriever=None, retrieval_k: int = 3) -> FastAPI:
+               retriever=None, retrieval_k: int = 3, moderator=None) -> FastAPI:
+    """moderator: a kaki.moderation.Moderator that screens prompts and replies (kaki.serve.screen)."""
     from kaki.chat_format import format_for_llm
 
     fmt = format_for_llm(engine.llm, chat_format)  # a bad --chat-format fails here, at start-up
@@ -46,6 +47,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, chat_format: str =
     app.state.engine = engine
     app.state.chat_format = fmt
     app.state.retriever, app.state.retrieval_k = retriever, retrieval_k  # kaki.retrieval.Retriever or None
+    app.state.moderator = moderator
     app.state.started = int(time.time())
     app.include_router(adept_api.router)
     app.include_router(openai_api.router)

@@ -42,6 +42,11 @@ class Metrics:
                              "sequence", buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kaki_sequence_latency_seconds", "from a sequence's arrival to its end",
                              buckets=E2E_BUCKETS, registry=r)
+        self.moderation_checks = Counter("kaki_moderation_checks", "texts screened by --moderation, by where "
+                                         "(input: a prompt or user message; output: a reply) and the deciding "
+                                         "label", ["where", "label"], registry=r)
+        self.moderation_blocked = Counter("kaki_moderation_blocked", "texts --moderation blocked, by where",
+                                          ["where"], registry=r)
         self._max = 0
         self._lock = threading.Lock()
 

@@ -5,6 +5,11 @@ rendered with the server's chat format (`--chat-format`, see kaki.chat_format), 
 are added to the request's. With `n` > 1 and a `seed`, choice j samples with seed + j, so the
 choices differ and each is reproducible. `stream: true` answers with server-sent events ending in
 `data: [DONE]`; a client that disconnects aborts its sequences.
+
+With `--moderation` (kaki.serve.screen): a blocked prompt or user message gets choices with
+finish_reason "content_filter" and no text, and the model does not run for it; a blocked reply is
+emptied the same way. Every choice says what decided it in `moderation`; streamed replies arrive
+only once they have been checked.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from kaki.errors import KakiError, ParamError
 from kaki.sampling import SamplingParams
 from kaki.serve import schemas as S
 from kaki.serve.engine import Engine, Output, SeqRequest
-from kaki.serve.results import SSE_DONE, collect, sse
+from kaki.serve.results import SSE_DONE, SeqResult, collect, sse
+from kaki.serve.screen import CONTENT_FILTER, Screen
 
 router = APIRouter(prefix="/v1")
 # Reply tokens kept free when a --retrieval request gives no max_tokens (passages fill the rest).
@@ -75,27 +81,42 @@ async def completions(body: S.CompletionRequest, request: Request):
     _check_model(engine, body.model)
     prompts = body.prompts()
     prompt_ids = [_ids(engine, p) for p in prompts]
-    reqs = []
-    for ids in prompt_ids:
+    texts = [p if isinstance(p, str) else engine.tokenizer.decode(ids) for p, ids in zip(prompts, prompt_ids)]
+    screen = Screen(request.app)
+    reqs, choice_of, refused, echo = [], [], [], []
+    for k, ids in enumerate(prompt_ids):
         max_new = engine.fit(len(ids), body.max_tokens, field="max_tokens")
+        decided = await screen.check_input([texts[k]])
         for j in range(body.n):
+            i = k * body.n + j
+            screen.decided[i] = decided
+            echo.append(texts[k] if body.echo and not (decided and decided.blocked) else "")
+            if decided and decided.blocked:
+                refused.append(i)
+                continue
+            choice_of.append(i)
             reqs.append(SeqRequest(ids, _sampling(body, engine, max_new, _seed(body, j),
                                                   logprobs=body.logprobs is not None,
                                                   top_logprobs=body.logprobs or 0)))
-    echo = [(p if isinstance(p, str) else engine.tokenizer.decode(ids)) if body.echo else ""
-            for p, ids in zip(prompts, prompt_ids) for _ in range(body.n)]
-    handle = engine.submit(reqs, asyncio.get_running_loop())
+    handle = engine.submit(reqs, asyncio.get_running_loop()) if reqs else None
     rid, created = _new_id("cmpl"), int(time.time())
     lens = [len(ids) for ids in prompt_ids]
     if body.stream:
-        return _stream(handle, _completion_chunks(handle, rid, created, engine.model_name, body, echo, lens))
-    results = await collect(handle, len(reqs), request.receive)
+        outputs = screen.outputs(handle, choice_of, refused)
+        return _stream(handle, _completion_chunks(outputs, screen, rid, created, engine.model_name, body, echo,
+                                                  lens))
+    results = await collect(handle, len(reqs), request.receive) if handle else []
+    by_choice = {i: SeqResult(finish_reason=CONTENT_FILTER) for i in refused}
+    for i, r in zip(choice_of, results):
+        await screen.check_result(i, r)
+        by_choice[i] = r
     choices = []
-    for i, r in enumerate(results):
-        lp = None
-        if body.logprobs is not None:
+    for i in range(len(echo)):
+        r, lp = by_choice[i], None
+        if body.logprobs is not None and r.finish_reason != CONTENT_FILTER:
             lp = _completion_logprobs(r.token_texts, r.logprobs, r.tops if body.logprobs else None, len(echo[i]))
-        choices.append(S.CompletionChoice(index=i, text=echo[i] + r.text, logprobs=lp, finish_reason=r.finish_reason))
+        choices.append(S.CompletionChoice(index=i, text=echo[i] + r.text, logprobs=lp, finish_reason=r.finish_reason,
+                                          moderation=screen.decided.get(i)))
     return S.CompletionResponse(id=rid, created=created, model=engine.model_name, choices=choices,
                                 usage=_usage(lens, sum(len(r.token_ids) for r in results)))
 
@@ -110,13 +131,13 @@ def _completion_logprobs(texts, logprobs, tops, offset: int) -> S.CompletionLogp
                                 text_offset=offsets)
 
 
-async def _completion_chunks(handle, rid, created, model, body, echo, lens):
+async def _completion_chunks(outputs, screen, rid, created, model, body, echo, lens):
     offsets = [len(e) for e in echo]
     if any(echo):
         yield sse(S.CompletionResponse(id=rid, created=created, model=model, choices=[
             S.CompletionChoice(index=i, text=e) for i, e in enumerate(echo) if e]))
     generated = 0
-    async for i, out in handle:
+    async for i, out in outputs:
         if out.finish_reason in ("abort", "error"):
             yield _error_event(out)
             continue
@@ -128,7 +149,8 @@ async def _completion_chunks(handle, rid, created, model, body, echo, lens):
             offsets[i] += len(out.token_text or "")
         if out.text or lp is not None or out.finish_reason is not None:
             yield sse(S.CompletionResponse(id=rid, created=created, model=model, choices=[
-                S.CompletionChoice(index=i, text=out.text, logprobs=lp, finish_reason=out.finish_reason)]))
+                S.CompletionChoice(index=i, text=out.text, logprobs=lp, finish_reason=out.finish_reason,
+                                   moderation=screen.decided.get(i) if out.finish_reason else None)]))
     if body.stream_options and body.stream_options.include_usage:
         yield sse(S.CompletionResponse(id=rid, created=created, model=model, choices=[],
                                        usage=_usage(lens, generated)))
@@ -143,8 +165,13 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     fmt = request.app.state.chat_format
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
+    screen = Screen(request.app)
+    # Every user message: the history is the client's to send, so it is screened too (the
+    # moderator remembers verdicts, so a conversation's earlier turns cost nothing again).
+    decided = await screen.check_input(m["content"] for m in messages if m["role"] == "user")
+    blocked = decided is not None and decided.blocked
     sources = None
-    if request.app.state.retriever is not None and body.retrieval:
+    if request.app.state.retriever is not None and body.retrieval and not blocked:
         # In a worker thread: the search (SQLite, the query embedder) must not block the event loop.
         messages, sources = await asyncio.to_thread(_ground, request.app, engine, fmt, messages, body.max_new)
     try:
@@ -158,13 +185,23 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     reqs = [SeqRequest(ids, _sampling(body, engine, max_new, _seed(body, j), stop=list(fmt.stop),
                                       logprobs=body.logprobs, top_logprobs=top))
             for j in range(body.n)]
-    handle = engine.submit(reqs, asyncio.get_running_loop())
+    screen.decided.update({j: decided for j in range(body.n)})
+    handle = None if blocked else engine.submit(reqs, asyncio.get_running_loop())
     rid, created = _new_id("chatcmpl"), int(time.time())
     if body.stream:
-        return _stream(handle, _chat_chunks(handle, rid, created, engine.model_name, body, len(ids), sources))
-    results = await collect(handle, len(reqs), request.receive)
+        outputs = screen.outputs(handle, refused=range(body.n) if blocked else ())
+        return _stream(handle, _chat_chunks(outputs, screen, rid, created, engine.model_name, body, len(ids),
+                                            sources))
+    if blocked:
+        results = [SeqResult(finish_reason=CONTENT_FILTER) for _ in reqs]
+    else:
+        results = await collect(handle, len(reqs), request.receive)
+    for i, r in enumerate(results):
+        await screen.check_result(i, r)
     choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                            logprobs=_chat_logprobs(r.token_texts, r.logprobs, r.tops) if body.logprobs else None)
+                            logprobs=_chat_logprobs(r.token_texts, r.logprobs, r.tops)
+                            if body.logprobs and r.finish_reason != CONTENT_FILTER else None,
+                            moderation=screen.decided.get(i))
                for i, r in enumerate(results)]
     return S.ChatCompletionResponse(id=rid, created=created, model=engine.model_name, choices=choices,
                                     usage=_usage([len(ids)], sum(len(r.token_ids) for r in results)),
@@ -195,15 +232,16 @@ def _chat_logprobs(texts, logprobs, tops) -> S.ChatLogprobs:
         for t, lp, top in zip(texts, logprobs, tops)])
 
 
-async def _chat_chunks(handle, rid, created, model, body, n_prompt, sources=None):
+async def _chat_chunks(outputs, screen, rid, created, model, body, n_prompt, sources=None):
     def chunk(i, delta, finish=None, logprobs=None, sources=None):
         return sse(S.ChatCompletionChunk(id=rid, created=created, model=model, sources=sources, choices=[
-            S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)]))
+            S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs,
+                              moderation=screen.decided.get(i) if finish else None)]))
 
     for i in range(body.n):
         yield chunk(i, S.Delta(role="assistant", content=""), sources=sources)
     generated = 0
-    async for i, out in handle:
+    async for i, out in outputs:
         if out.finish_reason in ("abort", "error"):
             yield _error_event(out)
             continue
@@ -236,7 +274,8 @@ def _stream(handle, events) -> StreamingResponse:
                 yield event
             yield SSE_DONE
         finally:
-            handle.abort()
+            if handle is not None:  # None: moderation refused the request before the model ran
+                handle.abort()
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -129,11 +129,25 @@ class AdeptRequest(BaseModel):
         return b
 
 
+class Moderation(BaseModel):
+    """kaki's extra with `kaki serve --moderation`: the check that decided an answer. `where` is
+    "input" (the prompt or a user message was blocked, or, unblocked, the last one checked) or
+    "output" (the reply); `label` and `score` are the moderation model's deciding label and its
+    probability."""
+
+    where: Literal["input", "output"]
+    label: str
+    score: float
+    blocked: bool
+
+
 class AdeptResponse(BaseModel):
     text: list[str]
     logprobs: list[list[float]] | None
     generations: list[str]
     human_readable_tokens: list[list[str]]
+    # kaki's extra, only with --moderation: one per prompt (a blocked prompt's generation is the refusal).
+    moderation: list[Moderation] | None = None
 
 
 # ----------------------------------------------------------------------------- OpenAI
@@ -299,6 +313,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    moderation: Moderation | None = None  # kaki's extra with --moderation (on a stream's last chunk)
 
 
 class CompletionResponse(BaseModel):
@@ -334,6 +349,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    moderation: Moderation | None = None  # kaki's extra with --moderation
 
 
 class ChatCompletionResponse(BaseModel):
@@ -357,6 +373,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    moderation: Moderation | None = None  # kaki's extra with --moderation, on the choice's last chunk
 
 
 class ChatCompletionChunk(BaseModel):
