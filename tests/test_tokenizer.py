@@ -3,6 +3,8 @@ AutoTokenizer for tokenizer.json; and the incremental detokenizer with stop stri
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kaki.tokenizer import TextStream, Tokenizer
@@ -198,3 +200,38 @@ def test_tokenizer_model_follows_sentencepiece_not_transformers_conversion(spm_d
     text = " leading space"
     assert converted(text)["input_ids"] != [BOS] + spm_ref.encode(text)
     assert spm_tok.encode(text) == [BOS] + spm_ref.encode(text)
+
+
+# ----------------------------------------------------------------------------- GPT-2 byte-level BPE
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    """vocab.json + merges.txt only, as GPT-J checkpoints without a tokenizer.json ship them."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    d = tmp_path_factory.mktemp("bpe")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog. " * 3,
+                             "def f(x):\n    return x + 1\n", "café naïve 😀 日本語"],
+                            vocab_size=400, special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(d))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>"}))
+    return d
+
+
+@pytest.mark.parametrize("text", ["hello world", " leading space", "café 😀 日本語\n\tdef f(x):",
+                                  "a<|endoftext|>b", "  two  spaces "])
+def test_vocab_json_and_merges_equal_transformers_gpt2_tokenizer(bpe_dir, text):
+    import transformers
+
+    ref = transformers.AutoTokenizer.from_pretrained(bpe_dir)
+    tok = Tokenizer.from_dir(bpe_dir)
+    assert not (bpe_dir / "tokenizer.json").exists()
+    ids = tok.encode(text)
+    assert ids == ref(text)["input_ids"]
+    assert len(ids) > 1
+    assert tok.decode(ids) == text.replace("<|endoftext|>", "")
+    eot = ref.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.eos_ids == [eot] and tok.bos_id == eot and not tok.add_bos

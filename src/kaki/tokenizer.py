@@ -89,6 +89,9 @@ class Tokenizer:
             except Exception as e:
                 raise CheckpointError(f"{d / 'tokenizer.json'} could not be read ({e})")
             kind = "tokenizers"
+        elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+            backend = _byte_level_bpe(d, tok_cfg, special_map)
+            kind = "tokenizers"
         else:
             spm_files = [d / "tokenizer.model"] + sorted(d.glob("*.model"))
             spm_file = next((f for f in spm_files if f.is_file()), None)
@@ -130,11 +133,35 @@ class Tokenizer:
             # tokenizer.json's own post-processor decides, as in transformers 5, which drops
             # add_bos_token when tokenizer.json exists (Llama 3 prepends BOS only there).
             add_bos = _post_processor_prepends(backend, bos)
-        added = [t["id"] for t in _read_json(d / "tokenizer.json").get("added_tokens", [])
-                 if t.get("special")] if kind == "tokenizers" else []
+        added = [i for i, t in backend.get_added_tokens_decoder().items()
+                 if t.special] if kind == "tokenizers" else []
         if kind == "sentencepiece":
             added = [i for i in range(backend.get_piece_size()) if backend.is_control(i)]
         return cls(backend, kind, bos, eos_ids, add_bos, pad, tok_cfg.get("chat_template"), added)
+
+
+def _byte_level_bpe(d: Path, tok_cfg: dict, special_map: dict):
+    """GPT-2's byte-level BPE from `vocab.json` + `merges.txt`, for the GPT-2/GPT-J checkpoints
+    published without a tokenizer.json (what transformers' GPT2TokenizerFast builds from them):
+    no prefix space, no normalizer; the special tokens the configs name (and added_tokens.json)
+    are matched whole, never split."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    try:
+        bpe = models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt"))
+    except Exception as e:
+        raise CheckpointError(f"{d / 'vocab.json'} and merges.txt do not form a BPE tokenizer ({e})")
+    backend = HFTokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    names = {_token_content(cfg.get(key)) for cfg in (tok_cfg, special_map)
+             for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    extra = _read_json(d / "added_tokens.json")  # {token: id}, ids after the BPE vocabulary
+    for token in sorted(extra, key=extra.get):
+        backend.add_tokens([AddedToken(token, special=False, normalized=False)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in sorted(n for n in names if n)])
+    return backend
 
 
 def _post_processor_prepends(backend, bos: int | None) -> bool:
