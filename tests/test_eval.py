@@ -164,3 +164,40 @@ def test_bad_data_is_a_clear_error(text_model_dir, tmp_path, capsys):
     bad.write_text('{"prompt": "x"}\n')
     assert main(["eval", "--model", str(model_dir), "--data", str(bad)]) == 2
     assert "bad.jsonl:1 has none of `text`, `messages` or `question`" in capsys.readouterr().err
+
+
+def test_retrieval_answers_with_the_retrieved_passages(text_model_dir, tmp_path, capsys):
+    hf_model, model_dir = text_model_dir
+    sp = spm(model_dir)
+    n = 10
+    passages = [
+        {"id": "json", "title": "json", "text": "The json module encodes and decodes JSON documents."},
+        {"id": "print", "title": "print", "text": "print writes objects to the text stream file."},
+        {"id": "socket", "title": "socket", "text": "Low-level networking interface over sockets."},
+    ]
+    write_jsonl(tmp_path / "passages.jsonl", passages)
+    assert main(["index", "build", str(tmp_path / "passages.jsonl"), "--out", str(tmp_path / "idx"),
+                 "--no-chunk", "--embedder", "none"]) == 0
+    capsys.readouterr()
+    questions = [
+        {"question": "Which module decodes JSON documents?", "answer": "json", "passage_id": "json"},
+        {"question": "What writes objects to a text stream?", "answer": "print", "passage_id": "print"},
+        # worded so BM25 ranks the json passage first: the gold one is missed
+        {"question": "Is there a JSON networking module?", "answer": "socket", "passage_id": "socket"},
+    ]
+    data = write_jsonl(tmp_path / "questions.jsonl", questions)
+    out = run_eval(capsys, "--model", model_dir, "--data", data, "--no-context", "--retrieval",
+                   tmp_path / "idx", "--retrieval-k", 1, "--max-new-tokens", n, "--show",
+                   "--chat-format", "adept")
+    r = out["with_retrieval"]
+    assert r["mode"] == "bm25" and r["k"] == 1
+    assert r["gold_retrieved"] == pytest.approx(2 / 3)
+    # Each reply is transformers' greedy reply to the prompt with the top hit's context block.
+    for q, item, top in zip(questions, r["items"], ["json", "print", "json"]):
+        p = next(p for p in passages if p["id"] == top)
+        expect = hf_greedy_reply(hf_model, sp, f"human: Context:\n[1] {p['title']}\n{p['text']}"
+                                               f"\n\nQuestion: {q['question']}\n\nadept:", n)
+        assert item["reply"] == expect
+    assert main(["eval", "--model", str(model_dir), "--data", str(data), "--retrieval",
+                 str(tmp_path / "idx"), "--retrieval-k", "0"]) == 2
+    assert "--retrieval-k" in capsys.readouterr().err

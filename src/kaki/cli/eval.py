@@ -28,6 +28,12 @@ def register(sub) -> None:
     ctx.add_argument("--no-context", dest="context", action="store_const", const="without",
                      help="questions only without passages")
     p.set_defaults(context="both")
+    p.add_argument("--retrieval", metavar="INDEX", default=None,
+                   help="also answer each question with the passages `kaki index` retrieves for it "
+                        "from INDEX (what `kaki chat --retrieval` does), reported as with_retrieval")
+    p.add_argument("--retrieval-k", type=int, default=3, help="passages retrieved per question")
+    p.add_argument("--retrieval-mode", default=None, choices=("bm25", "dense", "hybrid"),
+                   help="ranking (default: hybrid when the index has vectors, else bm25)")
     p.add_argument("--chat-format", default="auto", choices=FORMATS, help="how prompts are rendered")
     p.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit for questions")
     p.add_argument("--batch-size", type=int, default=16)
@@ -55,6 +61,13 @@ def run(args) -> int:
         modes = [False]
     if True in modes:
         questions = attach_passages(questions, passages)
+    retrieved = None
+    if args.retrieval:
+        if args.retrieval_k < 1:
+            raise KakiError("--retrieval-k must be at least 1")
+        if not questions:
+            raise KakiError(f"--retrieval needs question records in {args.data}")
+        retrieved = retrieve_passages(args.retrieval, questions, args.retrieval_k, args.retrieval_mode)
     llm = load_from_args(args)
     fmt = format_for_llm(llm, args.chat_format)
     out: dict = {"model": llm.path, "data": str(args.data), "chat_format": fmt.name}
@@ -75,6 +88,13 @@ def run(args) -> int:
                 for it in res.items:
                     mark = "+" if it["contains"] else "-"
                     print(f"[{key}] {mark} {it['question']}\n    reply: {it['reply']}\n    key: {it['key_phrase']}")
+        if retrieved is not None:
+            res = answer_accuracy(llm, retrieved.questions, True, fmt, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size)
+            out["with_retrieval"] = {"exact": res.exact, "contains": res.contains, "k": args.retrieval_k,
+                                     "mode": retrieved.mode, "gold_retrieved": retrieved.gold_share}
+            if args.json and args.show:
+                out["with_retrieval"]["items"] = res.items
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return 0
@@ -83,10 +103,37 @@ def run(args) -> int:
         p = out["perplexity"]
         print(f"perplexity {p['perplexity']:.3f}  (loss {p['loss']:.4f} over {p['tokens']} tokens, "
               f"{p['records']} records)")
-    for key in ("without_context", "with_context"):
+    for key in ("without_context", "with_context", "with_retrieval"):
         if key in out:
             r = out[key]
             print(f"answers {key.replace('_', ' ')}: exact {r['exact']:.1%}  contains {r['contains']:.1%}"
                   f"  ({out['questions']} questions)")
+    if "with_retrieval" in out and out["with_retrieval"]["gold_retrieved"] is not None:
+        r = out["with_retrieval"]
+        print(f"retrieval: gold passage among the top {r['k']} ({r['mode']}) for "
+              f"{r['gold_retrieved']:.1%} of the questions")
     sys.stdout.flush()
     return 0
+
+
+class Retrieved:
+    """Questions with their retrieved passages as `passages`, and how often the gold one was among them."""
+
+    def __init__(self, questions: list[dict], mode: str, gold_share: float | None):
+        self.questions, self.mode, self.gold_share = questions, mode, gold_share
+
+
+def retrieve_passages(index: str, questions: list[dict], k: int, mode: str | None) -> Retrieved:
+    from kaki.retrieval import Retriever
+
+    out, gold_hits, with_gold = [], 0, 0
+    with Retriever.open(index, mode=mode) as r:
+        used = mode or r.default_mode
+        for q in questions:
+            hits = r.search(q["question"], k=k, mode=mode)
+            out.append({**q, "passages": [h.as_context() for h in hits]})
+            # An index built from passages JSONL keeps each record's id as the hit's ref.
+            if q.get("passage_id") is not None:
+                with_gold += 1
+                gold_hits += q["passage_id"] in {h.ref for h in hits}
+    return Retrieved(out, used, gold_hits / with_gold if with_gold else None)
