@@ -123,6 +123,15 @@ def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
+def write_chat_jsonl(path: Path, n_lines: int = 120, seed: int = 1) -> Path:
+    """Chat records (one user line, one assistant line each) from `corpus`, as training data."""
+    lines = corpus(n_lines, seed=seed)
+    recs = [{"messages": [{"role": "user", "content": lines[i]}, {"role": "assistant", "content": lines[i + 1]}]}
+            for i in range(0, n_lines - 1, 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
 def train_sentencepiece(vocab_size: int = 320) -> bytes:
     """A Unigram sentencepiece model with byte fallback, as Persimmon's is: characters it never saw
     (emoji, CJK) become <0xNN> byte pieces. Identity normalization keeps newlines and runs of

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FAMILIES, corpus, hf_model_dir
+from helpers import FAMILIES, corpus, hf_model_dir, write_chat_jsonl
 
 import kaki
 from kaki.checkpoint import renamer
@@ -33,12 +33,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
-    lines = corpus(120, seed=1)
-    recs = [{"messages": [{"role": "user", "content": lines[i]}, {"role": "assistant", "content": lines[i + 1]}]}
-            for i in range(0, 120, 2)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
+    return write_chat_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", 120, seed=1)
 
 
 @pytest.fixture(scope="module")

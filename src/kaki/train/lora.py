@@ -9,6 +9,12 @@ Adapters are written as peft writes them: adapter_config.json (peft_type LORA, r
 target_modules, base_model_name_or_path) and adapter_model.safetensors with keys
 `base_model.model.<checkpoint module name>.lora_A.weight`, module names in the checkpoint's own
 naming (kaki's internal names renamed back through kaki.checkpoint's tables).
+
+Why not peft's own LoraModel on kaki's model: peft would save keys in kaki's internal names (Llama's
+`dense_4h_to_h`, not `down_proj`), which transformers + peft could not load; kaki's adapter layer is
+a few lines and keeps the checkpoint's names. The format is peft's, checked against peft itself in
+both directions (tests/test_lora_peft.py); peft options kaki does not implement (DoRA, rsLoRA,
+per-layer ranks, ...) are refused when an adapter is loaded, never ignored.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -34,6 +41,13 @@ ALL_LINEAR = "all-linear"
 # Output heads (the LM head, a classifier's `score`) are never adapted: a classifier's new head
 # trains whole, as peft's modules_to_save does.
 HEADS = ("lm_head", "score")
+# adapter_config.json keys whose non-default values kaki cannot apply, with the values that are fine.
+UNSUPPORTED_PEFT_OPTIONS = {
+    "use_dora": (None, False), "use_rslora": (None, False), "rank_pattern": (None, {}),
+    "alpha_pattern": (None, {}), "bias": (None, "none"), "fan_in_fan_out": (None, False),
+    "layers_to_transform": (None, [], ()), "modules_to_save": (None, [], ()),
+    "lora_bias": (None, False),
+}
 
 
 class LoRALinear(Linear):
@@ -62,21 +76,30 @@ def _checkpoint_name(model, kaki_name: str) -> str:
     return renamer(model.config.model_type, to_checkpoint=True)(kaki_name + ".weight")[:-len(".weight")]
 
 
-def _targets(model, targets: list[str]) -> list[str]:
-    """kaki module names of the linear layers to adapt. A target matches a layer's last name in
-    kaki's naming or the checkpoint's (`dense` or Llama's `o_proj`); `all-linear` is every linear
-    layer but the LM head (peft's meaning)."""
+def _targets(model, targets: list[str] | str) -> list[str]:
+    """kaki module names of the linear layers to adapt, with peft's matching rules: a target list
+    entry matches a layer whose name (kaki's or the checkpoint's, e.g. `dense` or Llama's
+    `o_proj`) is the entry or ends with "." + the entry, so a last name (`q_proj`) and a full path
+    (`model.layers.0.self_attn.q_proj`, as peft saves `all-linear`) both work; a single string
+    other than `all-linear` is a regular expression the whole checkpoint name must match;
+    `all-linear` is every linear layer but the output head."""
     found = []
+    regex = re.compile(targets) if isinstance(targets, str) and targets != ALL_LINEAR else None
+    wanted = [targets] if isinstance(targets, str) else list(targets)
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or isinstance(mod, LoRALinear) or name in HEADS:
             continue
-        last = {name.rsplit(".", 1)[-1], _checkpoint_name(model, name).rsplit(".", 1)[-1]}
-        if ALL_LINEAR in targets or last & set(targets):
+        names = (name, _checkpoint_name(model, name))
+        if regex is not None:
+            hit = regex.fullmatch(names[1]) is not None
+        else:
+            hit = ALL_LINEAR in wanted or any(n == t or n.endswith("." + t) for n in names for t in wanted)
+        if hit:
             found.append(name)
     if not found:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if isinstance(m, nn.Linear) and n not in HEADS})
-        raise KakiError(f"--lora-targets {','.join(targets)} matches no linear layer; this model has "
+        raise KakiError(f"--lora-targets {','.join(wanted)} matches no linear layer; this model has "
                         f"{', '.join(names)} (or use all-linear)")
     return found
 
@@ -134,6 +157,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise KakiError(f"{path} is not valid JSON ({e})") from None
     if cfg.get("peft_type") != "LORA":
         raise KakiError(f"{path} describes a {cfg.get('peft_type')!r} adapter; kaki applies LORA only")
+    # peft options that change the computation and kaki does not implement: refused, never ignored.
+    unsupported = [key for key, off in UNSUPPORTED_PEFT_OPTIONS.items() if cfg.get(key) not in off]
+    if unsupported:
+        raise KakiError(f"{path} uses peft option(s) kaki does not implement: "
+                        f"{', '.join(f'{k}={cfg[k]!r}' for k in unsupported)}; merge the adapter with "
+                        "peft (merge_and_unload) and load the merged model instead")
     return cfg
 
 
@@ -165,7 +194,7 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
 def apply_adapter_to_model(model, adapter_dir: str | Path) -> None:
     cfg = read_adapter_config(adapter_dir)
     apply_lora(model, r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=0.0,
-               targets=list(cfg["target_modules"]))
+               targets=cfg["target_modules"])
     load_adapter_weights(model, adapter_dir)
     for p in model.parameters():
         p.requires_grad_(False)
