@@ -236,7 +236,9 @@ def build(sources: list[tuple[str, str]], seed: int = 0):
             pretrain.append({"text": chunk})
     train_passages = [p for p in passages if p.id not in held]
     chat = chat_examples(train_passages, seed)
-    return passages, held, pretrain, chat
+    ground = grounding_examples(train_passages, seed) + copy_drills(pretrain, seed)
+    random.Random(f"{seed}:mix").shuffle(ground)
+    return passages, held, pretrain, chat, ground
 
 
 def chunk_text(text: str, limit: int) -> list[str]:
@@ -279,6 +281,58 @@ def chat_examples(passages: list[rst.Passage], seed: int) -> list[dict]:
     out += greetings()
     random.Random(seed).shuffle(out)
     return out
+
+
+def grounding_examples(passages: list[rst.Passage], seed: int) -> list[dict]:
+    """Drills for the last training stage: every example carries passages and its answer is copied
+    out of one of them. A model of this size trained on ~10 M tokens has not yet learnt to copy
+    from its context at all (its reply loss on the chat data was the same with and without the
+    passages), so these make copying the only way to a low loss:
+    - quote: "What does passage [2] say?" (the passage is named by its number: copying alone);
+    - single: a question with its gold passage only (what `kaki eval --with-context` asks);
+    - pick: a question with the gold passage among one or two distractors (what retrieval gives).
+    The answer is always the entry's first sentences, as in the chat data."""
+    usable = [p for p in passages if len(answer_for(p)) >= 25
+              and answer_for(p)[:60] in " ".join(as_context(p)["text"].split())]
+    by_source: dict[str, list[rst.Passage]] = {}
+    for p in usable:
+        by_source.setdefault(p.source, []).append(p)
+    out = []
+    for p in usable:
+        rng = random.Random(f"{seed}:ground:{p.id}")
+        kind = rng.choices(("quote", "single", "pick"), weights=(4, 3, 3))[0]
+        if kind == "single":
+            ctx, question = [p], rng.choice(questions_for(p, rng))
+        else:
+            ctx = [p] + distractors(p, usable, by_source, rng, rng.choice([1, 2] if kind == "pick" else [0, 1, 2]))
+            rng.shuffle(ctx)
+            question = (rng.choice(QUOTE_QUESTIONS).format(n=ctx.index(p) + 1) if kind == "quote"
+                        else rng.choice(questions_for(p, rng)))
+        out.append({"messages": [{"role": "user", "content": with_context(question, [as_context(c) for c in ctx])},
+                                 {"role": "assistant", "content": answer_for(p)}]})
+    random.Random(f"{seed}:ground").shuffle(out)
+    return out
+
+
+def copy_drills(pretrain: list[dict], seed: int, n: int = 12000) -> list[dict]:
+    """Plain-text records in which a stretch of the docs appears twice. Predicting the second copy
+    is easy only by looking back at the first, which is how a transformer learns to copy from its
+    context at all (induction heads); on ordinary text, at kaki-tiny's size and token budget, that
+    never happened. The grounding drills then build on it."""
+    rng = random.Random(f"{seed}:copy")
+    texts = [r["text"] for r in pretrain if len(r["text"]) > 400]
+    out = []
+    for _ in range(n):
+        text = rng.choice(texts)
+        size = rng.randint(200, 700)
+        start = rng.randrange(0, max(1, len(text) - size))
+        span = text[start:start + size].strip()
+        out.append({"text": f"{span}\n\n{span}"})
+    return out
+
+
+QUOTE_QUESTIONS = ("What does passage [{n}] say?", "Summarize passage [{n}].",
+                   "What is passage [{n}] about?", "Quote the start of passage [{n}].")
 
 
 def distractors(p, usable, by_source, rng, k: int) -> list[rst.Passage]:
@@ -351,10 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     sources = read_sources(args.src)
-    passages, held, pretrain, chat = build(sources, args.seed)
+    passages, held, pretrain, chat, ground = build(sources, args.seed)
     out = args.out
     write_jsonl(out / "pretrain.jsonl", pretrain)
     write_jsonl(out / "chat.jsonl", chat)
+    write_jsonl(out / "ground.jsonl", ground)
     write_jsonl(out / "passages.jsonl", (passage_record(p, p.id in held) for p in passages))
     held_passages = [p for p in passages if p.id in held]
     if args.eval_out:
@@ -366,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "chat_records": len(chat),
         "chat_chars": sum(len(m["content"]) for r in chat for m in r["messages"]),
         "chat_with_context": sum("Context:\n[1] " in r["messages"][0]["content"] for r in chat),
+        "ground_records": len(ground),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))

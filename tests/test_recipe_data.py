@@ -129,3 +129,30 @@ def test_missing_sources_are_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "recipes" / "prepare_data.py"), "--src", str(tmp_path),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "apt-get install -y python3.11-doc" in r.stderr
+
+
+def test_grounding_drills_answer_from_a_passage_in_the_prompt(out):
+    recs = read(out / "ground.jsonl")
+    drills = [r for r in recs if "messages" in r]
+    copies = [r for r in recs if "text" in r]
+    assert drills and copies and len(drills) + len(copies) == len(recs)
+    held = {p["text"][:80] for p in read(out / "eval" / "passages.jsonl")}
+    quotes = 0
+    for r in drills:
+        user, reply = r["messages"][0]["content"], r["messages"][1]["content"]
+        passages, question = split_context(user)
+        assert 1 <= len(passages) <= 3
+        # The reply is copied out of one of the passages (whitespace aside) ...
+        gold = [i for i, p in enumerate(passages, 1) if flat(reply)[:60] in flat(p["text"])]
+        assert gold, (question, reply)
+        # ... and "passage [n]" questions name the passage it comes from.
+        m = re.search(r"passage \[(\d)\]", question)
+        if m:
+            quotes += 1
+            assert int(m.group(1)) in gold
+        assert not any(p["text"][:80] in held for p in passages)
+    assert 0.2 < quotes / len(drills) < 0.6
+    for r in copies:  # a stretch of the docs, a blank line, then the same stretch again
+        t = r["text"]
+        n = (len(t) - 2) // 2
+        assert n > 50 and t[:n] == t[n + 2:] and t[n:n + 2] == "\n\n"
