@@ -305,11 +305,7 @@ def grounding_examples(passages: list[rst.Passage], seed: int) -> list[dict]:
             ctx, question = [p], rng.choice(questions_for(p, rng))
         else:
             ctx = [p] + distractors(p, usable, by_source, rng, rng.choice([1, 2] if kind == "pick" else [0, 1, 2]))
-            # Retrieval ranks the passage that answers first most of the time (BM25 over the docs:
-            # 69% of the evaluation questions), so "pick" drills do too, and the model learns to
-            # prefer [1] while still finding the answer elsewhere.
-            if kind == "quote" or rng.random() >= PICK_FIRST_SHARE:
-                rng.shuffle(ctx)
+            rng.shuffle(ctx)
             question = (rng.choice(QUOTE_QUESTIONS).format(n=ctx.index(p) + 1) if kind == "quote"
                         else rng.choice(questions_for(p, rng)))
         out.append({"messages": [{"role": "user", "content": with_context(question, [as_context(c) for c in ctx])},
@@ -335,7 +331,6 @@ def copy_drills(pretrain: list[dict], seed: int, n: int = 12000) -> list[dict]:
     return out
 
 
-PICK_FIRST_SHARE = 0.7
 QUOTE_QUESTIONS = ("What does passage [{n}] say?", "Summarize passage [{n}].",
                    "What is passage [{n}] about?", "Quote the start of passage [{n}].")
 
