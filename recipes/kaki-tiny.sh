@@ -3,7 +3,7 @@
 #   data (Python 3.11 docs) -> tokenizer -> pretraining -> chat tuning -> grounding drills
 #   -> bf16 export -> model card.
 #
-#   recipes/kaki-tiny.sh            full run (~1-1.5 h on 2 CPU cores); needs `apt-get install python3.11-doc`
+#   recipes/kaki-tiny.sh            full run (~1.5 h on 2 CPU cores); needs `apt-get install python3.11-doc`
 #   recipes/kaki-tiny.sh --smoke    a few steps on the committed data/smoke subset (CI runs this)
 #
 # Every stage is resumable: run the same command again after an interruption and it continues
