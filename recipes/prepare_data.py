@@ -254,18 +254,28 @@ def chunk_text(text: str, limit: int) -> list[str]:
     return [c.strip() for c in out if len(c.strip()) > 40]
 
 
+def group_by_source(passages: list[rst.Passage]) -> dict[str, list[rst.Passage]]:
+    by_source: dict[str, list[rst.Passage]] = {}
+    for p in passages:
+        by_source.setdefault(p.source, []).append(p)
+    return by_source
+
+
+def answer_in_context(p: rst.Passage) -> bool:
+    """Whether the passage, as trimmed for a prompt, still holds its answer (whitespace aside)."""
+    return answer_for(p)[:60] in " ".join(as_context(p)["text"].split())
+
+
 def chat_examples(passages: list[rst.Passage], seed: int) -> list[dict]:
     usable = [p for p in passages if len(answer_for(p)) >= 25]
-    by_source: dict[str, list[rst.Passage]] = {}
-    for p in usable:
-        by_source.setdefault(p.source, []).append(p)
+    by_source = group_by_source(usable)
     out = []
     for p in usable:
         rng = random.Random(f"{seed}:{p.id}")
         question = rng.choice(questions_for(p, rng))
         content = question
         # Context only where the gold passage, as trimmed for the prompt, holds the answer.
-        if rng.random() < CONTEXT_SHARE and answer_for(p)[:60] in " ".join(as_context(p)["text"].split()):
+        if rng.random() < CONTEXT_SHARE and answer_in_context(p):
             ctx = [p] + distractors(p, usable, by_source, rng, rng.choice([0, 1, 1, 2, 2]))
             rng.shuffle(ctx)
             content = with_context(question, [as_context(c) for c in ctx])
@@ -292,11 +302,8 @@ def grounding_examples(passages: list[rst.Passage], seed: int) -> list[dict]:
     - single: a question with its gold passage only (what `kaki eval --with-context` asks);
     - pick: a question with the gold passage among one or two distractors (what retrieval gives).
     The answer is always the entry's first sentences, as in the chat data."""
-    usable = [p for p in passages if len(answer_for(p)) >= 25
-              and answer_for(p)[:60] in " ".join(as_context(p)["text"].split())]
-    by_source: dict[str, list[rst.Passage]] = {}
-    for p in usable:
-        by_source.setdefault(p.source, []).append(p)
+    usable = [p for p in passages if len(answer_for(p)) >= 25 and answer_in_context(p)]
+    by_source = group_by_source(usable)
     out = []
     for p in usable:
         rng = random.Random(f"{seed}:ground:{p.id}")
