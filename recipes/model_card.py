@@ -72,11 +72,19 @@ def measure(model_dir: Path, limit: int = 0, dtype: str = "float32") -> dict:
     }
 
 
-def training_summary(work: Path) -> dict:
+STAGES = ("pretrain", "chat", "ground", "lookup")
+
+
+def training_summary(work: Path, previous: dict | None = None) -> dict:
+    """Each stage's steps, tokens, time and losses from its metrics.jsonl. A stage whose metrics
+    are gone (a build that resumed from an exported model: its earlier stages ran elsewhere) keeps
+    the figures of the model's previous card, marked as such."""
     out = {}
-    for stage in ("pretrain", "chat", "ground"):
+    for stage in STAGES:
         path = work / stage / "metrics.jsonl"
         if not path.is_file():
+            if previous and stage in previous:
+                out[stage] = {**previous[stage], "from_previous_card": True}
             continue
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         train = [r for r in rows if "loss" in r and r.get("kind", "train") == "train"]
@@ -133,7 +141,9 @@ Hardware: {hardware}; precision {precision}. Recipe: `recipes/kaki-tiny.sh` (res
   PSF License; see `data/eval/NOTICE`. 270 whole documentation entries are held out of both
   training stages; they and the 58 questions form the evaluation set in `data/eval/`.
 - Chat data: question/answer pairs generated from the docs' structure (`.. function::`,
-  `.. class::`, section titles, howtos) by `recipes/prepare_data.py`.
+  `.. class::`, section titles, howtos) by `recipes/prepare_data.py`; then drills that make it
+  answer from the passages in its prompt (quote, single-passage and pick-one-of-three), and
+  lookup drills that ask from a description to a name ("Which function returns ...?").
 - The weights are released under the same terms as kaki itself.
 
 ## What it cannot do
@@ -172,18 +182,22 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=0, help="wall time of this recipe run (informational)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N items (smoke runs)")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--previous-card", help="card.json of the model this build continued from: the "
+                    "figures of stages whose metrics are not in --work")
     args = ap.parse_args()
     model_dir, work = Path(args.model), Path(args.work)
 
     from kaki.config import read_config
     cfg = read_config(model_dir)
     metrics = measure(model_dir, args.limit)
-    training = training_summary(work)
+    previous = json.loads(Path(args.previous_card).read_text())["training"] if args.previous_card else None
+    training = training_summary(work, previous)
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     lines = []
     for stage, t in training.items():
         lines.append(f"- {stage}: {t['steps']} steps, {t['tokens']:,} tokens, {t['seconds'] / 60:.0f} min; "
-                     f"final train loss {t['final_train_loss']}, eval loss {t['final_eval_loss']}")
+                     f"final train loss {t['final_train_loss']}, eval loss {t['final_eval_loss']}"
+                     + (" (from the previous build's card: this build's later stages started from its bf16 export)" if t.get("from_previous_card") else ""))
     card = {"model": metrics, "training": {k: {kk: vv for kk, vv in v.items() if kk != "last_record"}
                                            for k, v in training.items()},
             "parameters": cfg.num_parameters(), "eval_dtype": "float32", "limit": args.limit}

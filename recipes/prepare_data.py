@@ -238,7 +238,8 @@ def build(sources: list[tuple[str, str]], seed: int = 0):
     chat = chat_examples(train_passages, seed)
     ground = grounding_examples(train_passages, seed) + copy_drills(pretrain, seed)
     random.Random(f"{seed}:mix").shuffle(ground)
-    return passages, held, pretrain, chat, ground
+    lookup = lookup_drills(train_passages, seed)
+    return passages, held, pretrain, chat, ground, lookup
 
 
 def chunk_text(text: str, limit: int) -> list[str]:
@@ -338,6 +339,106 @@ def copy_drills(pretrain: list[dict], seed: int, n: int = 12000) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------- lookup drills
+
+# First words of an entry's first sentence that are not an imperative verb ("Return ...").
+NOT_VERBS = {"this", "the", "a", "an", "if", "like", "similar", "same", "when", "for", "is", "in",
+             "on", "note", "see", "alias", "deprecated", "new", "changed", "whether", "true", "false",
+             "all", "any", "only", "both", "these", "each", "one", "some", "no", "not", "called", "convenience",
+             "instances", "default", "equivalent", "used", "it", "as", "by", "with", "from", "at"}
+CALLABLES = {"function", "coroutinefunction", "decorator", "method", "classmethod", "staticmethod",
+             "coroutinemethod", "abstractmethod"}
+LOOKUP_KINDS = CALLABLES | {"class", "exception", "data", "attribute", "term"}
+LOOKUP_TEMPLATES = ("Which {what} {vp}?", "What {what} {vp}?", "Is there a {what} that {vp}?",
+                    "I need the {what} that {vp}. Which one is it?", "Tell me the {what} that {vp}.")
+TERM_TEMPLATES = ("What is the term for {np}?", "What do you call {np}?", "What is {np} called?")
+
+
+def third_person(verb: str) -> str:
+    """The imperative of a doc sentence ("Return", "Apply") as the verb of "which function ...s"."""
+    v = verb.lower()
+    if v.endswith("s") and not v.endswith("ss"):
+        return v  # already "Returns", "Checks"
+    if v.endswith(("ss", "sh", "ch", "x", "z", "o")):
+        return v + "es"
+    if v.endswith("y") and v[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return v[:-1] + "ies"
+    return v + "s"
+
+
+def _lower_first(text: str) -> str:
+    """"The X" -> "the X", but "SSLContext ..." and "True ..." stay as written (names)."""
+    word = text.split(" ", 1)[0]
+    return text[0].lower() + text[1:] if word.istitle() and word.isalpha() else text
+
+
+def lookup_question(p: rst.Passage, rng: random.Random) -> str | None:
+    """The reverse of questions_for: the entry's description, asked for its name ("Which function
+    returns the geometric mean of data?"), the question a user asks when the name is what they
+    lack. None where the first sentence does not turn into one."""
+    first = sentences(p.first_paragraph)[:1]
+    if not first or p.kind not in LOOKUP_KINDS:
+        return None
+    s = first[0].rstrip(".:;")
+    if not 20 <= len(s) <= 160 or "`" in s or s.lower().startswith(("this is", "see ")):
+        return None
+    head, _, rest = s.partition(" ")
+    if p.kind == "term":
+        if head.lower() not in ("a", "an", "the") or not rest:
+            return None
+        return rng.choice(TERM_TEMPLATES).format(np=_lower_first(s))
+    if p.kind in CALLABLES:
+        owner = p.title.rsplit(".", 1)[0] if p.kind not in ("function", "coroutinefunction", "decorator") else ""
+        what = f"method of {_short(owner)}" if owner else "function"
+        if head.lower() == "this" and rest.startswith(("function ", "method ")):
+            vp = rest.split(" ", 1)[1]
+        elif head.isalpha() and head.istitle() and head.lower() not in NOT_VERBS and rest:
+            vp = f"{third_person(head)} {rest}"
+        else:
+            return None
+        return rng.choice(LOOKUP_TEMPLATES).format(what=what, vp=vp)
+    if p.kind == "exception":
+        if head == "Raised" and rest:
+            return rng.choice(("Which exception is raised {r}?", "What exception do I get {r}?")).format(r=rest)
+        what = "exception"
+    else:
+        what = "class" if p.kind == "class" else "attribute"
+    if head.lower() in ("a", "an", "the") and rest:
+        return rng.choice((f"Which {what} is {{np}}?", f"What is the name of the {what} that is {{np}}?")).format(
+            np=_lower_first(s))
+    return None
+
+
+def lookup_answer(p: rst.Passage) -> str:
+    """The name first (copied from the passage's title line), then the description."""
+    name = f"{p.title}()" if p.kind in CALLABLES else p.title
+    return f"{name}: {answer_for(p)}"
+
+
+def lookup_drills(passages: list[rst.Passage], seed: int) -> list[dict]:
+    """"Which function does X?" questions answered with the entry's name and first sentences, for a
+    last training stage. The chat data and the grounding drills only ever ask from the name to the
+    description ("What does os.fsync() do?"), so the model never learnt to answer with a name, the
+    thing users most often ask the docs for. Like the grounding drills, most carry the answering
+    passage (45% alone, 40% among one or two distractors); 15% carry none, so a question without
+    retrieval is still answered."""
+    usable = [p for p in passages if len(answer_for(p)) >= 25 and answer_in_context(p)]
+    by_source = group_by_source(usable)
+    out = []
+    for p in usable:
+        rng = random.Random(f"{seed}:lookup:{p.id}")
+        question = lookup_question(p, rng)
+        if question is None:
+            continue
+        kind = rng.choices(("single", "pick", "none"), weights=(45, 40, 15))[0]
+        ctx = [] if kind == "none" else [p] + distractors(p, usable, by_source, rng, rng.choice([1, 2]) if kind == "pick" else 0)
+        rng.shuffle(ctx)
+        out.append({"messages": [{"role": "user", "content": with_context(question, [as_context(c) for c in ctx])},
+                                 {"role": "assistant", "content": lookup_answer(p)}]})
+    random.Random(f"{seed}:lookup").shuffle(out)
+    return out
+
+
 QUOTE_QUESTIONS = ("What does passage [{n}] say?", "Summarize passage [{n}].",
                    "What is passage [{n}] about?", "Quote the start of passage [{n}].")
 
@@ -412,11 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     sources = read_sources(args.src)
-    passages, held, pretrain, chat, ground = build(sources, args.seed)
+    passages, held, pretrain, chat, ground, lookup = build(sources, args.seed)
     out = args.out
     write_jsonl(out / "pretrain.jsonl", pretrain)
     write_jsonl(out / "chat.jsonl", chat)
     write_jsonl(out / "ground.jsonl", ground)
+    write_jsonl(out / "lookup.jsonl", lookup)
     write_jsonl(out / "passages.jsonl", (passage_record(p, p.id in held) for p in passages))
     held_passages = [p for p in passages if p.id in held]
     if args.eval_out:
@@ -429,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "chat_chars": sum(len(m["content"]) for r in chat for m in r["messages"]),
         "chat_with_context": sum("Context:\n[1] " in r["messages"][0]["content"] for r in chat),
         "ground_records": len(ground),
+        "lookup_records": len(lookup),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))

@@ -50,14 +50,14 @@ def test_card_figures_recompute_from_the_shipped_weights():
     assert f"{card['accuracy_with_passage']['contains']:.0%}" in readme
     assert f"{card['accuracy_without_passage']['contains']:.0%}" in readme
     assert f"{card['accuracy_with_retrieval']['contains']:.0%}" in readme
-    # What the demo is for (issue 5): the answering passage in the prompt makes the answer contain
-    # its key phrase at least 15 points more often; BM25 retrieval from the whole docs corpus (top
-    # passage, as `make chat` runs) helps clearly too. The card reports 15.5 points for retrieval;
-    # this asserts 10, so that one greedy answer flipping on another CPU does not fail CI.
-    # Checked on the recomputed figures, not only the card's.
+    # What the demo is for (issues 5 and 8): the answering passage in the prompt, and the top
+    # passage BM25 retrieves from the whole docs corpus (as `make chat` runs), each make the answer
+    # contain its key phrase at least 15 points more often than no passage. The card reports 41 and
+    # 22 points, so one greedy answer flipping on another CPU does not fail this. Checked on the
+    # recomputed figures, not only the card's.
     without = now["accuracy_without_passage"]["contains"]
     assert now["accuracy_with_passage"]["contains"] >= without + 0.15, now
-    assert now["accuracy_with_retrieval"]["contains"] >= without + 0.10, now
+    assert now["accuracy_with_retrieval"]["contains"] >= without + 0.15, now
     assert now["accuracy_with_retrieval"]["k"] == 1
     makefile = (ROOT / "Makefile").read_text()
     assert "RETRIEVAL_K := 1" in makefile and "--retrieval-k $(RETRIEVAL_K)" in makefile

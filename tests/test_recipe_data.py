@@ -156,3 +156,36 @@ def test_grounding_drills_answer_from_a_passage_in_the_prompt(out):
         t = r["text"]
         n = (len(t) - 2) // 2
         assert n > 50 and t[:n] == t[n + 2:] and t[n:n + 2] == "\n\n"
+
+
+def test_lookup_drills_ask_for_a_name_and_answer_with_it(out):
+    """"Which function returns ...?" answered with the entry's name (copied from its passage's
+    title line) and then its description; most carry the passage, some none, never a held-out one."""
+    recs = read(out / "lookup.jsonl")
+    assert len(recs) >= 50
+    held = {p["text"][:80] for p in read(out / "eval" / "passages.jsonl")}
+    held_names = {p["title"].split(" (")[0] for p in read(out / "eval" / "passages.jsonl")}
+    with_ctx = 0
+    for r in recs:
+        user, reply = r["messages"][0]["content"], r["messages"][1]["content"]
+        passages, question = split_context(user)
+        assert question.endswith(("?", ".")) and "Context:" not in question
+        name, _, description = reply.partition(": ")
+        assert name and description and name.removesuffix("()") not in held_names
+        assert name.removesuffix("()") not in question  # asked from the description to the name
+        if passages:
+            with_ctx += 1
+            # The name is in the gold passage's title, the description in its text.
+            gold = [p for p in passages if p["title"].startswith(name.removesuffix("()") + " (")]
+            assert len(gold) == 1 and flat(description)[:60] in flat(gold[0]["text"]), reply
+            assert not any(p["text"][:80] in held for p in passages)
+    assert 0.75 <= with_ctx / len(recs) <= 0.95
+
+
+@pytest.mark.parametrize("verb, expected", [("Return", "returns"), ("Returns", "returns"), ("Process", "processes"),
+                                            ("Apply", "applies"), ("Destroy", "destroys"), ("Fetch", "fetches"),
+                                            ("Go", "goes")])
+def test_lookup_questions_conjugate_the_docs_imperative(verb, expected):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import prepare_data
+    assert prepare_data.third_person(verb) == expected

@@ -15,7 +15,7 @@ Activations with 15 bits instead of 8: `quantize_dynamic`'s per-tensor 8-bit act
 ~1% relative error per layer, and on the demo model 6 of 50 greedy answers then differed from the
 float model's (1 with float activations; 11 of 50 on a less trained checkpoint). So each call quantizes
 the activations itself (`_two_row_int8`): row block 1 is x rounded to 8 bits, row block 2 the
-rounding residual magnified 128x (into the same range, so one scale and zero point serve both),
+rounding residual magnified 128x (on the same grid, so one scale and zero point serve both),
 and one int8 GEMM over the 2M rows gives y = W x1 + W r: the error drops ~60x, and 49 of 50
 answers match. The weight is still streamed once, but the GEMM has twice the rows: for prompts
 that doubles the int8 arithmetic, at decode it costs less (docs/quantization.md). Without VNNI (AVX512-VNNI /
@@ -102,27 +102,37 @@ def _prepack(q: torch.Tensor, scale: torch.Tensor, engine: str):
             return torch.ops.quantized.linear_prepack(qw, None)
 
 
-def _two_row_int8(x: torch.Tensor, packs: list, rowsum: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 -> x @ W.T with ~15-bit activations, through one int8 GEMM of 2M rows
-    per packed row block of W."""
+@functools.lru_cache(maxsize=1)
+def _grid() -> tuple[int, float, int]:
+    """(qmax, gain, margin) of the two-row activations: 8-bit rows with a 128x residual, or 7-bit
+    rows and 64x without VNNI. The residual is at most gain * scale / 2 = margin steps either side
+    of 0, so the zero point stays at least that far from both ends of the grid."""
     qmax = 127 if reduce_range() else 255
-    M, K = x.shape
+    gain = 128.0 if qmax == 255 else 64.0
+    return qmax, gain, int(gain) // 2
+
+
+def _two_row_int8(x: torch.Tensor, packs: list) -> torch.Tensor:
+    """x (M, K) float32 -> x @ W.T with ~15-bit activations, through one int8 GEMM of 2M rows
+    per packed row block of W: row block 1 is x (rounded to the grid by the GEMM itself), block 2
+    the rounding residual magnified `gain` times, on the same grid. At one row the weight is still
+    streamed once; what the second row costs is these few elementwise ops, so there are as few as
+    possible (each one is microseconds of dispatch against a GEMV of 50-1500)."""
+    qmax, gain, margin = _grid()
+    M = x.shape[0]
     lo, hi = torch.aminmax(x)
     lo, hi = min(lo.item(), 0.0), max(hi.item(), 0.0)  # the range holds 0, as fbgemm's own does
-    scale = (hi - lo) / qmax or 1.0
-    zero = min(max(round(-lo / scale), 0), qmax)
-    rows = torch.empty(2 * M, K)
-    x1, r = rows[:M], rows[M:]
-    torch.div(x, scale, out=x1).round_().clamp_(-zero, qmax - zero).mul_(scale)  # exactly on the grid
-    # The residual |x - x1| <= scale/2, magnified by gain (<= qmax, so it spans at most the range)
-    # and centred in it; the centre's contribution, center * rowsum(W), is taken off afterwards.
-    gain = 128.0 if qmax == 255 else 64.0
-    center = (lo + hi) / 2
-    torch.sub(x, x1, out=r).mul_(gain).add_(center)
+    # The grid spans [lo, hi] with the zero point in [margin, qmax - margin], so that the residual
+    # row fits around 0 (costs nothing for ranges about 0; at most 1/3 bit for one-signed ones).
+    scale = max((hi - lo) / qmax, -lo / (qmax - margin), hi / (qmax - margin)) or 1.0
+    zero = min(max(round(-lo / scale), margin), qmax - margin)
+    rows = torch.empty(2 * M, x.shape[1])
+    rows[:M] = x
+    x1 = torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, qmax)
+    torch.sub(x, x1, out=rows[M:]).mul_(gain)
     op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-    ys = [op(rows, scale, zero, p) for p in packs]
-    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
-    return torch.add(y[:M], y[M:], alpha=1 / gain).sub_(rowsum, alpha=center / gain)
+    y = op(rows, scale, zero, packs[0]) if len(packs) == 1 else torch.cat([op(rows, scale, zero, p) for p in packs], dim=1)
+    return torch.add(y[:M], y[M:], alpha=1 / gain)
 
 
 def _unpack(packed) -> torch.Tensor:
@@ -152,7 +162,6 @@ class Int8Linear(nn.Module):
         self._packs: list = []  # fbgemm/oneDNN packed matrices, PACK_ROWS rows each
         self._pack_sizes: list[int] = []
         self._pending: list[torch.Tensor] = []  # rows not packed yet
-        self._rowsum = None
         self._filled = 0
 
     def set_float(self, w: torch.Tensor, device: torch.device, keep_plain: bool = False) -> None:
@@ -175,7 +184,6 @@ class Int8Linear(nn.Module):
             self.weight = torch.empty(N, K, dtype=torch.int8, device=device)
         else:
             self.weight = torch.empty(0, dtype=torch.int8)  # the packed blocks are the only copy
-            self._rowsum = torch.empty(N, dtype=torch.float32)
 
     def add_rows(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         a, b = self._filled, self._filled + q.shape[0]
@@ -187,7 +195,6 @@ class Int8Linear(nn.Module):
         if self.kernel == "weight-only":
             self.weight[a:b] = q
             return
-        self._rowsum[a:b] = q.float().sum(dim=1).mul_(self.weight_scale[a:b])  # see _two_row_int8
         self._pending.append(q)
         while sum(len(p) for p in self._pending) >= PACK_ROWS:
             self._pack(PACK_ROWS)
@@ -231,7 +238,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (*x.shape[:-1], self.out_features)
         if self.kernel == "fbgemm":
-            y = _two_row_int8(x.reshape(-1, self.in_features).float(), self._packs, self._rowsum)
+            y = _two_row_int8(x.reshape(-1, self.in_features).float(), self._packs)
             y = y.reshape(shape).to(x.dtype)
         elif self._packs:  # fbgemm-8bit, onednn: the dynamic op as it is (8-bit activations)
             x2 = x.reshape(-1, self.in_features).float()
