@@ -235,9 +235,11 @@ def main() -> None:
 
 
 def load_format(path: Path, fmt: str):
-    """kaki.load(path, quantize=FORMAT); "int8@KERNEL" picks an int8 kernel (KAKI_INT8_KERNEL)."""
-    import kaki
-    from kaki.quant import int8
+    """kaki's model quantized while loading, as kaki.load(path, quantize=FORMAT) builds it (the
+    random checkpoint has no tokenizer); "int8@KERNEL" picks an int8 kernel (KAKI_INT8_KERNEL)."""
+    from kaki.config import read_config
+    from kaki.llm import load_model
+    from kaki.quant import as_spec, int8
 
     fmt, _, kernel = fmt.partition("@")
     old = os.environ.get("KAKI_INT8_KERNEL")
@@ -245,7 +247,7 @@ def load_format(path: Path, fmt: str):
         os.environ["KAKI_INT8_KERNEL"] = kernel
     int8.cpu_kernel.cache_clear()
     try:
-        return kaki.load(path, dtype="float32", device="cpu", quantize=fmt).model
+        return load_model(path, read_config(path), torch.float32, torch.device("cpu"), quantize=as_spec(fmt, True))
     finally:
         os.environ.pop("KAKI_INT8_KERNEL", None)
         if old is not None:
