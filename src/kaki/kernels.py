@@ -1,10 +1,12 @@
 """The linear-layer kernel choice for inference, measured on the CPUs kaki runs on.
 
-`F.linear` is right almost everywhere; two cases are not (benchmarks/decode.py shows both):
-- fp32 at 1-4 rows (batch-1 decode): MKL's GEMV runs on one core only (22 GB/s here whether
-  torch has 1 or 2 threads), so the weight's rows are split across threads and the halves run
-  concurrently: ~1.8x on a 2-core machine. Each output element is still one dot product over the
-  same inputs, so results do not change.
+`F.linear` is right almost everywhere; two cases are not:
+- fp32 at 1-4 rows (batch-1 decode): MKL's GEMV runs on one core only, so splitting the weight's
+  rows across threads and running the halves concurrently is 1.7x faster for one large layer
+  alone. In a whole decode step it is not reliably so: on a busy 2-core VM it was +13%, on an idle
+  one -1% and -15% against plain `F.linear` (the helper thread competes with torch's OpenMP worker
+  between layers; benchmarks/decode.py, BENCHMARKS.md), so it is opt-in: KAKI_SPLIT_GEMV=1. Each
+  output element is still one dot product over the same inputs, so results do not change.
 - bf16 on a CPU without native bf16 (no AVX512-BF16/AMX, e.g. Zen 2): bf16 GEMMs run at ~16
   GFLOP/s against fp32's ~144, so prompts (many rows) are computed in fp32 from upcast weights.
 Training (grad enabled) and CUDA always take plain `F.linear`.
@@ -47,13 +49,17 @@ def _enabled() -> bool:
     return os.environ.get("KAKI_PLAIN_LINEAR", "") in ("", "0")
 
 
+def _split_enabled() -> bool:
+    return os.environ.get("KAKI_SPLIT_GEMV", "") not in ("", "0")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x.device.type != "cpu" or torch.is_grad_enabled() or not _enabled():
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     if weight.dtype == torch.float32:
         threads = torch.get_num_threads()
-        if rows <= SPLIT_MAX_ROWS and threads > 1 and weight.numel() >= SPLIT_MIN_NUMEL:
+        if rows <= SPLIT_MAX_ROWS and threads > 1 and weight.numel() >= SPLIT_MIN_NUMEL and _split_enabled():
             return _split_rows(x, weight, bias, threads)
     elif weight.dtype == torch.bfloat16 and rows >= UPCAST_MIN_ROWS and _slow_bf16():
         b = bias.float() if bias is not None else None
