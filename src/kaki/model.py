@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kaki import kernels
 from kaki.config import ModelConfig
 from kaki.errors import CheckpointError
 from kaki.kernels import Linear
@@ -293,12 +294,13 @@ class CausalLM(nn.Module):
                 cache: KVCache | None = None, valid: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, S, V), or (B, 1, V) for the last position only (what decoding needs)."""
-        h = self.hidden_states(input_ids, positions, cache, valid)
-        if last_only:
-            # As a 2-D (B, H) matrix: a (B, 1, H) view of (B, S, H) sends F.linear down a bmm
-            # path that copies the whole lm_head weight (100x slower in bf16).
-            return self.lm_head(h[:, -1])[:, None]
-        return self.lm_head(h)
+        with kernels.decode_threads(self, input_ids.numel()):
+            h = self.hidden_states(input_ids, positions, cache, valid)
+            if last_only:
+                # As a 2-D (B, H) matrix: a (B, 1, H) view of (B, S, H) sends F.linear down a bmm
+                # path that copies the whole lm_head weight (100x slower in bf16).
+                return self.lm_head(h[:, -1])[:, None]
+            return self.lm_head(h)
 
     def _mask(self, B, S, start, cache, valid, device):
         """Boolean attention mask (B, 1, S, T) or None with the SDPA causal flag.
