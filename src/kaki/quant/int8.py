@@ -126,10 +126,11 @@ def _two_row_int8(x: torch.Tensor, packs: list) -> torch.Tensor:
     # row fits around 0 (costs nothing for ranges about 0; at most 1/3 bit for one-signed ones).
     scale = max((hi - lo) / qmax, -lo / (qmax - margin), hi / (qmax - margin)) or 1.0
     zero = min(max(round(-lo / scale), margin), qmax - margin)
-    rows = torch.empty(2 * M, x.shape[1])
-    rows[:M] = x
-    x1 = torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, qmax)
-    torch.sub(x, x1, out=rows[M:]).mul_(gain)
+    # Row block 1 is x itself (the GEMM rounds it to the grid); block 2 is the rounding residual in
+    # grid steps, magnified. x never leaves the grid's range, so round() needs no clamp. (Three
+    # small ops and a cat: half the time of fake_quantize + sub + mul into a preallocated block.)
+    t = torch.mul(x, 1 / scale)
+    rows = torch.cat((x, torch.sub(t, torch.round(t)).mul_(gain * scale)))
     op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
     y = op(rows, scale, zero, packs[0]) if len(packs) == 1 else torch.cat([op(rows, scale, zero, p) for p in packs], dim=1)
     return torch.add(y[:M], y[M:], alpha=1 / gain)
