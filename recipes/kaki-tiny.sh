@@ -75,33 +75,30 @@ if [ ! -f "$WORK/pretrain/model.safetensors" ]; then
     $(resume_flag "$WORK/pretrain")
 fi
 
+# tune FROM OUT STEPS LR DATA: one fine-tuning stage (chat-sized sequences), skipped once done.
+tune() {
+  if [ ! -f "$WORK/$2/model.safetensors" ]; then
+    "${KAKI[@]}" train --model "$WORK/$1" --data "$5" --out "$WORK/$2" --max-steps "$3" --lr "$4" \
+      --warmup-steps $(($3 / 20 + 1)) --eval-every 100 --seq-len "$CHAT_SEQ" "${COMMON[@]}" $(resume_flag "$WORK/$2")
+  fi
+}
+D=$WORK/data
+
 log "4/8 chat tuning ($CHAT_STEPS steps; loss on replies only)"
-if [ ! -f "$WORK/chat/model.safetensors" ]; then
-  # Some pretraining text stays in the mix so the model keeps its general docs knowledge.
-  "${KAKI[@]}" train --model "$WORK/pretrain" --data "$WORK/data/chat.jsonl:4,$WORK/data/pretrain.jsonl:1" \
-    --out "$WORK/chat" --max-steps "$CHAT_STEPS" --lr 1e-3 --warmup-steps $((CHAT_STEPS / 20 + 1)) \
-    --eval-every 100 --seq-len "$CHAT_SEQ" "${COMMON[@]}" $(resume_flag "$WORK/chat")
-fi
+# Some pretraining text stays in the mix so the model keeps its general docs knowledge.
+tune pretrain chat "$CHAT_STEPS" 1e-3 "$D/chat.jsonl:4,$D/pretrain.jsonl:1"
 
 log "5/8 grounding drills ($GROUND_STEPS steps: answers copied out of the passages in the prompt)"
-if [ ! -f "$WORK/ground/model.safetensors" ]; then
-  # After chat tuning the model still ignored the passages (same reply loss with and without
-  # them); these drills (recipes/prepare_data.py: grounding_examples) teach it to copy from them.
-  # A quarter of the mix is the chat data again, so questions without passages stay answered.
-  "${KAKI[@]}" train --model "$WORK/chat" --data "$WORK/data/ground.jsonl:3,$WORK/data/chat.jsonl:1" \
-    --out "$WORK/ground" --max-steps "$GROUND_STEPS" --lr 1e-3 --warmup-steps $((GROUND_STEPS / 20 + 1)) \
-    --eval-every 100 --seq-len "$CHAT_SEQ" "${COMMON[@]}" $(resume_flag "$WORK/ground")
-fi
+# After chat tuning the model still ignored the passages (same reply loss with and without
+# them); these drills (recipes/prepare_data.py: grounding_examples) teach it to copy from them.
+# A quarter of the mix is the chat data again, so questions without passages stay answered.
+tune chat ground "$GROUND_STEPS" 1e-3 "$D/ground.jsonl:3,$D/chat.jsonl:1"
 
 log "6/8 lookup drills ($LOOKUP_STEPS steps: \"which function does X?\" answered with the name)"
-if [ ! -f "$WORK/lookup/model.safetensors" ]; then
-  # Every earlier question asks from a name to its description; users as often ask the other way
-  # (recipes/prepare_data.py: lookup_drills). The grounding and chat data stay in the mix, at a
-  # lower learning rate, so what the model learnt there is kept.
-  "${KAKI[@]}" train --model "$WORK/ground" --data "$WORK/data/lookup.jsonl:2,$WORK/data/ground.jsonl:1,$WORK/data/chat.jsonl:1" \
-    --out "$WORK/lookup" --max-steps "$LOOKUP_STEPS" --lr 5e-4 --warmup-steps $((LOOKUP_STEPS / 20 + 1)) \
-    --eval-every 100 --seq-len "$CHAT_SEQ" "${COMMON[@]}" $(resume_flag "$WORK/lookup")
-fi
+# Every earlier question asks from a name to its description; users as often ask the other way
+# (recipes/prepare_data.py: lookup_drills). The grounding and chat data stay in the mix, at a
+# lower learning rate, so what the model learnt there is kept.
+tune ground lookup "$LOOKUP_STEPS" 5e-4 "$D/lookup.jsonl:2,$D/ground.jsonl:1,$D/chat.jsonl:1"
 
 log "7/8 export bf16 to $OUT"
 "$PY" - "$WORK/lookup" "$OUT" <<'PYEOF'
