@@ -6,7 +6,8 @@ every candidate runs interleaved with the others, round after round, and the bes
 is kept (the machine may be shared; contention only ever slows a run down):
 
 - fp32 / bf16 `F.linear`, and kaki's fp32 linear (kaki.kernels: rows split across cores);
-- int8: kaki's Int8Linear (fbgemm, two-row 15-bit activations), fbgemm's dynamic op as
+- int8: kaki's Int8Linear with its own kernel (native: 16-bit activations per row, VNNI) and
+  with fbgemm (two-row 15-bit activations), fbgemm's dynamic op as
   `quantize_dynamic` runs it (8-bit activations), oneDNN's dynamic op, PyTorch's weight-only
   `_weight_int8pack_mm` (bf16 activations);
 - int4: kaki's Int4Linear (`_weight_int4pack_mm_for_cpu`, bf16 activations) at groups 32/64/128.
@@ -33,8 +34,18 @@ def candidates(N: int, K: int) -> dict:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g) * K ** -0.5
     wb = w.bfloat16()
-    q8 = int8.Int8Linear(K, N, bias=False)
-    q8.set_float(w, torch.device("cpu"))
+    layers = {}
+    for kernel in ("native", "fbgemm"):
+        try:
+            os.environ["KAKI_INT8_KERNEL"] = kernel
+            int8.cpu_kernel.cache_clear()
+            layers[kernel] = int8.Int8Linear(K, N, bias=False)
+            layers[kernel].set_float(w, torch.device("cpu"))
+        except ValueError:  # no native kernel on this CPU
+            pass
+        finally:
+            os.environ.pop("KAKI_INT8_KERNEL", None)
+            int8.cpu_kernel.cache_clear()
     q, scale = int8.quantize(w)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -45,7 +56,8 @@ def candidates(N: int, K: int) -> dict:
         "fp32 F.linear": lambda x, xb: F.linear(x, w),
         "fp32 kaki": lambda x, xb: kaki_linear(x, w, None),
         "bf16 F.linear": lambda x, xb: F.linear(xb, wb),
-        "int8 kaki (fbgemm two-row)": lambda x, xb: q8(x),
+        **{f"int8 kaki ({'native' if k == 'native' else 'fbgemm two-row'})": (lambda m: lambda x, xb: m(x))(m)
+           for k, m in layers.items()},
         "int8 fbgemm dynamic": lambda x, xb: torch.ops.quantized.linear_dynamic(x, fbgemm, True),
         "int8 onednn dynamic": lambda x, xb: torch.ops.quantized.linear_dynamic(x, onednn, False),
         "int8 _weight_int8pack_mm": lambda x, xb: torch._weight_int8pack_mm(xb, q, sb),

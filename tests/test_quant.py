@@ -127,20 +127,34 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.fixture
+def int8_kernel(monkeypatch):
+    """Select an int8 CPU kernel for the layers built inside the test."""
+    def use(name):
+        monkeypatch.setenv("KAKI_INT8_KERNEL", name)
+        int8.cpu_kernel.cache_clear()
+    yield use
+    monkeypatch.delenv("KAKI_INT8_KERNEL", raising=False)
+    int8.cpu_kernel.cache_clear()
+
+
 @pytest.mark.parametrize("rows", [1, 4, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_matches_dequantized_product(rows, dtype):
+@pytest.mark.parametrize("kernel", ["native", "fbgemm"])
+def test_int8_kernel_matches_dequantized_product(int8_kernel, kernel, rows, dtype):
+    int8_kernel(kernel)
     mod, _ = _layer("int8", dtype=dtype)
-    assert mod.kernel == int8.cpu_kernel()
+    assert mod.kernel == kernel
     x = torch.randn(2, rows, 256).to(dtype)
     ref = F.linear(x.float(), mod.dequantized(), mod.bias.float())
     y = mod(x)
     assert y.dtype == dtype and y.shape == (2, rows, 96)
-    # fbgemm multiplies int8 activations: kaki feeds it x in two rows (8 bits + the magnified
-    # residual), ~15 bits in all: ~1e-4 where quantize_dynamic's single row gives ~1e-2.
-    assert _rel(y, ref) < (1e-3 if dtype == torch.float32 else 1e-2)
-    if mod.kernel == "fbgemm" and dtype == torch.float32:
-        single = torch.ops.quantized.linear_dynamic(x.reshape(-1, 256), mod._packs[0], int8.reduce_range())
+    # Both round the activations: native to 16 bits per row (~1e-5), fbgemm in two rows (8 bits +
+    # the magnified residual, ~15 bits: ~1e-4), where quantize_dynamic's single row gives ~1e-2.
+    assert _rel(y, ref) < ((1e-4 if kernel == "native" else 1e-3) if dtype == torch.float32 else 1e-2)
+    if dtype == torch.float32:
+        single = torch.ops.quantized.linear_dynamic(x.reshape(-1, 256), int8._prepack(
+            mod.int8_weight(), mod.weight_scale, "fbgemm"), int8.reduce_range())
         assert _rel(single.reshape(2, rows, 96) + mod.bias, ref) > 5 * _rel(y, ref)
     plain, _ = _layer("int8", dtype=dtype, keep_plain=True)  # the weight-only path (CUDA's)
     assert plain.kernel == "weight-only"

@@ -61,7 +61,9 @@ def dequantized_reference(path, quantized: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("family", ["persimmon", "gpt_neox", "llama"])
 @pytest.mark.parametrize("spec,kernel,tol", [
     ("int8", "weight-only", 1e-5),  # exact up to fp32 rounding
-    ("int8", None, 0.01),  # fbgemm also quantizes activations (to ~15 bits, see int8.py)
+    ("int8", None, 0.01),  # the default (native here) rounds the activations too
+    ("int8", "native", 1e-3),  # activations to 16 bits per row
+    ("int8", "fbgemm", 0.01),  # activations to ~15 bits per tensor (see int8.py)
     ("int4:32", None, 0.05),  # the kernel runs on bf16 activations
 ])
 def test_quantized_model_computes_its_dequantized_weights(family_dirs, monkeypatch, family, spec, kernel, tol):
@@ -133,10 +135,12 @@ def test_loading_in_small_blocks_gives_the_same_model(family_dirs, tmp_path, mon
     from kaki.quant import load as qload
 
     _, path = family_dirs["persimmon"]
+    monkeypatch.setattr(int8, "cpu_kernel", lambda: "fbgemm")  # the kernel that packs in blocks
     whole = kaki.load(path, dtype="float32", quantize=spec)
     saved = whole.save(tmp_path / "q")
     monkeypatch.setattr(qload, "BLOCK_BYTES", 1)  # -> 64 rows per block
     monkeypatch.setattr(int8, "PACK_ROWS", 96)
+
     ids = torch.tensor(random_prompts([9], seed=6))
     for blocked in (kaki.load(path, dtype="float32", quantize=spec), kaki.load(saved, dtype="float32")):
         packs = [len(m._packs) for m in blocked.model.modules() if isinstance(m, int8.Int8Linear)]
