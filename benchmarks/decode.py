@@ -189,7 +189,7 @@ def main() -> None:
     bw = read_bandwidth()
     results = {"bandwidth_gb_s": bw, "runs": []}
     print(f"read bandwidth: {bw:.1f} GB/s")
-    for dname in args.dtypes.split(","):
+    for dname in [d for d in args.dtypes.split(",") if d]:  # "" = only the quantized formats
         dtype = getattr(torch, dname)
         path = make_checkpoint(root, dname, cfg)
         from kaki.config import read_config
