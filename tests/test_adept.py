@@ -285,6 +285,20 @@ def test_generation_from_release_matches_transformers_greedy(release, hf_model):
     assert out.token_ids == ref[0, len(prompt):].tolist()
 
 
+def test_saving_a_loaded_release_writes_its_tokenizer_too(release, tmp_path):
+    """LLM.save after kaki.load(release) gives a directory that loads on its own: the release's
+    sentencepiece model and transformers' tokenizer files, not just weights and config."""
+    llm = kaki.load(release, dtype="float32", device="cpu")
+    out = llm.save(tmp_path / "saved")
+    assert {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in out.iterdir()}
+    again = kaki.load(out, dtype="float32", device="cpu")
+    text = "The people of the state said"
+    assert again.tokenizer.encode(text) == llm.tokenizer.encode(text)
+    assert (again.tokenizer.bos_id, again.tokenizer.eos_ids) == (llm.tokenizer.bos_id, llm.tokenizer.eos_ids)
+    ids = token_batch()
+    assert torch.equal(kaki_logits(again, ids), kaki_logits(llm, ids))
+
+
 def test_fused_qkv_is_head_interleaved_and_a_naive_chunk_fails(release, hf_model, tmp_path):
     """The release's fused qkv rows go to the model as they are (head-major, q/k/v interleaved
     per head, §2.6). A loader that split them with a three-way chunk gets different logits."""

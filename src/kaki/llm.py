@@ -33,12 +33,15 @@ class Completion:
 
 class LLM:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, path: str | None = None,
-                 generation_defaults: dict | None = None):
+                 generation_defaults: dict | None = None, tokenizer_files: dict | None = None):
+        """tokenizer_files: what `save` writes for the tokenizer (name -> text, bytes or a file to
+        copy) where `path` does not hold transformers' tokenizer files (Adept's release)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
         self.path = path
         self.generation_defaults = generation_defaults or {}
+        self.tokenizer_files = tokenizer_files
 
     @property
     def context_length(self) -> int:
@@ -121,6 +124,8 @@ class LLM:
     def save(self, out_dir: str | os.PathLike, dtype: str | None = None) -> Path:
         """Write a transformers model directory (safetensors, config.json, tokenizer files),
         atomically, that kaki and transformers' from_pretrained both load."""
+        if self.tokenizer_files is not None:
+            return save_model_dir(self.model, out_dir, dtype=dtype, extra_files=self.tokenizer_files)
         return save_model_dir(self.model, out_dir, tokenizer_dir=self.path, dtype=dtype)
 
 
@@ -129,7 +134,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def save_model_dir(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-                   dtype: str | None = None, extra_files: dict[str, str] | None = None,
+                   dtype: str | None = None, extra_files: dict[str, str | bytes | Path] | None = None,
                    config: ModelConfig | None = None, rename_key=None) -> Path:
     """config: what config.json says (default model.config); rename_key: a last rename of each
     weight's checkpoint name (a classification head's, kaki.heads)."""
@@ -158,8 +163,13 @@ def save_model_dir(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: s
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / name)
+            elif isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
 
     return write_atomically(out_dir, write)
 

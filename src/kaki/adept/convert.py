@@ -191,6 +191,13 @@ def _tokenizer_files(bundle: Bundle) -> dict[str, str | Path]:
             "generation_config.json": json.dumps(gen, indent=2) + "\n"}
 
 
+def tokenizer_files(bundle: Bundle) -> dict[str, str | bytes | Path]:
+    """Every tokenizer file of a converted directory: tokenizer.model (the release's sentencepiece
+    model) and the transformers files around it. `LLM.save` after loading a release writes these too."""
+    files: dict[str, str | bytes | Path] = {"tokenizer.model": bundle.spm} if bundle.spm is not None else {}
+    return {**files, **_tokenizer_files(bundle)}
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -222,11 +229,11 @@ def write_transformers(bundle: Bundle, out: str | Path, dtype: torch.dtype | Non
                 (tmp / "model.safetensors.index.json").write_text(
                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if bundle.spm is not None:
-            (tmp / "tokenizer.model").write_bytes(bundle.spm)
-        for name, content in _tokenizer_files(bundle).items():
+        for name, content in tokenizer_files(bundle).items():
             if isinstance(content, Path):
                 shutil.copyfile(content, tmp / name)
+            elif isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(content)
         if bundle.vocab_map is not None:

@@ -258,4 +258,5 @@ def load_release(d: str | Path, *, dtype: str | torch.dtype = "auto", device: st
         # The shared validation speaks of config.json; a release's config is its stored args.
         message = str(e).replace("Check that config.json belongs", "Check that the stored args belong")
         raise CheckpointError(message.replace("config.json", "stored args")) from None
-    return LLM(model, bundle.tokenizer(), str(d))
+    from kaki.adept.convert import tokenizer_files
+    return LLM(model, bundle.tokenizer(), str(d), tokenizer_files=tokenizer_files(bundle))
