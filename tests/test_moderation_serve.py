@@ -102,6 +102,12 @@ def test_openai_chat_blocks_messages_and_replies(url, logs):
                for line in logs)
     assert any(line.startswith("moderation output: casual ") and line.endswith("passed") for line in logs)
 
+    # ...and so does one in a system or assistant turn: the client writes those as well.
+    for role in ("system", "assistant"):
+        r = chat(url, [{"role": role, "content": FLAGGED}, {"role": "user", "content": HELLO}])
+        assert r.choices[0].finish_reason == "content_filter", role
+        assert r.choices[0].model_extra["moderation"]["where"] == "input"
+
 
 def test_openai_chat_stream_holds_the_reply_until_checked(url):
     plain = chat(url, HELLO).choices[0].message.content

@@ -6,7 +6,7 @@ are added to the request's. With `n` > 1 and a `seed`, choice j samples with see
 choices differ and each is reproducible. `stream: true` answers with server-sent events ending in
 `data: [DONE]`; a client that disconnects aborts its sequences.
 
-With `--moderation` (kaki.serve.screen): a blocked prompt or user message gets choices with
+With `--moderation` (kaki.serve.screen): a blocked prompt or message (any role) gets choices with
 finish_reason "content_filter" and no text, and the model does not run for it; a blocked reply is
 emptied the same way. Every choice says what decided it in `moderation`; streamed replies arrive
 only once they have been checked.
@@ -166,9 +166,10 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
     screen = Screen(request.app)
-    # Every user message: the history is the client's to send, so it is screened too (the
+    # Every message, whatever its role: the whole history (system and assistant turns included)
+    # is the client's to send, so any of it could carry what a user message may not (the
     # moderator remembers verdicts, so a conversation's earlier turns cost nothing again).
-    decided = await screen.check_input(m["content"] for m in messages if m["role"] == "user")
+    decided = await screen.check_input(m["content"] for m in messages)
     blocked = decided is not None and decided.blocked
     sources = None
     if request.app.state.retriever is not None and body.retrieval and not blocked:
