@@ -280,6 +280,17 @@ def state_for_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_files(dir: Path, files: dict[str, str | bytes | Path]) -> None:
+    """Write each file into `dir`: text, bytes, or a copy of another file."""
+    for name, content in files.items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, dir / name)
+        elif isinstance(content, bytes):
+            (dir / name).write_bytes(content)
+        else:
+            (dir / name).write_text(content)
+
+
 def write_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
     """Write into a temporary sibling directory and rename it into place: a crash mid-write never
     leaves a directory that looks complete. An existing `out_dir` is replaced only at the end."""

@@ -141,7 +141,7 @@ def save_model_dir(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: s
     import json
     import shutil
 
-    from kaki.checkpoint import save_weights, state_for_checkpoint, write_atomically
+    from kaki.checkpoint import save_weights, state_for_checkpoint, write_atomically, write_files
 
     target = DTYPES[dtype] if dtype else None
     cfg = config or model.config
@@ -163,13 +163,7 @@ def save_model_dir(model: CausalLM, out_dir: str | os.PathLike, tokenizer_dir: s
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
-        for name, content in (extra_files or {}).items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            elif isinstance(content, bytes):
-                (tmp / name).write_bytes(content)
-            else:
-                (tmp / name).write_text(content)
+        write_files(tmp, extra_files or {})
 
     return write_atomically(out_dir, write)
 

@@ -23,7 +23,7 @@ from kaki.adept.bundle import Bundle
 from kaki.adept.release import EOD_PIECE, TRACKER, VOCAB_MODEL, VOCAB_TEXT, is_release_dir, read_release
 from kaki.adept.unpickle import save_checkpoint_file
 from kaki.adept.vocab_trim import VOCAB_MAP_FILE, read_vocab_map, vocab_map_json
-from kaki.checkpoint import DTYPES, MAX_SHARD_BYTES, TensorSource, write_atomically
+from kaki.checkpoint import DTYPES, MAX_SHARD_BYTES, TensorSource, write_atomically, write_files
 from kaki.errors import CheckpointError, KakiError
 
 
@@ -229,13 +229,7 @@ def write_transformers(bundle: Bundle, out: str | Path, dtype: torch.dtype | Non
                 (tmp / "model.safetensors.index.json").write_text(
                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        for name, content in tokenizer_files(bundle).items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            elif isinstance(content, bytes):
-                (tmp / name).write_bytes(content)
-            else:
-                (tmp / name).write_text(content)
+        write_files(tmp, tokenizer_files(bundle))
         if bundle.vocab_map is not None:
             (tmp / VOCAB_MAP_FILE).write_text(vocab_map_json(bundle))
 

@@ -52,8 +52,8 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None where it cannot be built (logged once)."""
     if os.environ.get("KAKI_NO_NATIVE", "") not in ("", "0"):
         return None
-    flags = _cpu_flags().split()
-    if not {"avx512bw", "avx512_vnni"} <= set(flags):
+    flags = _cpu_flags()
+    if not {"avx512bw", "avx512_vnni"} <= set(flags.split()):
         logger.info("this CPU has no AVX512-VNNI: int8 layers use fbgemm's kernel")
         return None
     cc = _compiler()
@@ -62,7 +62,7 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_flags(), *FLAGS]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, flags, *FLAGS]).encode()).hexdigest()[:16]
         path = cache_dir() / f"int8_kernel-{key}.so"
         if not path.exists():
             _build(cc, path)
