@@ -8,6 +8,7 @@ small name tables in `kaki.checkpoint`. The KV cache is passed to `forward` expl
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +59,121 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     return RMSNorm(dim, cfg.layer_norm_eps) if cfg.rms_norm else nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer: (L, B, kv_heads, T, D), plus which slots hold
-    real tokens. `length` slots are filled; all rows share the same slot timeline, so a left-padded
-    batch (or rows that joined later) is a matter of `valid`, not of ragged storage."""
+@runtime_checkable
+class AttentionCache(Protocol):
+    """What `CausalLM.forward` reads and writes of a KV cache; nothing else of it is touched.
+
+    One forward pass over `input_ids` (B, S) calls, in order:
+    1. `begin(input_ids, positions, valid)`, before the layers: take slots for the S new tokens of
+       each of the B rows (`valid` (B, S) is False in padding columns; None means all are real) and
+       return `(positions, mask, causal)`: the rotary positions (B, S) (`positions` when given,
+       else where each row's tokens go on), the boolean attention mask (B, 1, S, T) or None, and
+       SDPA's `is_causal` flag;
+    2. `update(layer, k, v)` in every layer, with the new keys and values (B, KV, S, D) after
+       rotary: store them and return the keys and values the new queries attend over (B, KV, T, D);
+    3. `end()`, after the layers: the new tokens now belong to the rows.
+
+    Rotary positions are baked into the keys when they are stored, so where a token sits in the
+    cache never changes its math; only the mask says which slots each query sees.
+    `kaki.engine.kv.RowCache` (rows of their own lengths) and `SlotTimeline` below implement it.
+    """
+
+    def begin(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
+              valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]: ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def end(self) -> None: ...
+
+
+def attention_mask(B: int, S: int, start: int, key_valid: torch.Tensor | None,
+                   device) -> torch.Tensor:
+    """Boolean mask (B, 1, S, T) for S queries at slots [start, start + S) of one timeline:
+    causal, and (key_valid (B, T)) only real keys."""
+    T = start + S
+    q_idx = torch.arange(start, T, device=device)[:, None]
+    k_idx = torch.arange(T, device=device)[None, :]
+    mask = k_idx <= q_idx  # (S, T) causal
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, :]  # (B, S, T)
+    # A pad query may see no valid key at all; let every query see itself so no row is all
+    # False (SDPA would return NaN there). Pad rows' outputs are never read.
+    mask = mask | (k_idx == q_idx)
+    return mask.reshape(-1, 1, S, T).expand(B, 1, S, T)
+
+
+class SlotTimeline:
+    """An AttentionCache whose rows share one slot timeline: keys and values `k`, `v` of shape
+    (L, B, KV, T, D), `valid` (B, T) True where a slot holds a real token, `length` slots filled
+    (every row writes its new tokens at the same slots), `padded` once any filled slot of a row is
+    a pad (then masks are needed). A left-padded batch is a matter of `valid`, not of ragged
+    storage. Subclasses provide the attributes (`KVCache`; the server's `SlotCache` and `RowsView`
+    reach it through `as_attention_cache` until the server moves to kaki.engine, issue #18)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    length: int
+    padded: bool
+    capacity: int
+
+    def begin(self, input_ids, positions, valid):
+        B, S = input_ids.shape
+        start, device = self.length, input_ids.device
+        if start + S > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} tokens; {start + S} requested")
+        if positions is None:
+            positions = torch.arange(start, start + S, device=device).expand(B, S)
+        if valid is None:
+            valid = torch.ones(B, S, dtype=torch.bool, device=device)
+        self.valid[:, start:start + S] = valid
+        if not bool(valid.all()):
+            self.padded = True
+        self._adding = S
+        # With no padding anywhere, a prefill from slot 0 uses SDPA's own causal path and a
+        # one-token step needs no mask at all (both faster, and what transformers does).
+        if not self.padded:
+            if start == 0:
+                return positions, None, S > 1
+            if S == 1:
+                return positions, None, False
+        return positions, attention_mask(B, S, start, self.valid[:, :start + S], device), False
+
+    def update(self, layer, k, v):
+        start, S = self.length, k.shape[2]
+        self.k[layer, :, :, start:start + S] = k
+        self.v[layer, :, :, start:start + S] = v
+        return self.k[layer, :, :, :start + S], self.v[layer, :, :, :start + S]  # (B, KV, T, D)
+
+    def end(self) -> None:
+        self.length += self._adding
+
+
+class _Borrowed(SlotTimeline):
+    """A SlotTimeline over another object's attributes (the server's SlotCache and RowsView)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    k = property(lambda self: self.store.k)
+    v = property(lambda self: self.store.v)
+    valid = property(lambda self: self.store.valid)
+    capacity = property(lambda self: self.store.capacity)
+    length = property(lambda self: self.store.length, lambda self, n: setattr(self.store, "length", n))
+    padded = property(lambda self: self.store.padded, lambda self, p: setattr(self.store, "padded", p))
+
+
+def as_attention_cache(cache) -> AttentionCache | None:
+    """`cache` itself, or a SlotTimeline over an object with its attributes (k, v, valid, length,
+    padded, capacity) that does not implement AttentionCache itself."""
+    if cache is None or isinstance(cache, AttentionCache):
+        return cache
+    return _Borrowed(cache)
+
+
+class KVCache(SlotTimeline):
+    """Preallocated keys and values for every layer on one shared slot timeline (SlotTimeline):
+    what `kaki.generate.Generation` and the chat session decode with."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str):
@@ -70,7 +182,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
-        self.padded = False  # True once any slot of a filled row is a pad: masks are needed then
+        self.padded = False
 
     @property
     def batch(self) -> int:
@@ -144,11 +256,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin, self.rot, self.rotate)
         k = apply_rotary(k, cos, sin, self.rot, self.rotate)
         if cache is not None:
-            start = cache.length
-            cache.k[layer, :, :, start:start + S] = k
-            cache.v[layer, :, :, start:start + S] = v
-            k = cache.k[layer, :, :, :start + S]  # (B, KV, T, D)
-            v = cache.v[layer, :, :, :start + S]
+            k, v = cache.update(layer, k, v)  # (B, KV, T, D)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.dense(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
@@ -268,30 +376,33 @@ class CausalLM(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, S, R)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: AttentionCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Run the decoder on `input_ids` (B, S) and return final-norm hidden states (B, S, H).
 
-        positions: (B, S) rotary positions; default counts on from the cache.
+        positions: (B, S) rotary positions; default counts on from the cache (or from 0).
         valid: (B, S) True for real tokens, False for padding; None means all real.
-        With a cache, the tokens are appended after its `length` filled slots.
+        With a cache, the tokens are appended to what its rows hold (see AttentionCache).
         """
-        B, S = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
-        if cache is not None and start + S > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} tokens; {start + S} requested")
-        mask, causal = self._mask(B, S, start, cache, valid, input_ids.device)
+        cache = as_attention_cache(cache)
+        if cache is not None:
+            positions, mask, causal = cache.begin(input_ids, positions, valid)
+        else:
+            B, S = input_ids.shape
+            if positions is None:
+                positions = torch.arange(S, device=input_ids.device).expand(B, S)
+            mask, causal = None, S > 1
+            if valid is not None and not bool(valid.all()):
+                mask, causal = attention_mask(B, S, 0, valid, input_ids.device), False
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask, causal)
         if cache is not None:
-            cache.length = start + S
+            cache.end()
         return self.model.final_layernorm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                cache: AttentionCache | None = None, valid: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, S, V), or (B, 1, V) for the last position only (what decoding needs)."""
         with kernels.decode_threads(self, input_ids.numel()):
@@ -301,38 +412,6 @@ class CausalLM(nn.Module):
                 # path that copies the whole lm_head weight (100x slower in bf16).
                 return self.lm_head(h[:, -1])[:, None]
             return self.lm_head(h)
-
-    def _mask(self, B, S, start, cache, valid, device):
-        """Boolean attention mask (B, 1, S, T) or None with the SDPA causal flag.
-
-        With no padding anywhere, a prefill from slot 0 uses SDPA's own causal path and a one-token
-        step needs no mask at all (both faster, and what transformers does)."""
-        if cache is not None:
-            if valid is None:
-                valid = torch.ones(B, S, dtype=torch.bool, device=device)
-            cache.valid[:, start:start + S] = valid
-            if not bool(valid.all()):
-                cache.padded = True
-            key_valid = cache.valid[:, :start + S]
-            padded = cache.padded
-        else:
-            key_valid = valid
-            padded = valid is not None and not bool(valid.all())
-        if not padded:
-            if start == 0:
-                return None, S > 1
-            if S == 1:
-                return None, False
-        T = start + S
-        q_idx = torch.arange(start, T, device=device)[:, None]
-        k_idx = torch.arange(T, device=device)[None, :]
-        mask = k_idx <= q_idx  # (S, T) causal
-        if key_valid is not None:
-            mask = mask & key_valid[:, None, :]  # (B, S, T)
-        # A pad query may see no valid key at all; let every query see itself so no row is all
-        # False (SDPA would return NaN there). Pad rows' outputs are never read.
-        mask = mask | (k_idx == q_idx)
-        return mask.reshape(-1, 1, S, T).expand(B, 1, S, T), False
 
 
 def _scale_rope(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
