@@ -1,4 +1,5 @@
-"""The one generation loop: token ids in, token ids out, for every caller.
+"""The generation loop the chat session still uses until it moves to kaki.engine, the one engine
+(issue #18; `LLM.generate`/`stream`, so `kaki generate` and eval, run on it already).
 
 `Generation` prefills a batch of prompts (left-padded into one preallocated KV cache; each row's
 positions count from its own first real token, as transformers' generate does) and then decodes
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kaki.errors import ParamError
+from kaki.engine.sampler import prompt_logprobs
+from kaki.engine.scheduler import check_prompt_fits
 from kaki.model import CausalLM, KVCache
 from kaki.sampling import SamplingParams, sample_token
 
@@ -40,16 +42,6 @@ class RowState:
     finish_reason: str | None = None
     prompt_logprobs: list[float | None] | None = None
     seen: torch.Tensor | None = None  # ids for the repetition penalty
-
-
-def check_prompt_fits(n_prompt: int, max_new: int, context: int) -> int:
-    """The number of new tokens that fit; a clear error if the prompt alone does not."""
-    if n_prompt == 0:
-        raise ParamError("prompt", "is empty (no tokens); give some text or enable the BOS token")
-    if n_prompt > context or (n_prompt == context and max_new > 0):
-        raise ParamError("prompt", f"is {n_prompt:,} tokens but the model's context is {context:,}; "
-                         "shorten it (or lower the prompt's history) to leave room for the reply")
-    return min(max_new, context - n_prompt)
 
 
 class Generation:
@@ -153,14 +145,10 @@ class Generation:
         return logits[:, -1].float()
 
     def _prompt_logprobs(self, rows, logits, ids, valid):
-        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        chosen = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        for b, i in enumerate(rows):
-            r = self.rows[i]
-            if r.params.prompt_logprobs:
-                n = r.prompt_len
-                vals = chosen[b, -(n - 1):].tolist() if n > 1 else []
-                r.prompt_logprobs = [None] + vals
+        scores = prompt_logprobs(logits, ids, [self.rows[i].prompt_len for i in rows])
+        for i, lp in zip(rows, scores):
+            if self.rows[i].params.prompt_logprobs:
+                self.rows[i].prompt_logprobs = lp
 
     def _pick(self, logits: torch.Tensor) -> list[Token]:
         steps = []

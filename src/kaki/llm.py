@@ -11,12 +11,14 @@ import torch
 
 from kaki.checkpoint import DTYPES, assign_weights, renamed_sources, tensor_sources, validate
 from kaki.config import ModelConfig, read_config
+from kaki.engine import PrefixCache, Scheduler, TextSequence
+from kaki.engine.prefix import DEFAULT_BUDGET_BYTES
+from kaki.engine.scheduler import DEFAULT_MAX_ROWS
 from kaki.errors import CheckpointError, KakiError, ParamError
-from kaki.generate import Generation
 from kaki.kernels import cpu_has_fast_bf16
 from kaki.model import CausalLM
 from kaki.sampling import SamplingParams
-from kaki.tokenizer import TextStream, Tokenizer
+from kaki.tokenizer import Tokenizer
 
 
 @dataclass
@@ -66,9 +68,25 @@ class LLM:
             raise ParamError("prompt", f"token ids must be integers in [0, {self.config.vocab_size})")
         return list(prompt)
 
+    # Engine settings, per LLM: sequences decoded together (more prompts wait for a free row),
+    # and the bytes of keys and values kept for prompt prefixes across calls (0 turns it off).
+    max_batch_size: int = DEFAULT_MAX_ROWS
+    prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES
+    _prefix_cache: PrefixCache | None = None
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache `generate` and `stream` share (kaki.engine.prefix); None when off."""
+        pc, model = self._prefix_cache, self.model
+        if self.prefix_cache_bytes <= 0:
+            return None
+        if pc is None or (pc.budget_bytes, pc.dtype, pc.device) != (self.prefix_cache_bytes, model.dtype, model.device):
+            pc = self._prefix_cache = PrefixCache(self.config, model.dtype, model.device, self.prefix_cache_bytes)
+        return pc
+
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | None = None,
                  add_bos: bool | None = None, **sampling) -> list[Completion]:
-        """Complete each prompt (text or token ids); all of them run as one batch."""
+        """Complete each prompt (text or token ids), up to `max_batch_size` of them at a time."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         sp = self.sampling(params, **sampling)
@@ -85,40 +103,34 @@ class LLM:
 
     def run(self, prompts: list, params: list[SamplingParams], add_bos: bool | None = None,
             stream: bool = True) -> Iterator[tuple[list[str], list[Completion] | None]]:
-        """The text edge of the one generation loop: yields each step's new text per prompt, and
+        """The text edge of the engine (kaki.engine): yields each step's new text per prompt, and
         finally ([], completions)."""
         ids = [self.encode_prompt(p, add_bos) for p in prompts]
-        gen = Generation(self.model, ids, params, self.eos_ids, self.context_length)
-        streams = [TextStream(self.tokenizer, p, sp.stop) for p, sp in zip(ids, params)]
-        logprobs: list[list[float]] = [[] for _ in prompts]
-        tops: list[list] = [[] for _ in prompts]
-        for steps in gen:
+        sched = Scheduler(self.model, self.eos_ids, max_rows=self.max_batch_size, max_len=self.context_length,
+                          prefix_cache=self.prefix_cache)
+        index = {sched.add_request(p, sp): i for i, (p, sp) in enumerate(zip(ids, params))}
+        seqs = [sched.sequence(seq_id) for seq_id in index]
+        texts = [TextSequence(self.tokenizer, p, sp.stop) for p, sp in zip(ids, params)]
+        while sched.has_work:
             pieces = [""] * len(prompts)
-            for t in steps:
-                ts = streams[t.row]
-                pieces[t.row] = ts.push(t.id)
-                if gen.rows[t.row].finish_reason is not None and not ts.stopped:
-                    pieces[t.row] += ts.finish()
-                if ts.stopped:
-                    gen.finish(t.row)
-                if t.logprob is not None:
-                    logprobs[t.row].append(t.logprob)
-                if t.top is not None:
-                    tops[t.row].append(t.top)
+            for event in sched.step():
+                i = index[event.seq]
+                pieces[i] += texts[i].push(event)
+                if texts[i].error is not None:
+                    raise KakiError(f"generating prompt {i} failed: {texts[i].error}")
+                if texts[i].stopped and event.finish_reason is None:
+                    sched.abort(event.seq, "stop")
             if stream:
                 yield pieces, None
         out = []
-        for i, (p, r, ts) in enumerate(zip(prompts, gen.rows, streams)):
-            if r.finish_reason is None or not ts.stopped:
-                ts.finish()
-            sp = params[i]
+        for p, seq, text, sp, prompt_ids in zip(prompts, seqs, texts, params, ids):
             out.append(Completion(
-                prompt=p if isinstance(p, str) else None, text=ts.text, token_ids=list(r.tokens),
-                finish_reason=r.finish_reason or "length", prompt_token_ids=ids[i],
-                logprobs=logprobs[i] if sp.logprobs else None,
-                top_logprobs=tops[i] if sp.top_logprobs else None,
-                prompt_logprobs=r.prompt_logprobs))
-        self.last_generation = gen
+                prompt=p if isinstance(p, str) else None, text=text.text, token_ids=list(seq.tokens),
+                finish_reason=text.finish_reason or "length", prompt_token_ids=prompt_ids,
+                logprobs=text.logprobs if sp.logprobs else None,
+                top_logprobs=text.top_logprobs if sp.top_logprobs else None,
+                prompt_logprobs=seq.prompt_logprobs))
+        self.last_stats = sched.stats()
         yield [], out
 
     def save(self, out_dir: str | os.PathLike, dtype: str | None = None) -> Path:

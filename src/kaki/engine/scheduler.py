@@ -1,0 +1,315 @@
+"""The scheduler: token ids in, per-token events out, one synchronous `step()` at a time.
+
+Sequences wait in arrival order; up to `max_rows` run at once, each in its own row of one
+`RowCache`. A step decodes one token for every running sequence, then fills the rows that freed
+up with waiting sequences (continuous batching): their prompts are prefilled together, minus
+whatever prefix the `PrefixCache` already holds, and their first tokens sampled. Every token,
+and every end, comes out as an `Event`; each sequence's last event has its finish reason:
+"stop" (an eos or stop id, or the caller's stop string), "length", "abort" or "error" (its own
+sampling failed; the others go on).
+
+No text, no threads, no HTTP: front ends turn events into text (kaki.engine.text) and drive
+`step()` from wherever they run.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from kaki.engine.kv import RowCache
+from kaki.engine.prefix import Block, PrefixCache
+from kaki.engine.sampler import pick_tokens, prompt_logprobs
+from kaki.errors import KakiError, ParamError
+from kaki.model import CausalLM
+from kaki.sampling import SamplingParams
+
+DEFAULT_MAX_ROWS = 32
+
+
+@dataclass
+class Event:
+    """One step of one sequence: a new token, or (token None) an end without one."""
+
+    seq: int
+    token: int | None = None
+    logprob: float | None = None  # log-softmax of the raw logits (before penalty or temperature)
+    top: list[tuple[int, float]] | None = None  # most likely alternatives (id, logprob)
+    finish_reason: str | None = None  # on the sequence's last event
+    error: str | None = None
+
+
+def check_prompt_fits(n_prompt: int, max_new: int, context: int) -> int:
+    """The number of new tokens that fit; a clear error if the prompt alone does not."""
+    if n_prompt == 0:
+        raise ParamError("prompt", "is empty (no tokens); give some text or enable the BOS token")
+    if n_prompt > context or (n_prompt == context and max_new > 0):
+        raise ParamError("prompt", f"is {n_prompt:,} tokens but the model's context is {context:,}; "
+                         "shorten it (or lower the prompt's history) to leave room for the reply")
+    return min(max_new, context - n_prompt)
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    max_new: int
+    generator: torch.Generator
+    stop_ids: frozenset[int]  # eos (unless ignore_eos) and the stop ids
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_logprobs: list[float | None] | None = None
+    reused_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    row: int | None = None  # in the RowCache while running
+    blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks held, from the first
+    _seen: torch.Tensor | None = None
+
+    def seen_ids(self) -> torch.Tensor:
+        """Prompt and generated ids (the repetition penalty's), on the generator's device."""
+        if self._seen is None:
+            self._seen = torch.tensor(self.prompt + self.tokens, dtype=torch.long, device=self.generator.device)
+        return self._seen
+
+    def ids(self, start: int, end: int) -> list[int]:
+        """(prompt + tokens)[start:end]."""
+        p = len(self.prompt)
+        if end <= p:
+            return self.prompt[start:end]
+        return self.prompt[start:] + self.tokens[max(0, start - p):end - p]
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        if self._seen is not None:
+            self._seen = torch.cat([self._seen, self._seen.new_tensor([token])])
+
+
+class Scheduler:
+    def __init__(self, model: CausalLM, eos_ids, *, max_rows: int = DEFAULT_MAX_ROWS, max_len: int | None = None,
+                 prefix_cache: PrefixCache | None = None, max_prefill_tokens: int | None = None):
+        """max_len: prompt + new tokens per sequence (default the model's context);
+        max_prefill_tokens: padded prompt tokens prefilled in one step (None: every free row's
+        newcomer at once), so a burst of prompts does not stall the running sequences."""
+        self.model = model
+        context = model.config.max_position_embeddings
+        self.max_len = max_len or context
+        if self.max_len > context:
+            raise KakiError(f"max_len {self.max_len:,} is longer than the model's context ({context:,} tokens)")
+        if max_rows < 1:
+            raise KakiError(f"max_rows must be >= 1, got {max_rows}")
+        self.max_rows = max_rows
+        self.eos = frozenset(eos_ids)
+        self.prefix = prefix_cache
+        self.max_prefill_tokens = max_prefill_tokens
+        self.cache: RowCache | None = None  # allocated (and grown) to what the sequences need
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # running[i] is in row i
+        self._ended: list[Event] = []  # ends decided between steps (abort), reported by the next
+        self._seqs: dict[int, Sequence] = {}  # not yet finished
+        self._next_id = 0
+        self.prompt_tokens = 0  # prompt tokens of admitted sequences
+        self.prefilled_tokens = 0  # of those, the ones the model ran (the rest came from the prefix cache)
+
+    # ------------------------------------------------------------------------ callers
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, max_new: int | None = None) -> int:
+        """Queue a sequence; returns its id. max_new defaults to params.max_new_tokens; either is
+        cut to what fits in max_len (a ParamError when the prompt alone does not fit)."""
+        prompt = list(prompt_ids)
+        max_new = check_prompt_fits(len(prompt), params.max_new_tokens if max_new is None else max_new,
+                                    self.max_len)
+        stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)
+        seq = Sequence(self._next_id, prompt, params, max_new, params.make_generator(self.model.device), stop)
+        self._next_id += 1
+        self._seqs[seq.id] = seq
+        self.waiting.append(seq)
+        return seq.id
+
+    def sequence(self, seq_id: int) -> Sequence | None:
+        """A sequence not yet finished (keep the object to read it afterwards)."""
+        return self._seqs.get(seq_id)
+
+    def abort(self, seq_id: int, reason: str = "abort") -> None:
+        """End a sequence now (its client left; "stop": the caller saw a stop string). The next
+        step reports it with `reason`; a finished or unknown id is ignored."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return
+        if seq.row is None:
+            self.waiting.remove(seq)
+        self._ended.append(Event(seq.id, finish_reason=reason))
+        self._end([seq], [reason])
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._ended)
+
+    def stats(self) -> dict:
+        out = {"running": len(self.running), "waiting": len(self.waiting), "max_rows": self.max_rows,
+               "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens}
+        if self.prefix is not None:
+            out.update(self.prefix.counters())
+        return out
+
+    def step(self) -> list[Event]:
+        """One decode step for the running sequences, then newcomers into the free rows."""
+        events, self._ended = self._ended, []
+        with torch.inference_mode():
+            if self.running:
+                events += self._decode()
+            if self.waiting and len(self.running) < self.max_rows:
+                events += self._admit()
+        return events
+
+    # ------------------------------------------------------------------------ steps
+
+    def _decode(self) -> list[Event]:
+        seqs = list(self.running)
+        dev = self.model.device
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # (B, 1)
+        positions = torch.tensor([[len(s.prompt) + len(s.tokens) - 1] for s in seqs], device=dev)
+        self.cache.use(0, len(seqs))
+        logits = self.model(ids, positions, self.cache, last_only=True)
+        self._store_blocks(seqs)
+        return self._sample(seqs, logits[:, -1].float())
+
+    def _admit(self) -> list[Event]:
+        free = self.max_rows - len(self.running)
+        newcomers: list[Sequence] = []
+        longest = 0
+        while self.waiting and len(newcomers) < free:
+            n = len(self.waiting[0].prompt)
+            if newcomers and self.max_prefill_tokens is not None \
+                    and (len(newcomers) + 1) * max(longest, n) > self.max_prefill_tokens:
+                break
+            newcomers.append(self.waiting.popleft())
+            longest = max(longest, n)
+        events = []
+        # max_new 0 without prompt logprobs: nothing to run.
+        idle = [s for s in newcomers if s.max_new == 0 and not s.params.prompt_logprobs]
+        for s in idle:
+            events.append(Event(s.id, finish_reason="length"))
+        self._end(idle, ["length"] * len(idle))
+        newcomers = [s for s in newcomers if s not in idle]
+        if newcomers:
+            self._reserve(newcomers)
+        # Prompt logprobs need logits at every position (and the whole prompt run); the rest only
+        # the last position's.
+        for full in (False, True):
+            group = [s for s in newcomers if bool(s.params.prompt_logprobs) == full]
+            if group:
+                events += self._prefill(group, full)
+        return events
+
+    def _prefill(self, seqs: list[Sequence], full: bool) -> list[Event]:
+        lo = len(self.running)
+        for b, s in enumerate(seqs):
+            s.row = lo + b
+            self.running.append(s)
+            if self.prefix is not None and not full:
+                # At least the last prompt token runs: its logits pick the first new token.
+                s.blocks = self.prefix.match(s.prompt[:-1])
+                self.prefix.acquire(s.blocks)
+                s.reused_tokens = self.prefix.load(s.blocks, self.cache, s.row)
+            else:
+                self.cache.lengths[s.row] = 0
+        suffixes = [s.prompt[s.reused_tokens:] for s in seqs]
+        B, S = len(seqs), max(len(x) for x in suffixes)
+        ids = torch.zeros(B, S, dtype=torch.long)
+        valid = torch.zeros(B, S, dtype=torch.bool)
+        for b, x in enumerate(suffixes):  # left-padded: every prompt ends at the last column
+            ids[b, S - len(x):] = torch.tensor(x, dtype=torch.long)
+            valid[b, S - len(x):] = True
+        dev = self.model.device
+        ids, valid = ids.to(dev), valid.to(dev)
+        reused = torch.tensor([s.reused_tokens for s in seqs], device=dev)[:, None]
+        positions = reused + (valid.long().cumsum(-1) - 1).clamp(min=0)  # each row from its own start
+        self.cache.use(lo, lo + B)
+        logits = self.model(ids, positions, self.cache, None if bool(valid.all()) else valid, last_only=not full)
+        self.prompt_tokens += sum(len(s.prompt) for s in seqs)
+        self.prefilled_tokens += sum(len(x) for x in suffixes)
+        if full:
+            for s, lp in zip(seqs, prompt_logprobs(logits, ids, [len(s.prompt) for s in seqs])):
+                s.prompt_logprobs = lp
+        self._store_blocks(seqs)
+        return self._sample(seqs, logits[:, -1].float())
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
+        """Each sequence's next token from its row of fp32 logits (B, V); the finished leave."""
+        live = [b for b, s in enumerate(seqs) if s.max_new > 0]  # max_new 0: the prompt was only scored
+        picks = dict(zip(live, pick_tokens(logits[live], [seqs[b] for b in live]))) if live else {}
+        events, ended, reasons = [], [], []
+        for b, s in enumerate(seqs):
+            pick = picks.get(b)
+            if pick is None:
+                event = Event(s.id, finish_reason="length")
+            elif isinstance(pick, Exception):
+                event = Event(s.id, finish_reason="error", error=f"{type(pick).__name__}: {pick}")
+            else:
+                s.append(pick.token)
+                reason = None
+                if pick.token in s.stop_ids:
+                    reason = "stop"
+                elif len(s.tokens) >= s.max_new:
+                    reason = "length"
+                event = Event(s.id, pick.token, pick.logprob, pick.top, reason)
+            events.append(event)
+            if event.finish_reason is not None:
+                s.error = event.error
+                ended.append(s)
+                reasons.append(event.finish_reason)
+        self._end(ended, reasons)
+        return events
+
+    # ------------------------------------------------------------------------ rows and blocks
+
+    def _end(self, seqs: list[Sequence], reasons: list[str]) -> None:
+        """Finish `seqs`: their rows go (the last running row moves into each hole, highest
+        first, so the row that moves is never one still to go) and their blocks are released."""
+        for s, reason in zip(seqs, reasons):
+            s.finish_reason = reason
+            self._seqs.pop(s.id, None)
+            if self.prefix is not None:
+                self.prefix.release(s.blocks)
+            s.blocks = []
+        for s in sorted((s for s in seqs if s.row is not None), key=lambda s: s.row, reverse=True):
+            last = len(self.running) - 1
+            if s.row != last:
+                self.cache.move(last, s.row)
+                moved = self.running[last]
+                moved.row, self.running[s.row] = s.row, moved
+            else:
+                self.cache.lengths[last] = 0
+            self.running.pop()
+            s.row = None
+
+    def _reserve(self, newcomers: list[Sequence]) -> None:
+        """Rows and slots for the running sequences and `newcomers` (grown by doubling, within
+        max_rows and max_len, so a long-lived scheduler reallocates rarely)."""
+        known = self.running + newcomers + list(self.waiting)
+        rows = min(self.max_rows, len(known))
+        slots = min(self.max_len, max(len(s.prompt) + s.max_new for s in known))
+        model = self.model
+        if self.cache is None:
+            self.cache = RowCache(model.config, rows, slots, model.dtype, model.device)
+        elif rows > self.cache.rows or slots > self.cache.capacity:
+            self.cache.reserve(min(self.max_rows, max(rows, 2 * self.cache.rows)),
+                               min(self.max_len, max(slots, 2 * self.cache.capacity)))
+
+    def _store_blocks(self, seqs: list[Sequence]) -> None:
+        """Put each sequence's newly completed blocks of keys and values in the prefix cache."""
+        if self.prefix is None:
+            return
+        bs = self.prefix.block_size
+        for s in seqs:
+            filled = self.cache.lengths[s.row]
+            while (len(s.blocks) + 1) * bs <= filled:
+                k = len(s.blocks)
+                block = self.prefix.store(s.blocks[-1] if s.blocks else None, s.ids(k * bs, (k + 1) * bs),
+                                          self.cache, s.row)
+                if block is None:
+                    break  # the pool is full of blocks in use; try again after the next step
+                s.blocks.append(block)
