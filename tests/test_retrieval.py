@@ -140,7 +140,8 @@ def test_cli_build_update_and_errors(tmp_path, capsys):
         assert all(n in err for n in needles), err
 
     (docs / "b.txt").unlink()
-    code, out, _ = kaki("index", "build", "--out", index)  # no PATH: the last build's
+    one_line(("index", "build", "--out", index), "give the files or folders", str(docs))  # stored PATHs not followed
+    code, out, _ = kaki("index", "build", docs, "--out", index)
     assert code == 0 and "1 files, 1 passages (0 added, 0 changed, 1 removed" in out, out
     code, out, _ = kaki("index", "query", index, "what stops alpha particles?")
     assert code == 0 and "[1] Alpha" in out and "a.md:3" in out

@@ -170,7 +170,7 @@ def test_incremental_rebuild_touches_only_the_edited_file(tmp_path, tiny_embedde
     assert first.embedded == first.passages > 0 and len(first.added) == 5
     before = _snapshot(index)
 
-    again = build_index([], index, progress=False)  # same roots, nothing changed: nothing embedded
+    again = build_index([root], index, progress=False)  # same roots, nothing changed: nothing embedded
     assert (again.unchanged, again.embedded, again.passages_added) == (5, 0, 0)
     assert _snapshot(index) == before
 

@@ -22,6 +22,8 @@ from kaki.errors import KakiError
 
 MODES = ("sentences", "tokens", "none")
 MAX_SENTENCE_CHARS = 600
+# Bigger windows than this are a typo or a foreign index, not a chunking anyone wants.
+MAX_CHUNK_SIZE = 1_000_000
 # A period after one of these does not end a sentence.
 ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "cf", "mr", "mrs", "ms", "dr", "prof", "st", "no", "fig", "approx",
                  "resp", "ca", "al", "jr", "sr", "inc", "ltd", "co", "ed", "vol", "pp", "p"}
@@ -37,8 +39,15 @@ class Chunking:
     overlap: int = 0
 
     def __post_init__(self):
+        # Values may come from an index file someone else wrote: check types before comparing.
+        if not isinstance(self.mode, str):
+            raise KakiError(f"chunking mode must be a string, got {type(self.mode).__name__}")
+        for name in ("size", "overlap"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_CHUNK_SIZE:
+                raise KakiError(f"chunk {name} must be an integer of at most {MAX_CHUNK_SIZE:,}, got {str(v)[:40]!r}")
         if self.mode not in MODES:
-            raise KakiError(f"unknown chunking {self.mode!r}; use one of {', '.join(MODES)}")
+            raise KakiError(f"unknown chunking {self.mode[:40]!r}; use one of {', '.join(MODES)}")
         if self.mode != "none" and self.size < 1:
             raise KakiError(f"chunk size must be at least 1, got {self.size}")
         if self.overlap < 0 or (self.mode != "none" and self.overlap >= self.size):
@@ -55,7 +64,13 @@ class Chunking:
 
     @classmethod
     def from_json(cls, text: str) -> "Chunking":
-        return cls(**json.loads(text))
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError, TypeError) as e:
+            raise KakiError(f"chunking is not valid JSON ({type(e).__name__})")
+        if not isinstance(d, dict) or not set(d) <= {"mode", "size", "overlap"}:
+            raise KakiError("chunking must be a JSON object with mode, size and overlap")
+        return cls(**d)
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:

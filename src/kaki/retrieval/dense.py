@@ -89,9 +89,28 @@ def serialize(index) -> bytes:
     return _faiss().serialize_index(index).tobytes()
 
 
+def _shape_of(index) -> str | None:
+    """The kind `build` makes that `index` is, or None."""
+    faiss = _faiss()
+    if isinstance(index, faiss.IndexIDMap2):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexHNSWFlat):
+            return "hnsw"
+        if isinstance(inner, faiss.IndexFlat):
+            return "flat"
+    elif isinstance(index, faiss.IndexIVFFlat):
+        return "ivf"
+    return None
+
+
 def deserialize(data: bytes, kind: str):
     faiss = _faiss()
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    # The blob may not be what its row says (an index file from elsewhere): check before use.
+    shape = _shape_of(index)
+    if shape != kind or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise KakiError(f"the dense index is recorded as {kind!r} but holds {shape or type(index).__name__}; "
+                        "rebuild the index with `kaki index build ... --rebuild`")
     # Search-time knobs are set here, not trusted from the file, so a kaki upgrade can change them.
     if kind == "hnsw":
         faiss.downcast_index(index.index).hnsw.efSearch = HNSW_EF_SEARCH
@@ -103,6 +122,9 @@ def deserialize(data: bytes, kind: str):
 def search(index, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
     """Per query: (passage id, inner product) best first; ids of -1 (fewer hits than k) dropped."""
     faiss = _faiss()
+    if queries.shape[1] != index.d:
+        raise KakiError(f"the dense index holds {index.d}-dim vectors but the query embedder makes "
+                        f"{queries.shape[1]}-dim ones; rebuild the index with `kaki index build ... --rebuild`")
     # faiss parallelizes over queries: for one query, extra OpenMP threads only add their wake-ups
     # (measured: ~12 ms per HNSW query on this busy 2-core machine, against ~0.1 ms on one thread).
     before = faiss.omp_get_max_threads()

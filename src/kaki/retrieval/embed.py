@@ -36,6 +36,9 @@ INSTALL_HINT = ("install it with `pip install faiss-cpu transformers==5.24.0 && 
 FINGERPRINT_SAMPLES = 16
 FINGERPRINT_SAMPLE_BYTES = 1 << 16
 BATCH_SIZE = 32
+POOLINGS = ("mean", "cls")
+MAX_DIM = 1 << 16
+MAX_TOKENS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,39 @@ class EmbedderSpec:
     normalize: bool
     max_length: int
 
+    def __post_init__(self):
+        # A spec may come from an index file someone else wrote: every field is checked here, once.
+        def bad(field: str, want: str) -> KakiError:
+            return KakiError(f"embedder {field} must be {want}, got {str(getattr(self, field))[:60]!r}")
+        for f in ("name", "source", "fingerprint"):
+            if not isinstance(getattr(self, f), str) or not 0 < len(getattr(self, f)) <= 4096:
+                raise bad(f, "a non-empty string")
+        if self.source != DEFAULT_SOURCE and not Path(self.source).is_absolute():
+            raise bad("source", f"{DEFAULT_SOURCE} or an absolute directory")
+        if len(self.fingerprint) != 32 or any(c not in "0123456789abcdef" for c in self.fingerprint):
+            raise bad("fingerprint", "32 hex digits")
+        for f, top in (("dim", MAX_DIM), ("max_length", MAX_TOKENS)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= top:
+                raise bad(f, f"an integer from 1 to {top:,}")
+        if self.pooling not in POOLINGS:
+            raise bad("pooling", " or ".join(POOLINGS))
+        if not isinstance(self.normalize, bool):
+            raise bad("normalize", "true or false")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "EmbedderSpec":
-        return cls(**json.loads(text))
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError, TypeError) as e:
+            raise KakiError(f"the embedder record is not valid JSON ({type(e).__name__})")
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(d, dict) or set(d) != fields:
+            raise KakiError(f"the embedder record must be a JSON object with exactly {', '.join(sorted(fields))}")
+        return cls(**d)
 
 
 def default_embedder_dir() -> Path | None:
@@ -90,7 +120,10 @@ def fingerprint(model_dir: Path) -> str:
     for name in names:
         f = model_dir / name
         if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes())
+            h.update(name.encode() + b"\0")
+            with open(f, "rb") as fh:  # streamed: a directory named by an index may hold anything
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
     weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("pytorch_model*.bin"))
     if not weights:
         raise KakiError(f"embedder directory {model_dir} has no *.safetensors or pytorch_model*.bin weights")
@@ -132,10 +165,19 @@ def read_pooling(model_dir: Path) -> tuple[str, bool, int | None]:
 class Embedder:
     """A sentence encoder: texts -> float32 vectors (L2-normalized when the model says so)."""
 
-    def __init__(self, model_dir: str | Path | None = None, source: str | None = None):
+    def __init__(self, model_dir: str | Path | None = None, source: str | None = None,
+                 expect: EmbedderSpec | None = None):
+        """`expect`: the spec an index recorded; the directory's fingerprint is compared with it
+        before any model file is loaded, so an index cannot make kaki load another model."""
         source_, d = resolve_source(None if model_dir is None else str(model_dir))
         self.dir = d
         self.source = source or source_
+        fp = fingerprint(d)
+        if expect is not None and fp != expect.fingerprint:
+            raise KakiError(
+                f"embedder mismatch: the index was built with {expect.name} ({expect.source}, fingerprint "
+                f"{expect.fingerprint[:12]}) but the embedder at {d} has fingerprint {fp[:12]}; query with the "
+                "index's own embedder, or rebuild the index with `kaki index build ... --rebuild --embedder ...`")
         try:
             import torch
             from transformers import AutoModel, AutoTokenizer
@@ -161,7 +203,7 @@ class Embedder:
         self.dim = int(self.model.config.hidden_size)
         self._torch = torch
         name = DEFAULT_NAME if self.source == DEFAULT_SOURCE else d.resolve().name
-        self.spec = EmbedderSpec(name=name, source=self.source, fingerprint=fingerprint(d), dim=self.dim,
+        self.spec = EmbedderSpec(name=name, source=self.source, fingerprint=fp, dim=self.dim,
                                  pooling=pooling, normalize=normalize, max_length=self.max_length)
 
     def count_tokens(self, text: str) -> int:
@@ -201,17 +243,17 @@ class Embedder:
 def load_for_spec(spec: EmbedderSpec, override: str | None = None) -> Embedder:
     """The embedder an index was built with (or `override`, which must be the same model)."""
     if override is not None:
-        emb = Embedder(None if override in ("default", DEFAULT_SOURCE) else override)
+        emb = Embedder(None if override in ("default", DEFAULT_SOURCE) else override, expect=spec)
     elif spec.source == DEFAULT_SOURCE:
         if default_embedder_dir() is None:
             raise KakiError(f"this index was built with the default embedder {DEFAULT_NAME}, which is not "
                             f"installed here; {INSTALL_HINT.split(', or pass')[0]}, or query with --mode bm25")
-        emb = Embedder(None)
+        emb = Embedder(None, expect=spec)
     else:
         if not Path(spec.source, "config.json").is_file():
             raise KakiError(f"this index was built with the embedder at {spec.source}, which is not there "
                             "any more; pass --embedder DIR with the same model, or query with --mode bm25")
-        emb = Embedder(spec.source)
+        emb = Embedder(spec.source, expect=spec)
     check_same(spec, emb.spec)
     return emb
 

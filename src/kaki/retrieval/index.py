@@ -4,7 +4,9 @@ Incremental: a file whose size and modification time are unchanged is skipped wi
 read; one whose content hash is unchanged only has its stat updated; a changed file has its
 passages deleted and re-chunked (only those are embedded again); a file no longer under the
 PATHs given is removed. The dense index is then rebuilt from the stored vectors (cheap next to
-embedding). The index mirrors the PATHs of its latest build; with no PATH, the stored ones are used.
+embedding). The index mirrors the PATHs of its latest build. An update needs its PATHs again:
+the ones stored in the file are shown but never followed, since an index from elsewhere could
+name any local file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -113,7 +116,7 @@ def _embedder_for(choice: str | None, stored: str | None, new_index: bool, notes
         raise KakiError(f"this index was built with the embedder {spec.name}; leave --embedder out to keep it, "
                         "or pass --rebuild --embedder none for a BM25-only index")
     if choice is not None:
-        emb = Embedder(None if choice == "default" else choice)
+        emb = Embedder(None if choice == "default" else choice, expect=spec)
         check_same(spec, emb.spec)
         return stored, lambda: emb
     loaded: list[Embedder] = []
@@ -150,10 +153,9 @@ def build_index(paths: list[str | Path], out: str | Path, *, chunking: Chunking 
         store = Store.open(out, write=True)
         meta = store.meta()
     try:
-        stored_roots = json.loads(meta.get("roots", "[]"))
-        roots = [str(Path(p).resolve()) for p in paths] if paths else stored_roots
-        if not roots:
-            raise KakiError("give the files or folders to index")
+        if not paths:
+            raise KakiError(_paths_needed(out, json.loads(meta.get("roots", "[]"))))
+        roots = [str(Path(p).resolve()) for p in paths]
         files = find_files(roots)
         if not files:
             raise KakiError(f"no files to index under {', '.join(map(str, roots))} (supported: .txt .md .rst "
@@ -203,7 +205,7 @@ def build_index(paths: list[str | Path], out: str | Path, *, chunking: Chunking 
             dense_row = store.conn.execute("SELECT kind FROM dense WHERE id = 1").fetchone()
             want_kind = dense_kind if dense_kind != "auto" else None
             if changed or dense_row is None or (want_kind and dense_row[0] != want_kind):
-                _rebuild_dense(store, dense_kind, log)
+                _rebuild_dense(store, EmbedderSpec.from_json(spec_json).dim, dense_kind, log)
         else:
             store.drop_dense()
         report.files, report.passages = store.count("files"), store.count("passages")
@@ -244,12 +246,20 @@ def _embed_missing(store: Store, embedder: Embedder, report: BuildReport, progre
     report.embed_seconds += time.perf_counter() - t
 
 
-def _rebuild_dense(store: Store, dense_kind: str, log: Callable[[str], None]) -> None:
-    ids, blobs = store.all_vectors()
+def _paths_needed(out: Path, stored: list[str]) -> str:
+    if not stored:
+        return "give the files or folders to index"
+    shown = " ".join(shlex.quote(r) for r in stored[:5]) + (" ..." if len(stored) > 5 else "")
+    return (f"give the files or folders to index; {out} was last built from {shown} (kaki does not follow "
+            f"paths stored in an index file): `kaki index build {shown} --out {shlex.quote(str(out))}`")
+
+
+def _rebuild_dense(store: Store, dim: int, dense_kind: str, log: Callable[[str], None]) -> None:
+    ids, blobs = store.all_vectors(dim)
     if not ids:
         store.drop_dense()
         return
-    vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), -1)
+    vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
     kind = dense_mod.choose(len(ids), dense_kind)
     if kind != "flat":
         log(f"building the dense index: {dense_mod.describe(kind, len(ids))}")

@@ -15,22 +15,37 @@ Layout (format version 1):
 - `dense(kind, count, crc32, data)`: the serialized faiss index (ids = passage ids), with a CRC
   so a damaged blob is refused rather than deserialized.
 
+An index may come from someone else, so `Store.open` trusts nothing in it: the schema must be
+exactly the one `SCHEMA` creates (no views, no extra triggers, tables or columns, which could make
+a plain SELECT recurse forever or write elsewhere), and every meta value and the dense row are
+type- and range-checked before anything uses them. Failures are KakiErrors naming the file.
+
 Updates run in one transaction (SQLite's journal makes them atomic); a new index is written
 beside its destination and renamed into place.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import zlib
+from functools import lru_cache
 from pathlib import Path
 
 from kaki.errors import KakiError
+from kaki.retrieval.chunking import Chunking
+from kaki.retrieval.dense import KINDS as DENSE_KINDS
+from kaki.retrieval.embed import EmbedderSpec
 
 APPLICATION_ID = 0x6B616B69  # b"kaki"
 FORMAT_NAME = "kaki-index"
 FORMAT_VERSION = 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# A meta value longer than this is not one kaki wrote (the longest, `roots`, lists the PATHs given).
+MAX_META_CHARS = 1 << 20
+MAX_META_ROWS = 64
+DENSE_STORED_KINDS = tuple(k for k in DENSE_KINDS if k != "auto")
 
 SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,6 +72,82 @@ def corrupted(path: Path, e: Exception) -> KakiError:
     return KakiError(f"{path} is damaged ({e}); rebuild it with `kaki index build ... --out {path} --rebuild`")
 
 
+def foreign(path: Path, what: str) -> KakiError:
+    return KakiError(f"{path} is not an index kaki wrote ({what}); rebuild it from your documents with "
+                     f"`kaki index build DOCS... --out {path} --rebuild`")
+
+
+@lru_cache(maxsize=1)
+def expected_schema() -> frozenset[tuple]:
+    """sqlite_master of a fresh index, made by this SQLite (FTS5's shadow tables are its own)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(SCHEMA)
+        return frozenset(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+    finally:
+        conn.close()
+
+
+def check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse any schema but kaki's own: a view or trigger runs SQL the file's author chose on every read."""
+    got = set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+    want = expected_schema()
+    if got != want:
+        # Name a view or trigger first: those are what make a plain read run someone's SQL.
+        rank = {"view": 0, "trigger": 1}
+        odd = sorted(got - want, key=lambda r: (rank.get(r[0], 2), str(r))) or sorted(want - got, key=str)
+        kind, name = odd[0][0], odd[0][1]
+        what = f"an unexpected {kind} {name!r}" if got - want else f"its {kind} {name!r} is missing"
+        raise foreign(path, f"its schema is not kaki's: {what}")
+
+
+def _json(path: Path, key: str, text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise foreign(path, f"meta {key!r} is not valid JSON: {type(e).__name__}")
+
+
+def validate_meta(rows: list[tuple], path: Path) -> dict[str, str]:
+    """The meta table as a dict, every value checked the way its reader will use it."""
+    if len(rows) > MAX_META_ROWS:
+        raise foreign(path, f"its meta table has over {MAX_META_ROWS} rows")
+    meta: dict[str, str] = {}
+    for key, value in rows:
+        if not isinstance(key, str) or not isinstance(value, str) or len(value) > MAX_META_CHARS:
+            raise foreign(path, f"meta {str(key)[:40]!r} is not a text value of at most {MAX_META_CHARS:,} characters")
+        meta[key] = value
+    if meta.get("format") != FORMAT_NAME:
+        raise KakiError(f"{path} has no kaki index metadata; rebuild it with `kaki index build ... --rebuild`")
+    try:
+        if meta.get("embedder", "none") != "none":
+            EmbedderSpec.from_json(meta["embedder"])
+        if "chunking" in meta:
+            Chunking.from_json(meta["chunking"])
+    except KakiError as e:
+        raise foreign(path, f"bad meta: {e}")
+    roots = _json(path, "roots", meta.get("roots", "[]"))
+    if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
+        raise foreign(path, "meta 'roots' is not a list of paths")
+    if meta.get("dense_kind", "auto") not in DENSE_KINDS:
+        raise foreign(path, f"meta 'dense_kind' is {meta['dense_kind'][:40]!r}, not one of {', '.join(DENSE_KINDS)}")
+    return meta
+
+
+def check_dense_row(conn: sqlite3.Connection, path: Path) -> None:
+    row = conn.execute("SELECT kind, typeof(count), count, typeof(crc32), typeof(data) FROM dense "
+                       "WHERE id = 1").fetchone()
+    if row is None:
+        return
+    kind, count_type, count, crc_type, data_type = row
+    if kind not in DENSE_STORED_KINDS or count_type != "integer" or count < 0 or crc_type != "integer" \
+            or data_type != "blob":
+        raise foreign(path, f"its dense index row is not kaki's (kind {str(kind)[:40]!r}, count {count_type}, "
+                            f"data {data_type})")
+    if conn.execute("SELECT count(*) FROM dense").fetchone()[0] != 1:
+        raise foreign(path, "its dense table has more than one row")
+
+
 def check_header(path: Path) -> None:
     """Refuse anything that is not an SQLite file before SQLite sees it."""
     if not path.exists():
@@ -76,6 +167,7 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
         self.path = path
+        self._meta: dict[str, str] = {}
 
     @classmethod
     def create(cls, path: Path) -> "Store":
@@ -111,11 +203,16 @@ class Store:
                             + f"rebuild it with `kaki index build ... --out {path} --rebuild`")
         store = cls(conn, path)
         try:
-            if store.meta().get("format") != FORMAT_NAME:
-                raise KakiError(f"{path} has no kaki index metadata; rebuild it with `kaki index build ... --rebuild`")
+            check_schema(conn, path)
+            store._meta = validate_meta(conn.execute("SELECT key, value FROM meta LIMIT ?",
+                                                     (MAX_META_ROWS + 1,)).fetchall(), path)
+            check_dense_row(conn, path)
         except sqlite3.DatabaseError as e:
             conn.close()
             raise corrupted(path, e)
+        except KakiError:
+            conn.close()
+            raise
         return store
 
     def close(self) -> None:
@@ -124,10 +221,12 @@ class Store:
     # ------------------------------------------------------------------ meta
 
     def meta(self) -> dict[str, str]:
-        return dict(self.conn.execute("SELECT key, value FROM meta"))
+        """The meta values as `open` validated them (or as this process set them)."""
+        return dict(self._meta)
 
     def set_meta(self, **values: str) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", values.items())
+        self._meta.update(values)
 
     # ------------------------------------------------------------------ files and passages
 
@@ -190,7 +289,12 @@ class Store:
         self.conn.executemany("UPDATE passages SET vector = ? WHERE id = ?",
                               ((v.tobytes(), i) for i, v in zip(ids, vectors)))
 
-    def all_vectors(self) -> tuple[list[int], list[bytes]]:
+    def all_vectors(self, dim: int) -> tuple[list[int], list[bytes]]:
+        """Every stored vector, each checked to be `dim` float32s (a stray one would misalign all)."""
+        bad = self.conn.execute("SELECT id FROM passages WHERE vector IS NOT NULL AND "
+                                "(typeof(vector) != 'blob' OR length(vector) != ?) LIMIT 1", (4 * dim,)).fetchone()
+        if bad:
+            raise corrupted(self.path, ValueError(f"passage {bad[0]}'s vector is not {dim} float32s"))
         rows = self.conn.execute("SELECT id, vector FROM passages WHERE vector IS NOT NULL ORDER BY id").fetchall()
         return [r[0] for r in rows], [r[1] for r in rows]
 
