@@ -1,11 +1,12 @@
 """int8 weights: symmetric, one scale per output channel, and the linear layer that runs them.
 
 Kernels, measured (docs/quantization.md has the tables):
-- CPU with AVX512-VNNI: kaki's own (int8_kernel.c, built on first use by kaki.quant.native):
-  activations rounded to 16 bits per row, int8 x uint8 products in VNNI instructions, the
-  result exact in integers; one C call per layer, so none of the elementwise torch ops that the
-  fbgemm path below needs around its GEMM. Faster than fbgemm at 1-8 rows and as fast for
-  prompts, with ~100x less activation error than fbgemm's 8 bits.
+- x86 CPU with AVX2 (or AVX512-VNNI, or AVX-VNNI): kaki's own (int8_kernel*.c, built on first
+  use by kaki.quant.native, in the variant the CPU's flags allow): activations rounded to 16 bits
+  per row, integer products in VNNI / vpmaddwd instructions, the result exact in integers; one C
+  call per layer, so none of the elementwise torch ops that the fbgemm path below needs around
+  its GEMM. On AVX512-VNNI faster than fbgemm at 1-8 rows and as fast for prompts, with ~100x
+  less activation error than fbgemm's 8 bits.
 - CPU otherwise (or without a C compiler): fbgemm's dynamic-activation int8 GEMM (`quantized.linear_prepack` + `linear_dynamic`, what
   `torch.ao.quantization.quantize_dynamic` runs): each call quantizes the activations per tensor
   to uint8 and multiplies int8 x int8 into int32. At 1-8 rows it streams the int8 weight near
@@ -33,12 +34,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kaki.errors import KakiError
 from kaki.quant import native
 
 QMAX = 127  # symmetric: -128 is never used, so -w and w quantize to opposite values
@@ -65,22 +68,23 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
-# native: kaki's VNNI kernel; fbgemm: two-row 15-bit activations; fbgemm-8bit: quantize_dynamic's single row.
+# native: kaki's own kernel (native.variant() says which build); fbgemm: two-row 15-bit activations; fbgemm-8bit: quantize_dynamic's single row.
 KERNELS = ("native", "fbgemm", "fbgemm-8bit", "onednn", "weight-only")
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_kernel() -> str:
-    """kaki's own where it builds (AVX512-VNNI and a C compiler), else fbgemm where PyTorch has it
-    (x86), else weight-only. KAKI_INT8_KERNEL overrides."""
+    """kaki's own where a variant of it builds (AVX2 or better and a C compiler), else fbgemm where
+    PyTorch has it (x86), else weight-only. KAKI_INT8_KERNEL overrides ("native": kaki's, in the
+    best variant, or KAKI_INT8_VARIANT's)."""
     forced = os.environ.get("KAKI_INT8_KERNEL", "")
     if forced:
         if forced not in KERNELS:
-            raise ValueError(f"KAKI_INT8_KERNEL must be one of {', '.join(KERNELS)}, not {forced!r}")
-        if forced == "native" and native.library() is None:
-            raise ValueError("KAKI_INT8_KERNEL=native: kaki's int8 kernel cannot be built here (see the log)")
+            raise KakiError(f"KAKI_INT8_KERNEL must be one of {', '.join(KERNELS)}, not {forced!r}")
+        if forced == "native" and native.variant() is None:
+            raise KakiError("KAKI_INT8_KERNEL=native: kaki's int8 kernel cannot be built here (see the log)")
         return forced
-    if native.library() is not None:
+    if native.variant() is not None:
         return "native"
     return "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "weight-only"
 
@@ -94,14 +98,28 @@ def reduce_range() -> bool:
         return True
 
 
+# `linear_prepack` takes its backend from the process-wide quantized engine, so packing for
+# fbgemm or oneDNN sets it for the duration. Two models loading in threads of one process (e.g.
+# `kaki serve --moderation`) would otherwise interleave set and restore and pack for the wrong
+# backend, or leave the other's engine behind. The packed result carries its backend, so only
+# packing needs the engine; the lock makes each set-pack-restore one step among kaki's loaders
+# (code outside kaki that reads the engine meanwhile can still see ours: there is no per-thread
+# engine to set instead). Where the engine is already the one asked for, nothing is swapped.
+_ENGINE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _engine(name: str):
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = old
+    with _ENGINE_LOCK:
+        old = torch.backends.quantized.engine
+        if old == name:
+            yield
+            return
+        torch.backends.quantized.engine = name
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = old
 
 
 def _prepack(q: torch.Tensor, scale: torch.Tensor, engine: str):
@@ -177,6 +195,7 @@ class Int8Linear(nn.Module):
         self._pending: list[torch.Tensor] = []  # rows not packed yet
         self._filled = 0
         self._rowsum: torch.Tensor | None = None  # native kernel: each weight row's sum
+        self.variant: str | None = None  # native kernel: which build (kaki.quant.native.VARIANTS)
 
     def set_float(self, w: torch.Tensor, device: torch.device, keep_plain: bool = False) -> None:
         self.set_quantized(*quantize(w.to(device)), keep_plain=keep_plain)
@@ -194,6 +213,8 @@ class Int8Linear(nn.Module):
         self.kernel = "weight-only" if keep_plain or device.type != "cpu" else cpu_kernel()
         if self.kernel == "native" and K > native.MAX_K:
             self.kernel = "fbgemm"
+        # Chosen once per layer: a later change of the process's choice leaves built layers alone.
+        self.variant = native.variant() if self.kernel == "native" else None
         self.weight_scale = torch.empty(N, dtype=torch.float32, device=device)
         self._packs, self._pack_sizes, self._pending, self._filled = [], [], [], 0
         self._rowsum = None
@@ -260,7 +281,7 @@ class Int8Linear(nn.Module):
             # The bias is added inside the kernel (float32; the model's dtype only at the end).
             b = self.bias.float() if self.bias is not None else None
             y = native.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.weight_scale,
-                                   self._rowsum, b)
+                                   self._rowsum, b, variant=self.variant)
             return y.reshape(shape).to(x.dtype)
         if self.kernel == "fbgemm":
             y = _two_row_int8(x.reshape(-1, self.in_features).float(), self._packs)
@@ -276,4 +297,5 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, kernel={self.kernel}")
+                f"bias={self.bias is not None}, kernel={self.kernel}"
+                + (f", variant={self.variant}" if self.variant else ""))

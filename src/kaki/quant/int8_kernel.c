@@ -183,11 +183,13 @@ static inline __m512i reduce16(const __m512i v[16]) {
                             _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* y[m, n] from the reduced sums H and L. */
+/* y[m, n] from the reduced sums H and L: one rounding of dot * (step * scale), whose factor is
+ * exact in float64 (two floats' product), as in finish4 and int8_kernel_avx2.c, so every path and
+ * build gives the same float for the same integer sum. */
 static inline void finish(int64_t H, int64_t L, int64_t m, int64_t n, const float *step, const float *scale,
                           const int32_t *rowsum, const float *bias, int64_t N, float *y) {
     const int64_t dot = 256 * H + L - (int64_t)ZERO * rowsum[n];
-    y[m * N + n] = (float)((double)dot * step[m] * scale[n]) + (bias ? bias[n] : 0.0f);
+    y[m * N + n] = (float)((double)dot * ((double)step[m] * (double)scale[n])) + (bias ? bias[n] : 0.0f);
 }
 
 /* finish() for 4 consecutive outputs y[m, n .. n+3] from 4 (H, L) pairs at sums[0 .. 7], in

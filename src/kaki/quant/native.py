@@ -1,12 +1,26 @@
-"""kaki's own int8 CPU kernel (int8_kernel.c): built with the system C compiler on first use,
-for this CPU (-march=native), cached, and called through ctypes.
+"""kaki's own int8 CPU kernel: built with the system C compiler on first use, cached, and called
+through ctypes, in one of several variants chosen by the CPU's flags.
+
+Variants, best first (`VARIANTS`; `variant()` says which one this process uses):
+- "avx512-vnni" (int8_kernel.c): VNNI's vpdpbusd on 512-bit vectors. Built with -march=native:
+  it is only ever built on the CPU that runs it, and that is how it was tuned and measured.
+- "avx2-vnni" (int8_kernel_avx2.c with -mavxvnni): AVX-VNNI's 256-bit vpdpwssd (recent Intel
+  laptop and desktop cores).
+- "avx2" (int8_kernel_avx2.c): vpmaddwd, which every AVX2 CPU has.
+All compute the same exact integer sums and the same floats from them. The AVX2 builds use
+explicit flags (-mavx2 -mfma [-mavxvnni]), not -march=native, so an AVX-512 machine builds and
+tests exactly the code an AVX2-only machine runs. KAKI_INT8_VARIANT=<name> forces one;
+KAKI_NO_NATIVE=1 turns the kernel off. Without any (no AVX2, no compiler, the build fails),
+`library()` returns None and int8 layers use fbgemm instead (kaki.quant.int8.cpu_kernel).
 
 The build is a plain C shared library (no Python or torch headers: under a second to compile),
 kept under $KAKI_CACHE_DIR (default ~/.cache/kaki)/native, named by a hash of the source, the
-compiler's version and this CPU's feature flags, and written atomically so concurrent processes
-never load a half-written file. Without a compiler, or if the build fails, `library()` returns
-None and int8 layers use fbgemm instead (kaki.quant.int8.cpu_kernel). ctypes releases the GIL
-during the call; the kernel's threads are torch's own OpenMP workers (see the C file).
+compiler's version and the flags, and written atomically so concurrent processes never load a
+half-written file. A cached file is loaded only if it is a regular file owned by this user and
+writable by nobody else, in a directory of which the same holds (else the directory may hold a
+library someone else planted: the kernel is then built into a fresh private directory), and an
+empty or unloadable cached file is rebuilt rather than trusted or given up on. ctypes releases the
+GIL during the call; the kernel's threads are torch's own OpenMP workers (see the C files).
 """
 
 from __future__ import annotations
@@ -16,15 +30,37 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from loguru import logger
 
-SOURCE = Path(__file__).with_name("int8_kernel.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+from kaki.errors import KakiError
+
+HERE = Path(__file__).parent
+COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    source: Path
+    flags: tuple[str, ...]  # what selects the instruction set, besides COMMON_FLAGS
+    cpu: tuple[str, ...]  # the /proc/cpuinfo flags its instructions need
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("avx512-vnni", HERE / "int8_kernel.c", ("-march=native",),
+            ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")),
+    Variant("avx2-vnni", HERE / "int8_kernel_avx2.c", ("-mavx2", "-mfma", "-mavxvnni"), ("avx2", "fma", "avx_vnni")),
+    Variant("avx2", HERE / "int8_kernel_avx2.c", ("-mavx2", "-mfma"), ("avx2", "fma")),
+)}
+
+MAX_K = 65536  # every build's integer sums are exact up to this many inputs (the C files say why)
 
 
 def cache_dir() -> Path:
@@ -43,56 +79,160 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def missing(name: str) -> list[str]:
+    """The CPU flags variant `name` needs that this CPU lacks (empty: it can run here)."""
+    have = set(_cpu_flags().split())
+    return [f for f in VARIANTS[name].cpu if f not in have]
+
+
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None where it cannot be built (logged once)."""
-    if os.environ.get("KAKI_NO_NATIVE", "") not in ("", "0"):
-        return None
-    flags = _cpu_flags()
-    if not {"avx512bw", "avx512_vnni"} <= set(flags.split()):
-        logger.info("this CPU has no AVX512-VNNI: int8 layers use fbgemm's kernel")
-        return None
-    cc = _compiler()
+def cache_path(name: str, cc: str) -> Path:
+    """Where variant `name` built by `cc` is cached. The -march=native build also depends on the
+    CPU, so its key holds the CPU's flags; the others are the same bytes on every machine."""
+    v = VARIANTS[name]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    cpu = _cpu_flags() if "-march=native" in v.flags else ""
+    key = hashlib.sha256("\0".join([v.source.read_text(), version, cpu, *COMMON_FLAGS, *v.flags]).encode())
+    return cache_dir() / f"int8_kernel-{name}-{key.hexdigest()[:16]}.so"
+
+
+def build(name: str, path: Path, cc: str | None = None) -> None:
+    """Compile variant `name` to `path` (atomically). Needs a compiler, not a CPU that runs it."""
+    cc = cc or _compiler()
     if cc is None:
-        logger.info("no C compiler found: int8 layers use fbgemm's kernel")
-        return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, flags, *FLAGS]).encode()).hexdigest()[:16]
-        path = cache_dir() / f"int8_kernel-{key}.so"
-        if not path.exists():
-            _build(cc, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        logger.warning("could not build kaki's int8 kernel ({}): int8 layers use fbgemm's", str(e).strip()[:300])
-        return None
-    lib.kaki_int8_linear.restype = ctypes.c_int
-    lib.kaki_int8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                     ctypes.c_void_p, ctypes.c_int]
-    return lib
-
-
-def _build(cc: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise OSError("no C compiler found (set CC)")
+    v = VARIANTS[name]
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *COMMON_FLAGS, *v.flags, str(v.source), "-o", tmp], capture_output=True,
+                              text=True, timeout=120)
         if done.returncode:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.strip().splitlines()
             raise OSError(errors[0] if errors else f"{cc} exited with {done.returncode}")
+        # The linker creates its output with the umask's mode, which may let the group write it;
+        # the loader would then refuse the cached file every time.
+        os.chmod(tmp, 0o700)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-MAX_K = 65536  # the kernel's int32 lane sums hold up to this many inputs
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user and writable by nobody else: only this user can have put it there."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _trusted_dir(d: Path) -> bool:
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(d)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not _private(st):
+            # Ours, but the group may write it (made under a umask of 002): close it. A file someone
+            # else put there is theirs, or writable by others, and _cached refuses it.
+            os.chmod(d, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+            st = os.stat(d)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and _private(st)
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    fn = lib.kaki_int8_linear  # AttributeError: some other library
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def _cached(path: Path) -> ctypes.CDLL | None:
+    """The library at `path` if it is there and can be trusted and loaded; None means build it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or not _private(st):
+        logger.warning("ignoring {}: not a regular file owned by this user and writable only by it; rebuilding", path)
+        return None
+    if st.st_size == 0:
+        logger.warning("ignoring {}: empty (an interrupted write?); rebuilding", path)
+        return None
+    try:
+        return _open(path)
+    except (OSError, AttributeError) as e:
+        logger.warning("ignoring {}: it does not load ({}); rebuilding", path, str(e).strip()[:200])
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> ctypes.CDLL | None:
+    """Variant `name`, built if need be, or None where it cannot run or be built (logged once)."""
+    lacking = missing(name)
+    if lacking:
+        logger.info("this CPU lacks {} for the {} int8 kernel", ", ".join(lacking), name)
+        return None
+    cc = _compiler()
+    if cc is None:
+        logger.info("no C compiler found: kaki's {} int8 kernel cannot be built", name)
+        return None
+    try:
+        path = cache_path(name, cc)
+        private = not _trusted_dir(path.parent)
+        lib = None if private else _cached(path)
+        if lib is None:
+            if private:
+                # Someone else could write (or own) the cache: build where only we can, load, and
+                # remove it (the loaded mapping stays valid).
+                logger.warning("{} is not a directory private to this user: building the int8 kernel "
+                               "in a temporary one", path.parent)
+                path = Path(tempfile.mkdtemp(prefix="kaki-int8-")) / path.name
+            try:
+                build(name, path, cc)
+                lib = _open(path)
+            finally:
+                if private:
+                    shutil.rmtree(path.parent, ignore_errors=True)
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:
+        logger.warning("could not build kaki's {} int8 kernel ({})", name, str(e).strip()[:300])
+        return None
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def variant() -> str | None:
+    """The variant int8 layers use in this process (the best one this CPU runs and this machine
+    builds, or KAKI_INT8_VARIANT's), or None: int8 layers then use fbgemm."""
+    if os.environ.get("KAKI_NO_NATIVE", "") not in ("", "0"):
+        logger.info("KAKI_NO_NATIVE is set: int8 layers use fbgemm's kernel")
+        return None
+    forced = os.environ.get("KAKI_INT8_VARIANT", "")
+    if forced and forced not in VARIANTS:
+        raise KakiError(f"KAKI_INT8_VARIANT must be one of {', '.join(VARIANTS)}, not {forced!r}")
+    for name in [forced] if forced else VARIANTS:
+        if _load(name) is not None:
+            logger.debug("kaki's int8 kernel: the {} build", name)
+            return name
+    logger.info("kaki's int8 kernel {} here (see above): int8 layers use fbgemm's",
+                f"({forced}) cannot be used" if forced else "cannot be built")
+    return None
+
+
+def library(name: str | None = None) -> ctypes.CDLL | None:
+    """Variant `name`'s loaded library (None where this CPU cannot run it or it does not build);
+    by default the one `variant()` chose."""
+    name = name or variant()
+    return _load(name) if name else None
+
+
+def cache_clear() -> None:
+    """Forget the choice and the loaded libraries (after changing the environment)."""
+    variant.cache_clear()
+    _load.cache_clear()
 
 
 def row_sums(q: torch.Tensor) -> torch.Tensor:
@@ -101,11 +241,13 @@ def row_sums(q: torch.Tensor) -> torch.Tensor:
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rowsum: torch.Tensor,
-                bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, threads: int | None = None,
+                variant: str | None = None) -> torch.Tensor:
     """x (M, K) float32, q (N, K) int8, scale (N,) float32, rowsum = row_sums(q), bias (N,)
     float32 or None -> (M, N) float32 = x @ (q * scale[:, None]).T + bias, with each row of x
-    rounded to 16 bits (the C file says how), on `threads` threads (default: torch's)."""
-    lib = library()
+    rounded to 16 bits (the C files say how), on `threads` threads (default: torch's), by
+    `variant` (default: the chosen one)."""
+    lib = library(variant)
     M, K = x.shape
     N = q.shape[0]
     if lib is None or x.dtype != torch.float32 or q.dtype != torch.int8 or q.shape[1] != K or K > MAX_K:
