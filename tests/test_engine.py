@@ -224,15 +224,26 @@ def test_abort_ends_one_sequence_and_frees_its_row(llms):
     sched = Scheduler(llm.model, llm.eos_ids, max_rows=2)
     a, b, c = (sched.add_request(p, sp) for p in prompts)
     events = sched.step() + sched.step()  # a and b run, c waits
-    sched.abort(b)
+    sched.abort(a)  # row 0: b moves into it
     sched.abort(c)  # still waiting
     assert len(sched.running) == 1 and not sched.waiting
     events += sched.step()
     ends = [e for e in events if e.finish_reason]
-    assert {(e.seq, e.token, e.finish_reason) for e in ends} == {(b, None, "abort"), (c, None, "abort")}
-    sched.abort(b)  # already ended: nothing happens
+    assert {(e.seq, e.token, e.finish_reason) for e in ends} == {(a, None, "abort"), (c, None, "abort")}
+    sched.abort(a)  # already ended: nothing happens
     while sched.has_work:
         events += sched.step()
-    assert [e.token for e in events if e.seq == a] == alone(llm, prompts[0], sp)[0]
-    assert [(e.token is None, e.finish_reason) for e in events if e.seq == b] == [(False, None), (False, None),
+    assert [e.token for e in events if e.seq == b] == alone(llm, prompts[1], sp)[0]
+    assert [(e.token is None, e.finish_reason) for e in events if e.seq == a] == [(False, None), (False, None),
                                                                                  (True, "abort")]
+
+
+def test_a_stream_closed_early_gives_its_blocks_back(llms):
+    llm = kaki.LLM(llms["llama"].model, llms["llama"].tokenizer)
+    prompt = random_prompts([50], seed=38)[0]
+    pieces = llm.stream(prompt, max_new_tokens=40, ignore_eos=True)
+    next(pieces)
+    held = [b for b in llm.prefix_cache._table.values() if b.refs]
+    assert held  # the running sequence holds its prompt's blocks
+    pieces.close()
+    assert not [b for b in llm.prefix_cache._table.values() if b.refs]

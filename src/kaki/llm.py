@@ -111,17 +111,21 @@ class LLM:
         index = {sched.add_request(p, sp): i for i, (p, sp) in enumerate(zip(ids, params))}
         seqs = [sched.sequence(seq_id) for seq_id in index]
         texts = [TextSequence(self.tokenizer, p, sp.stop) for p, sp in zip(ids, params)]
-        while sched.has_work:
-            pieces = [""] * len(prompts)
-            for event in sched.step():
-                i = index[event.seq]
-                pieces[i] += texts[i].push(event)
-                if texts[i].error is not None:
-                    raise KakiError(f"generating prompt {i} failed: {texts[i].error}")
-                if texts[i].stopped and event.finish_reason is None:
-                    sched.abort(event.seq, "stop")
-            if stream:
-                yield pieces, None
+        try:
+            while sched.has_work:
+                pieces = [""] * len(prompts)
+                for event in sched.step():
+                    i = index[event.seq]
+                    pieces[i] += texts[i].push(event)
+                    if texts[i].error is not None:
+                        raise KakiError(f"generating prompt {i} failed: {texts[i].error}")
+                    if texts[i].stopped and event.finish_reason is None:
+                        sched.abort(event.seq, "stop")
+                if stream:
+                    yield pieces, None
+        finally:
+            for seq_id in index:  # a stream closed early: its prefix blocks go back to the cache
+                sched.abort(seq_id)
         out = []
         for p, seq, text, sp, prompt_ids in zip(prompts, seqs, texts, params, ids):
             out.append(Completion(

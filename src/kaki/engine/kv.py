@@ -110,19 +110,22 @@ class RowCache:
             if S == 1:
                 return positions, None, False
             return positions, attention_mask(B, S, start, None, device), False
-        if valid is None:
-            valid = torch.ones(B, S, dtype=torch.bool, device=device)
         start_t = torch.tensor(starts, device=device)[:, None]  # (B, 1)
-        slots = start_t + valid.long().cumsum(-1) - 1  # (B, S): slot == rotary position
+        if valid is None:
+            slots = start_t + torch.arange(S, device=device)  # (B, S): slot == rotary position
+            query_slot, write_slot = slots, slots
+        else:
+            slots = start_t + valid.long().cumsum(-1) - 1
+            # Padding queries see slot 0 only (their outputs are never read, but SDPA returns NaN
+            # for a query that sees nothing); padding keys go to the spare slot.
+            query_slot = torch.where(valid, slots, 0)
+            write_slot = torch.where(valid, slots, self.capacity)
         if positions is None:
             positions = slots.clamp(min=0)
-        T = self._keys
-        # A query sees every slot of its row up to its own; padding queries see slot 0 only (never
-        # read, but SDPA returns NaN for a query that sees nothing).
-        query_slot = torch.where(valid, slots, 0)
-        mask = torch.arange(T, device=device)[None, None, :] <= query_slot[:, :, None]  # (B, S, T)
+        # A query sees every slot of its row up to its own.
+        mask = torch.arange(self._keys, device=device)[None, None, :] <= query_slot[:, :, None]  # (B, S, T)
         rows = torch.arange(self.lo, self.hi, device=device)[:, None]  # (B, 1)
-        self._write = (rows, torch.where(valid, slots, self.capacity))
+        self._write = (rows, write_slot)
         return positions, mask[:, None], False
 
     def update(self, layer, k, v):

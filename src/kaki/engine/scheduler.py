@@ -141,7 +141,8 @@ class Scheduler:
         if seq.row is None:
             self.waiting.remove(seq)
         self._ended.append(Event(seq.id, finish_reason=reason))
-        self._end([seq], [reason])
+        with torch.inference_mode():  # a row may move, and the cache holds inference tensors
+            self._end([seq], [reason])
 
     @property
     def has_work(self) -> bool:
@@ -240,7 +241,9 @@ class Scheduler:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """Each sequence's next token from its row of fp32 logits (B, V); the finished leave."""
         live = [b for b, s in enumerate(seqs) if s.max_new > 0]  # max_new 0: the prompt was only scored
-        picks = dict(zip(live, pick_tokens(logits[live], [seqs[b] for b in live]))) if live else {}
+        if len(live) < len(seqs):
+            logits = logits[live]
+        picks = dict(zip(live, pick_tokens(logits, [seqs[b] for b in live]))) if live else {}
         events, ended, reasons = [], [], []
         for b, s in enumerate(seqs):
             pick = picks.get(b)
