@@ -10,6 +10,7 @@ import torch
 
 import kaki
 from kaki.chat import ChatSession, Settings
+from kaki.chat.session import Turn
 from kaki.chat_format import get_format, with_context
 from kaki.errors import KakiError
 from kaki.generate import Generation
@@ -231,3 +232,84 @@ def test_retrieved_passages_go_into_the_answered_turn_only(text_llm):
     assert s.turns[0].passages == passages["What is len?"]
     s.say("Thanks").run()
     assert s.last_prompt == f"human: What is len?\n\nadept: {r.text.strip()}\n\nhuman: Thanks\n\nadept:"
+
+
+# ----------------------------------------------------------------------------- untrusted /load and /save
+
+def run_shell(s: ChatSession, lines: list[str]) -> tuple[str, str]:
+    import io
+    from kaki.chat.shell import ChatShell
+    out, err = io.StringIO(), io.StringIO()
+    assert ChatShell(s, stdin=io.StringIO("".join(x + "\n" for x in lines)), stdout=out, stderr=err).run() == 0
+    return out.getvalue(), err.getvalue()
+
+
+def test_load_refuses_deep_endless_and_oversized_files_and_the_session_goes_on(text_llm, tmp_path):
+    import os
+    import time
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "surrogate.json").write_text('[{"role": "user", "content": "hi \\ud800"}]')
+    (tmp_path / "bad-utf8.json").write_bytes(b'[{"role": "user", "content": "\xff"}]')
+    with open(tmp_path / "huge.json", "wb") as f:
+        f.truncate((16 << 20) + 10)  # over docs/chat.md's 16 MB; sparse, so it costs no disk
+    os.mkfifo(tmp_path / "fifo")  # opening it for reading would wait for a writer forever
+    s = session(text_llm)
+    t = time.monotonic()
+    out, err = run_shell(s, [f"/load {tmp_path / 'deep.json'}", "/load /dev/zero", f"/load {tmp_path / 'fifo'}",
+                             f"/load {tmp_path / 'huge.json'}", f"/load {tmp_path / 'surrogate.json'}",
+                             f"/load {tmp_path / 'bad-utf8.json'}", "Hello", "/quit"])
+    assert time.monotonic() - t < 30
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 6, err
+    for line, needle in zip(errors, ["nested too deeply", "/dev/zero is not a regular file", "fifo is not a regular",
+                                     "is over 16 MB", "lone surrogate (U+D800 at character 3)",
+                                     "bad-utf8.json is not UTF-8 text"]):
+        assert needle in line, (needle, line)
+    assert len(s.turns) == 2 and s.turns[0].content == "Hello" and out.strip()  # the session went on
+
+
+def test_loaded_conversation_follows_the_context_rule(text_llm, tmp_path):
+    """100k loaded messages: the window holds what fits, as it would have in a live chat; /save
+    still writes all of them."""
+    import re
+    import time
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} about the world"}
+            for i in range(100_000)]
+    (tmp_path / "long.json").write_text(json.dumps(msgs))
+    s = session(text_llm, max_new_tokens=8, system="Be brief.")
+    t = time.monotonic()
+    out, err = run_shell(s, [f"/load {tmp_path / 'long.json'}", "/stats", "/quit"])
+    assert time.monotonic() - t < 60
+    used, ctx = (int(x.replace(",", "")) for x in re.search(r"context: ([\d,]+) of ([\d,]+) tokens", out).groups())
+    assert ctx == 256 and used <= ctx - 8, out
+    assert f"loaded 100000 messages from {tmp_path / 'long.json'}; the oldest {s.window} are outside the model's " \
+        "256-token context" in err
+    # The rule a live chat applies: the window starts at a user turn, everything from there fits,
+    # and starting at the previous user turn would not.
+    w = s.window
+    assert s.turns[w].role == "user" and w > 0
+    encode = lambda turns: len(s._encode(s._render(turns, add_generation_prompt=False)))  # noqa: E731
+    assert encode(s.turns[w:]) <= 256 - 8 < encode(s.turns[w - 2:])
+    s.say("and the last one?").run()  # a turn runs
+    assert len(s.messages()) == 100_003 and s.messages()[1] == msgs[0]
+
+
+@pytest.mark.parametrize("existing,umask,want", [(0o600, 0o022, 0o600), (0o640, 0o077, 0o640),
+                                                 (None, 0o027, 0o640), (None, 0o077, 0o600)])
+def test_save_keeps_the_files_mode_or_honours_the_umask(text_llm, tmp_path, existing, umask, want):
+    import os
+    import stat
+    path = tmp_path / "c.json"
+    if existing is not None:
+        path.write_text("[]")
+        path.chmod(existing)
+    s = session(text_llm)
+    s.turns.append(Turn("user", "hi"))
+    old = os.umask(umask)
+    try:
+        s.save(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == want
+    assert json.loads(path.read_text()) == [{"role": "user", "content": "hi"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temporary file left behind

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -57,15 +58,27 @@ ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"human": "user", "adept": "assistant", "bot": "assistant", "model": "assistant"}
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse a string no tokenizer can encode: a lone surrogate ("\\ud800", which JSON allows)
+    is not Unicode text, and sentencepiece fails on it with no word of where it came from."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise KakiError(f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+                        "which is not text; remove it") from None
+
+
 def normalize_messages(messages: Iterable[dict]) -> list[dict]:
     """Messages with canonical roles; a clear error for anything that is not a message."""
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise KakiError(f"message {i} must be an object with string `role` and `content`, got {m!r}")
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            raise KakiError(f"message {i} must be an object with string `role` and `content`, got "
+                            f"{reprlib.repr(m)}")
         role = ROLE_ALIASES.get(m["role"], m["role"])
         if role not in ROLES:
-            raise KakiError(f"message {i} has role {m['role']!r}; use system, user or assistant")
+            raise KakiError(f"message {i} has role {reprlib.repr(m['role'])}; use system, user or assistant")
+        check_text(m["content"], f"message {i}'s content")
         if role == "system" and i != 0:
             raise KakiError(f"message {i} is a system message; only the first message may be one")
         out.append({"role": role, "content": m["content"]})

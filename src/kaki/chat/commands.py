@@ -164,8 +164,11 @@ def _save(shell, arg: str) -> None:
 
 @command("load", "/load FILE", "replace the conversation with one /save wrote (or any `messages` JSON)")
 def _load(shell, arg: str) -> None:
-    n = shell.session.load(_need(arg, "/load FILE"))
-    shell.note(f"loaded {n} messages from {arg}")
+    s = shell.session
+    n = s.load(_need(arg, "/load FILE"))
+    left_out = f"; the oldest {s.window} are outside the model's {s.context_length:,}-token context" \
+        if s.window else ""
+    shell.note(f"loaded {n} messages from {arg}{left_out}")
 
 
 @command("stats", "/stats", "tokens in context, reuse of the KV cache, speed of the last reply")

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,6 +38,11 @@ from kaki.generate import Generation
 from kaki.model import KVCache
 from kaki.sampling import SamplingParams
 from kaki.tokenizer import TextStream
+
+
+# /load reads at most this much: the longest conversation worth loading is far smaller, and a
+# file like /dev/zero would otherwise be read until memory runs out.
+MAX_LOAD_BYTES = 16 << 20
 
 
 @dataclass
@@ -322,24 +328,49 @@ class ChatSession:
 
     def load(self, path: str | os.PathLike) -> int:
         """Replace the conversation with a saved one: a JSON list of messages, or an object with
-        `messages` (a /v1/chat/completions request). A system message there replaces --system."""
+        `messages` (a /v1/chat/completions request). A system message there replaces --system.
+        The window then starts where a live conversation's would: the oldest turns that do not
+        fit the context (with max_new_tokens kept for the reply) are left out."""
         path = Path(path).expanduser()
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise KakiError(f"{path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise KakiError(f"{path} is not a JSON conversation ({e})") from None
+        raw = read_json_file(path, MAX_LOAD_BYTES)
         if isinstance(raw, dict) and "messages" in raw:
             raw = raw["messages"]
         if not isinstance(raw, list):
             raise KakiError(f"{path} must hold a JSON list of messages (what /save writes)")
         msgs = normalize_messages(raw)
+        before = self.system, self.turns, self.window
         if msgs and msgs[0]["role"] == "system":
             self.system = msgs.pop(0)["content"] or None
+        turns = [Turn(m["role"], m["content"]) for m in msgs]
+        try:
+            window = self._window_for(turns)
+        except BaseException:
+            self.system, self.turns, self.window = before
+            raise
         self.reset()
-        self.turns = [Turn(m["role"], m["content"]) for m in msgs]
+        self.turns, self.window = turns, window
         return len(msgs)
+
+    def _window_for(self, turns: list[Turn]) -> int:
+        """The first turn of the window for a whole conversation: the oldest start (0, or a user
+        turn) from which the rest fits the context, as `_fit` would leave it. Searched from the
+        end, doubling then bisecting, so a long file is rendered a few times, not once per turn."""
+        budget = self.context_length - self.settings.max_new_tokens
+        starts = [0] + [i for i, t in enumerate(turns) if t.role == "user" and i > 0] + [len(turns)]
+
+        def fits(j: int) -> bool:
+            return len(self._encode(self._render(turns[starts[j]:], add_generation_prompt=False))) <= budget
+
+        ok, step = len(starts) - 1, 1  # the empty window always "fits"
+        while ok > 0 and fits(max(0, ok - step)):
+            ok, step = max(0, ok - step), step * 2
+        if ok == 0:
+            return 0
+        bad = max(0, ok - step)  # fits(bad) is False
+        while ok - bad > 1:
+            mid = (ok + bad) // 2
+            ok, bad = (mid, bad) if fits(mid) else (ok, mid)
+        return starts[ok]
 
     # ------------------------------------------------------------------------- internals
 
@@ -433,17 +464,52 @@ class ChatSession:
         return self.llm.tokenizer.encode(text, add_bos=self.fmt.add_bos)
 
 
+def read_json_file(path: Path, limit: int):
+    """A JSON file of at most `limit` bytes, or a KakiError saying why not. Anything but a regular
+    file is refused before it is read (a FIFO or /dev/zero would block or never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise KakiError(f"{path} does not exist") from None
+    except OSError as e:
+        raise KakiError(f"cannot read {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise KakiError(f"{path} is not a regular file; /load reads a JSON file, such as one /save wrote")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise KakiError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise KakiError(f"{path} is over {limit / 2**20:g} MB, more than any conversation kaki can load")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise KakiError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:
+        raise KakiError(f"{path} is not a JSON conversation ({e})") from None
+    except RecursionError:
+        raise KakiError(f"{path} is not a JSON conversation (nested too deeply)") from None
+
+
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write a file that appears whole or not at all (a crash never leaves half a conversation)."""
+    """Write a file that appears whole or not at all (a crash never leaves half a conversation).
+    A file that exists keeps its permissions; a new one gets the umask's (created 0666 & ~umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        keep = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        keep = None
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if keep is None else 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            if keep is not None:
+                os.fchmod(f.fileno(), keep)
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
