@@ -195,6 +195,26 @@ def test_more_prompts_than_rows_give_the_one_at_a_time_outputs(llms):
     assert [c.token_ids for c in few] == [c.token_ids for c in wide] == [got[i][0] for i in range(len(prompts))]
 
 
+def test_a_burst_of_prompts_is_prefilled_over_several_steps(llms):
+    """max_prefill_tokens: newcomers share a prefill only up to that many (padded) tokens."""
+    llm = llms["llama"]
+    prompts = random_prompts([10, 10, 10], seed=39)
+    sp = params(GREEDY, 6)
+    counter = PositionCounter(llm.model)
+    try:
+        sched = Scheduler(llm.model, llm.eos_ids, max_rows=3, max_prefill_tokens=20)
+        names = {sched.add_request(p, sp): i for i, p in enumerate(prompts)}
+        first = sched.step()
+        assert counter.n == 20 and len(sched.running) == 2 and len(sched.waiting) == 1
+        events = first
+        while sched.has_work:
+            events += sched.step()
+    finally:
+        counter.close()
+    for seq, i in names.items():
+        assert [e.token for e in events if e.seq == seq] == alone(llm, prompts[i], sp)[0]
+
+
 # ----------------------------------------------------------------------------- faults and aborts
 
 
