@@ -4,6 +4,7 @@ reference describes it), and transformers' own rendering of a tokenizer's chat_t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,52 @@ def test_fit_passages_keeps_what_fits_in_rank_order(family_dirs):
     assert kept == [PASSAGES[0], PASSAGES[1]]  # the long one is skipped, the later short one fits
     assert fit_passages(ps, 5, count) == []
     assert fit_passages(ps, 10 ** 6, count) == ps
+
+
+# ----------------------------------------------------------------------------- untrusted templates
+
+@pytest.mark.parametrize("template,needle", [
+    ("{{ range(10**9)|list }}", "over the limit"),
+    ("{% for i in range(200000) %}{% endfor %}", "range of 200,000 items"),
+    ("{{ 'a' * 10**10 }}", "`*` repetition would be over"),
+    ("{{ ['a'] * 10**10 }}", "`*` repetition would be over"),
+    ("{{ 'a'.ljust(10**10) }}", "over the limit"),
+    ("{{ 'a'|center(10**10) }}", "over the limit"),
+    ("{{ '{:>9999999999}'.format(1) }}", "width or precision"),
+    ("{{ '%9999999999d' % 1 }}", "width or precision"),
+    ("{{ '{0}'.format_map({}) }}", "format_map is not allowed"),
+    ("{{ 1 + 'a' }}", "TypeError"),
+    ("{{ 7 ** 100000 }}", "a power of over"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+     "`~` concatenation would be over"),
+    ("{% for i in range(90000) %}{{ 'x' * 1000 }}{% endfor %}", "rendered text would be over"),
+    ("{% set s = 'a' * 8000000 %}{{ ([s] * 1000)|join }}", "a join would be over"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    ("{{ messages[9].content.x }}", "no element 9"),
+])
+def test_template_failures_are_one_kaki_error_without_large_allocation(template, needle):
+    """Each would raise OverflowError/MemoryError/TypeError/... out of render, or allocate
+    gigabytes, without the bounded sandbox: sizes are checked before anything is built."""
+    import time
+    fmt = TemplateFormat(template)
+    t = time.monotonic()
+    with pytest.raises(KakiError, match="chat_template failed") as e:
+        fmt.render([U("x")])
+    assert time.monotonic() - t < 5
+    assert re.search(needle, str(e.value)), str(e.value)
+
+
+def test_runaway_template_loop_is_stopped():
+    from kaki.jinja_sandbox import MAX_SECONDS
+    fmt = TemplateFormat("{% set r = range(100000) %}{% for a in r %}{% for b in r %}{% endfor %}{% endfor %}")
+    import time
+    t = time.monotonic()
+    with pytest.raises(KakiError, match="ran for over"):
+        fmt.render([U("x")])
+    assert time.monotonic() - t < MAX_SECONDS + 3
+
+
+def test_format_for_dir_names_the_template_file(tmp_path):
+    d = _model_dir(tmp_path, "m", "llama", "{{ 1 + 'a' }}")
+    with pytest.raises(KakiError, match=f"chat_template of {re.escape(str(d / 'tokenizer_config.json'))} failed"):
+        format_for_dir(d).render([U("x")])

@@ -144,30 +144,38 @@ class ChatFormat:
         return (" " + content) if self.assistant_prefix else content
 
 
+class TemplateTooLarge(KakiError):
+    """A chat_template's output (or a value on the way to it) is over kaki.jinja_sandbox.MAX_CHARS."""
+
+
 class TemplateFormat:
     """A tokenizer's jinja2 `chat_template`, rendered as transformers renders it."""
 
     name = "template"
 
     def __init__(self, template: str, bos_token: str = "", eos_token: str = "",
-                 special_tokens: dict | None = None):
+                 special_tokens: dict | None = None, where: str = "the tokenizer's chat_template"):
         from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        from kaki.jinja_sandbox import BoundedSandbox
 
         def raise_exception(message):
             raise TemplateError(message)
 
         # The same environment options as transformers' apply_chat_template, so templates written
-        # for it render identically; sandboxed because templates come with downloaded models.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        # for it render identically; sandboxed, with bounded sizes and time, because templates
+        # come with downloaded models (kaki.jinja_sandbox).
+        env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent)
         env.globals["raise_exception"] = raise_exception
+        self.where = where
+        if not isinstance(template, str):
+            raise KakiError(f"{where} must be a string, got {type(template).__name__}")
         try:
             self.template = env.from_string(template)
-        except TemplateError as e:
-            raise KakiError(f"the tokenizer's chat_template is not valid jinja2 ({e}); fix "
+        except (TemplateError, RecursionError, MemoryError, ValueError) as e:
+            raise KakiError(f"{where} is not valid jinja2 ({type(e).__name__}: {str(e)[:300]}); fix "
                             "tokenizer_config.json or pass --chat-format adept|openchatkit|plain")
         self.source = template
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
@@ -179,13 +187,20 @@ class TemplateFormat:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from jinja2.exceptions import TemplateError
+
+        from kaki.jinja_sandbox import RenderTooLarge, render
         msgs = normalize_messages(messages)
         try:
-            return self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
-                                        **{**self.special_tokens, "bos_token": self.bos_token,
-                                           "eos_token": self.eos_token})
-        except TemplateError as e:
-            raise KakiError(f"the chat_template failed on these messages: {e}")
+            return render(self.template, messages=msgs, add_generation_prompt=add_generation_prompt,
+                          **{**self.special_tokens, "bos_token": self.bos_token, "eos_token": self.eos_token})
+        except RenderTooLarge as e:
+            raise TemplateTooLarge(f"{self.where} failed on these messages: {e}") from None
+        except TemplateError as e:  # raise_exception() and the sandbox's refusals
+            raise KakiError(f"{self.where} failed on these messages: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a template is code from a model download: any failure is its own
+            raise KakiError(f"{self.where} failed on these messages ({type(e).__name__}: "
+                            f"{str(e)[:300]}); fix it in tokenizer_config.json or pass "
+                            "--chat-format adept|openchatkit|plain") from None
 
     def render_with_spans(self, messages: list[dict], add_generation_prompt: bool = False
                           ) -> tuple[str, list[tuple[int, int]]]:
@@ -225,7 +240,8 @@ FAMILY_FORMAT = {"persimmon": "adept", "gpt_neox": "openchatkit"}
 
 
 def get_format(name: str = "auto", *, model_type: str | None = None, chat_template=None,
-               bos_token: str = "", eos_token: str = "") -> ChatFormat | TemplateFormat:
+               bos_token: str = "", eos_token: str = "", where: str = "the tokenizer's chat_template"
+               ) -> ChatFormat | TemplateFormat:
     """The chat format called `name`; `auto` follows the rule in this module's docstring."""
     if name not in FORMATS:
         raise KakiError(f"unknown chat format {name!r}; choose one of {', '.join(FORMATS)}")
@@ -240,7 +256,7 @@ def get_format(name: str = "auto", *, model_type: str | None = None, chat_templa
             raise KakiError("--chat-format template needs a `chat_template` in the model's "
                             "tokenizer_config.json, and this model has none; use adept, "
                             "openchatkit or plain")
-        return TemplateFormat(template, bos_token, eos_token)
+        return TemplateFormat(template, bos_token, eos_token, where=where)
     return FIXED[name]
 
 
@@ -265,7 +281,8 @@ def format_for_dir(model_dir: str | Path, name: str = "auto") -> ChatFormat | Te
         return v.get("content", "") if isinstance(v, dict) else str(v)
 
     return get_format(name, model_type=cfg.get("model_type"), chat_template=tok.get("chat_template"),
-                      bos_token=token("bos_token"), eos_token=token("eos_token"))
+                      bos_token=token("bos_token"), eos_token=token("eos_token"),
+                      where=f"the chat_template of {d / 'tokenizer_config.json'}")
 
 
 def format_for_llm(llm, name: str = "auto") -> ChatFormat | TemplateFormat:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kaki.chat_format import normalize_messages, with_context
+from kaki.chat_format import TemplateTooLarge, normalize_messages, with_context
 from kaki.errors import KakiError, ParamError
 from kaki.generate import Generation
 from kaki.model import KVCache
@@ -359,7 +359,10 @@ class ChatSession:
         starts = [0] + [i for i, t in enumerate(turns) if t.role == "user" and i > 0] + [len(turns)]
 
         def fits(j: int) -> bool:
-            return len(self._encode(self._render(turns[starts[j]:], add_generation_prompt=False))) <= budget
+            try:
+                return len(self._encode(self._render(turns[starts[j]:], add_generation_prompt=False))) <= budget
+            except TemplateTooLarge:  # megabytes of text fit no context
+                return False
 
         ok, step = len(starts) - 1, 1  # the empty window always "fits"
         while ok > 0 and fits(max(0, ok - step)):
