@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +17,9 @@ from safetensors import safe_open
 
 import kaki
 from kaki.errors import KakiError
-from kaki.quant import QuantSpec, as_spec, int4, int8, quantize_model, weight_bytes
+from kaki.quant import QuantSpec, as_spec, int4, int8, native, quantize_model, weight_bytes
+
+from test_int8_native import variant_params
 
 BF16_EPS = 2.0 ** -8  # relative rounding error of bfloat16 (8 significant bits)
 
@@ -129,34 +133,41 @@ def _rel(a, b):
 
 @pytest.fixture
 def int8_kernel(monkeypatch):
-    """Select an int8 CPU kernel for the layers built inside the test."""
+    """Select an int8 CPU kernel for the layers built inside the test: a name of int8.KERNELS, or
+    "native-VARIANT" for one build of kaki's own."""
     def use(name):
-        monkeypatch.setenv("KAKI_INT8_KERNEL", name)
+        kernel, _, variant = name.partition("-") if name.startswith("native") else (name, "", "")
+        monkeypatch.setenv("KAKI_INT8_KERNEL", kernel)
+        monkeypatch.setenv("KAKI_INT8_VARIANT", variant)
+        native.cache_clear()
         int8.cpu_kernel.cache_clear()
     yield use
     monkeypatch.delenv("KAKI_INT8_KERNEL", raising=False)
+    monkeypatch.delenv("KAKI_INT8_VARIANT", raising=False)
+    native.cache_clear()
     int8.cpu_kernel.cache_clear()
 
 
-@pytest.mark.parametrize("rows", [1, 4, 33])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kernel", ["native", "fbgemm"])
-def test_int8_kernel_matches_dequantized_product(int8_kernel, kernel, rows, dtype):
+@pytest.mark.parametrize("n,k", [(96, 256), (97, 259)])
+@pytest.mark.parametrize("kernel", [*variant_params("native-"), "fbgemm"])
+def test_int8_kernel_matches_dequantized_product(int8_kernel, kernel, n, k, rows, dtype):
     int8_kernel(kernel)
-    mod, _ = _layer("int8", dtype=dtype)
-    assert mod.kernel == kernel
-    x = torch.randn(2, rows, 256).to(dtype)
+    mod, _ = _layer("int8", n=n, k=k, dtype=dtype)
+    assert mod.kernel == kernel.partition("-")[0] and mod.variant == (kernel.partition("-")[2] or None)
+    x = torch.randn(2, rows, k).to(dtype)
     ref = F.linear(x.float(), mod.dequantized(), mod.bias.float())
     y = mod(x)
-    assert y.dtype == dtype and y.shape == (2, rows, 96)
+    assert y.dtype == dtype and y.shape == (2, rows, n)
     # Both round the activations: native to 16 bits per row (~1e-5), fbgemm in two rows (8 bits +
     # the magnified residual, ~15 bits: ~1e-4), where quantize_dynamic's single row gives ~1e-2.
-    assert _rel(y, ref) < ((1e-4 if kernel == "native" else 1e-3) if dtype == torch.float32 else 1e-2)
+    assert _rel(y, ref) < ((1e-4 if mod.kernel == "native" else 1e-3) if dtype == torch.float32 else 1e-2)
     if dtype == torch.float32:
-        single = torch.ops.quantized.linear_dynamic(x.reshape(-1, 256), int8._prepack(
+        single = torch.ops.quantized.linear_dynamic(x.reshape(-1, k), int8._prepack(
             mod.int8_weight(), mod.weight_scale, "fbgemm"), int8.reduce_range())
-        assert _rel(single.reshape(2, rows, 96) + mod.bias, ref) > 5 * _rel(y, ref)
-    plain, _ = _layer("int8", dtype=dtype, keep_plain=True)  # the weight-only path (CUDA's)
+        assert _rel(single.reshape(2, rows, n) + mod.bias, ref) > 5 * _rel(y, ref)
+    plain, _ = _layer("int8", n=n, k=k, dtype=dtype, keep_plain=True)  # the weight-only path (CUDA's)
     assert plain.kernel == "weight-only"
     assert _rel(plain(x), ref) < (1e-6 if dtype == torch.float32 else 2e-2)
 
@@ -168,6 +179,33 @@ def test_int8_seven_bit_activations_without_vnni(monkeypatch):
     mod, _ = _layer("int8")
     x = torch.relu(torch.randn(5, 256)) ** 2  # one-signed, heavy-tailed: relu2's output
     assert _rel(mod(x), F.linear(x, mod.dequantized(), mod.bias)) < 1e-3
+
+
+def test_packing_engine_swaps_do_not_interleave():
+    """Packing sets the process-wide quantized engine for its duration; a second loader in
+    another thread must neither change it under the first nor leave its own behind."""
+    original = torch.backends.quantized.engine
+    inside, started, seen = threading.Event(), threading.Event(), []
+
+    def first():
+        with int8._engine("onednn"):
+            inside.set()
+            started.wait(5)
+            time.sleep(0.3)  # the second has had time to set its engine, were it not held off
+            seen.append(torch.backends.quantized.engine)
+
+    def second():
+        inside.wait(5)
+        started.set()
+        with int8._engine("fbgemm"):
+            seen.append(torch.backends.quantized.engine)
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == ["onednn", "fbgemm"] and torch.backends.quantized.engine == original
 
 
 @pytest.mark.parametrize("rows", [1, 4, 33])
