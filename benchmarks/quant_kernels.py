@@ -6,8 +6,8 @@ every candidate runs interleaved with the others, round after round, and the bes
 is kept (the machine may be shared; contention only ever slows a run down):
 
 - fp32 / bf16 `F.linear`, and kaki's fp32 linear (kaki.kernels: rows split across cores);
-- int8: kaki's Int8Linear with its own kernel (native: 16-bit activations per row, VNNI) and
-  with fbgemm (two-row 15-bit activations), fbgemm's dynamic op as
+- int8: kaki's Int8Linear with its own kernel (native: 16-bit activations per row; every build
+  of it this CPU runs: avx512-vnni, avx2-vnni, avx2) and with fbgemm (two-row 15-bit activations), fbgemm's dynamic op as
   `quantize_dynamic` runs it (8-bit activations), oneDNN's dynamic op, PyTorch's weight-only
   `_weight_int8pack_mm` (bf16 activations);
 - int4: kaki's Int4Linear (`_weight_int4pack_mm_for_cpu`, bf16 activations) at groups 32/64/128.
@@ -28,23 +28,28 @@ import torch.nn.functional as F
 
 
 def candidates(N: int, K: int) -> dict:
+    from kaki.errors import KakiError
     from kaki.kernels import linear as kaki_linear
-    from kaki.quant import int4, int8
+    from kaki.quant import int4, int8, native
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g) * K ** -0.5
     wb = w.bfloat16()
     layers = {}
-    for kernel in ("native", "fbgemm"):
+    for kernel, variant in [("native", v) for v in native.VARIANTS if not native.missing(v)] + [("fbgemm", "")]:
         try:
-            os.environ["KAKI_INT8_KERNEL"] = kernel
+            os.environ["KAKI_INT8_KERNEL"], os.environ["KAKI_INT8_VARIANT"] = kernel, variant
+            native.cache_clear()
             int8.cpu_kernel.cache_clear()
-            layers[kernel] = int8.Int8Linear(K, N, bias=False)
-            layers[kernel].set_float(w, torch.device("cpu"))
-        except ValueError:  # no native kernel on this CPU
+            layer = int8.Int8Linear(K, N, bias=False)
+            layer.set_float(w, torch.device("cpu"))
+            layers[f"native {variant}" if variant else "fbgemm two-row"] = layer
+        except KakiError:  # this build does not compile here
             pass
         finally:
             os.environ.pop("KAKI_INT8_KERNEL", None)
+            os.environ.pop("KAKI_INT8_VARIANT", None)
+            native.cache_clear()
             int8.cpu_kernel.cache_clear()
     q, scale = int8.quantize(w)
     with warnings.catch_warnings():
@@ -56,8 +61,7 @@ def candidates(N: int, K: int) -> dict:
         "fp32 F.linear": lambda x, xb: F.linear(x, w),
         "fp32 kaki": lambda x, xb: kaki_linear(x, w, None),
         "bf16 F.linear": lambda x, xb: F.linear(xb, wb),
-        **{f"int8 kaki ({'native' if k == 'native' else 'fbgemm two-row'})": (lambda m: lambda x, xb: m(x))(m)
-           for k, m in layers.items()},
+        **{f"int8 kaki ({k})": (lambda m: lambda x, xb: m(x))(m) for k, m in layers.items()},
         "int8 fbgemm dynamic": lambda x, xb: torch.ops.quantized.linear_dynamic(x, fbgemm, True),
         "int8 onednn dynamic": lambda x, xb: torch.ops.quantized.linear_dynamic(x, onednn, False),
         "int8 _weight_int8pack_mm": lambda x, xb: torch._weight_int8pack_mm(xb, q, sb),
