@@ -178,3 +178,41 @@ def test_yaml_config_keys_are_the_flags(tmp_path):
     cfg.write_text("learning_rate: 1\n")
     with pytest.raises(KakiError, match="unknown key 'learning_rate'"):
         from_sources({}, str(cfg))
+
+
+def test_surrogates_and_bad_utf8_are_bad_lines_at_their_own_line(tmp_path, tok):
+    """A lone surrogate passes json.loads but no tokenizer; a bad byte breaks only its line. Both
+    are skipped with file:line (or stop the run under --strict-data), wherever they are."""
+    good = [json.dumps({"text": f"good line {i}"}) for i in range(600)]
+    lines = list(good)
+    lines[1] = '{"text": "a lone \\ud800 surrogate"}'
+    lines[2] = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udfff"}]}'
+    path = tmp_path / "d.jsonl"
+    data = "\n".join(lines).encode() + b"\n"
+    at = data.index(b"good line 499")  # past the first read buffer of a text-mode file
+    path.write_bytes(data[:at] + b"\xff\xfe" + data[at:])
+    logged = []
+    ds = build_dataset(parse_data_arg(str(path)), tok, 2, 8, 0, eval_fraction=0, log=logged.append)
+    assert ds.bad.count == 3 and ds.train_docs == 597
+    assert [b.split(":")[1] for b in ds.bad.items] == ["2", "3", "500"]
+    assert "lone surrogate (U+D800" in ds.bad.items[0] and "lone surrogate (U+DFFF" in ds.bad.items[1]
+    assert "not UTF-8" in ds.bad.items[2]
+    assert any("skipped 3 bad data line" in m for m in logged)
+    with pytest.raises(KakiError, match=rf"bad data line {path}:2: `text` holds a lone surrogate"):
+        build_dataset(parse_data_arg(str(path)), tok, 2, 8, 0, eval_fraction=0, strict=True, log=logged.append)
+    lines[1], lines[2] = good[1], good[2]
+    path.write_bytes(("\n".join(lines) + "\n").encode().replace(b"good line 499", b"\xffgood line 499"))
+    with pytest.raises(KakiError, match=rf"bad data line {path}:500: not UTF-8"):
+        build_dataset(parse_data_arg(str(path)), tok, 2, 8, 0, eval_fraction=0, strict=True, log=logged.append)
+
+
+def test_a_file_of_only_bad_lines_says_which_and_why(tmp_path, tok):
+    path = write_jsonl(tmp_path / "all-bad.jsonl", ["{not json", {"txt": "x"}, {"text": "\ud800"}, [1], {"text": 5}])
+    with pytest.raises(KakiError) as e:
+        build_dataset(parse_data_arg(str(path)), tok, 2, 8, 0, eval_fraction=0, log=lambda m: None)
+    msg = str(e.value)
+    assert f"{path}:1: invalid JSON" in msg and f"{path}:2: neither `text` nor `messages`" in msg
+    assert f"{path}:3: `text` holds a lone surrogate" in msg and "and 2 more" in msg and "above" not in msg
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(KakiError, match="no records"):
+        build_dataset(parse_data_arg(str(tmp_path / "blank.jsonl")), tok, 2, 8, 0, eval_fraction=0)

@@ -72,7 +72,7 @@ def read_labelled(paths: list[Path], task: str, strict: bool, bad: BadLines) -> 
     for path in paths:
         records = [rec for _, rec in read_records(path, bad, strict, check=check)]
         if not records:
-            raise KakiError(f"{path} holds no usable {task} records (see the bad lines above); "
+            raise KakiError(f"{path} holds no usable {task} records ({bad.describe(path)}); "
                             + ('each line needs {"text": ..., "label": ...}' if task == SEQUENCE else
                                'each line needs {"tokens": [words], "labels": [one per word]}'))
         out.append(records)

@@ -73,14 +73,29 @@ class BadLines:
     def count(self) -> int:
         return len(self.items)
 
+    def add(self, path: Path, lineno: int, problem: str, strict: bool) -> None:
+        """Record a bad line, or stop at it when `strict` (--strict-data)."""
+        msg = f"{path}:{lineno}: {problem}"
+        if strict:
+            raise KakiError(f"bad data line {msg}; fix it, or drop --strict-data to skip bad lines")
+        self.items.append(msg)
+
+    def describe(self, path: Path, shown: int = 3) -> str:
+        """Which lines of `path` were bad and why, for the error when none was usable."""
+        mine = [m for m in self.items if m.startswith(f"{path}:")]
+        if not mine:
+            return "it has no records (only blank lines)"
+        more = f"; and {len(mine) - shown} more" if len(mine) > shown else ""
+        return f"all {len(mine)} of its lines are bad: " + "; ".join(mine[:shown]) + more
+
 
 def check_record(rec) -> str | None:
     """Why a parsed record cannot be used, or None."""
+    from kaki.chat_format import check_text, normalize_messages
+
     if not isinstance(rec, dict):
         return "not a JSON object"
     if "messages" in rec:
-        from kaki.chat_format import normalize_messages
-
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
             return "`messages` is not a non-empty list"
@@ -97,38 +112,36 @@ def check_record(rec) -> str | None:
         return "`text` is not a string"
     if not rec["text"].strip():
         return "empty `text`"
+    try:
+        check_text(rec["text"], "`text`")
+    except KakiError as e:
+        return str(e)
     return None
 
 
 def read_records(path: Path, bad: BadLines, strict: bool,
                  check: Callable[[object], str | None] = check_record) -> list[tuple[int, dict]]:
-    """(line number, record) for every usable line; bad lines (`check` says why) go to `bad`
-    (or raise if strict)."""
+    """(line number, record) for every usable line; bad lines (`check` says why, or not UTF-8, or
+    not JSON) go to `bad` (or raise if strict). Lines are split as bytes and decoded one by one,
+    so a bad byte costs only its own line and is reported at its own line number."""
     if not path.is_file():
         raise KakiError(f"data file {path} does not exist")
     out = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        lineno = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                raise KakiError(f"{path}:{lineno + 1}: not UTF-8 ({e})") from None
-            if not line:
-                break
-            lineno += 1
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(raw.decode("utf-8"))
                 problem = check(rec)
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 (byte {e.start + 1} of the line is {raw[e.start]:#04x})"
             except json.JSONDecodeError as e:
                 problem = f"invalid JSON ({e.msg} at column {e.colno})"
+            except RecursionError:
+                problem = "invalid JSON (nested too deeply)"
             if problem is not None:
-                msg = f"{path}:{lineno}: {problem}"
-                if strict:
-                    raise KakiError(f"bad data line {msg}; fix it, or drop --strict-data to skip bad lines")
-                bad.items.append(msg)
+                bad.add(path, lineno, problem, strict)
                 continue
             out.append((lineno, rec))
     return out
@@ -319,14 +332,19 @@ def build_dataset(data: list[DataSpec], tok, eos_id: int, seq_len: int, seed: in
     bad = BadLines()
 
     def docs_of(path: Path) -> list[Document]:
-        return [tokenize_record(rec, tok, eos_id, mask_prompt, train_on_prompt, chat)
-                for _, rec in read_records(path, bad, strict)]
+        docs = []
+        for lineno, rec in read_records(path, bad, strict):
+            try:
+                docs.append(tokenize_record(rec, tok, eos_id, mask_prompt, train_on_prompt, chat))
+            except KakiError as e:  # e.g. the chat_template fails on this record's messages
+                bad.add(path, lineno, str(e), strict)
+        return docs
 
     files, eval_docs, n_train = [], [], 0
     for i, spec in enumerate(data):
         docs = docs_of(spec.path)
         if not docs:
-            raise KakiError(f"{spec.path} holds no usable records (see the bad lines above)")
+            raise KakiError(f"{spec.path} holds no usable records: {bad.describe(spec.path)}")
         held = split_eval(len(docs), eval_fraction, seed, i) if eval_data is None else set()
         eval_docs += [d for j, d in enumerate(docs) if j in held]
         kept = [d for j, d in enumerate(docs) if j not in held]
