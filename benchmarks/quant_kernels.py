@@ -7,9 +7,9 @@ is kept (the machine may be shared; contention only ever slows a run down):
 
 - fp32 / bf16 `F.linear`, and kaki's fp32 linear (kaki.kernels: rows split across cores);
 - int8: kaki's Int8Linear with its own kernel (native: 16-bit activations per row; every build
-  of it this CPU runs: avx512-vnni, avx2-vnni, avx2) and with fbgemm (two-row 15-bit activations), fbgemm's dynamic op as
-  `quantize_dynamic` runs it (8-bit activations), oneDNN's dynamic op, PyTorch's weight-only
-  `_weight_int8pack_mm` (bf16 activations);
+  of it this CPU runs: avx512-vnni, avx2-vnni, avx2) and with fbgemm (two-row 15-bit
+  activations), fbgemm's dynamic op as `quantize_dynamic` runs it (8-bit activations), oneDNN's
+  dynamic op, PyTorch's weight-only `_weight_int8pack_mm` (bf16 activations);
 - int4: kaki's Int4Linear (`_weight_int4pack_mm_for_cpu`, bf16 activations) at groups 32/64/128.
 
     .venv/bin/python benchmarks/quant_kernels.py [--shapes 16384x4096,4096x16384] [--rows 1,8,32]
