@@ -105,7 +105,11 @@ def _shape_of(index) -> str | None:
 
 def deserialize(data: bytes, kind: str):
     faiss = _faiss()
-    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except MemoryError:  # a size field in the blob asks for more than the machine has
+        raise KakiError("the dense index asks for more memory than this machine has, so it is damaged or "
+                        "not kaki's; rebuild the index with `kaki index build ... --rebuild`") from None
     # The blob may not be what its row says (an index file from elsewhere): check before use.
     shape = _shape_of(index)
     if shape != kind or index.metric_type != faiss.METRIC_INNER_PRODUCT:
