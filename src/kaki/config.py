@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kaki.errors import CheckpointError
 
@@ -88,62 +89,103 @@ class ModelConfig:
         return embed + L * layer + norm + head
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, raw: Any, source: str = "config.json", spelling: dict[str, str] | None = None) -> "ModelConfig":
+        """Every value is checked before anything is derived from it, so a damaged or hostile
+        config is a CheckpointError naming the key (as `source` spells it, or as `spelling` maps
+        field names to it) and never a TypeError, a ZeroDivisionError or minutes of building."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source} holds a JSON {_json_type(raw)}, not an object of settings; "
+                                  "restore it from the original checkpoint")
         model_type = raw.get("model_type")
-        if model_type not in FAMILIES:
+        if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise CheckpointError(
-                f"model_type {model_type!r} is not supported; kaki runs {', '.join(sorted(FAMILIES))}"
+                f"model_type {model_type!r:.60} is not supported; kaki runs {', '.join(sorted(FAMILIES))}"
             )
         family = FAMILIES[model_type]
         values: dict[str, Any] = dict(family["fixed"])
+        spelled: dict[str, str] = dict(spelling or {})
         used: set[str] = {"model_type"}
         for name, (keys, default) in family["keys"].items():
             values[name] = default
             for key in keys:
                 if key in raw and raw[key] is not None:
                     values[name] = raw[key]
+                    spelled.setdefault(name, key)
                     used.add(key)
                     break
         # transformers 5 moves rotary settings into `rope_parameters`; it wins when present.
         rope = raw.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{source}: rope_parameters must be an object, not {_show(rope)}")
         if rope:
             used.add("rope_parameters")
-            if "rope_theta" in rope:
-                values["rope_theta"] = rope["rope_theta"]
-            if "partial_rotary_factor" in rope:
-                values["partial_rotary_factor"] = rope["partial_rotary_factor"]
+            for key in ("rope_theta", "partial_rotary_factor"):
+                if key in rope:
+                    values[key] = rope[key]
+                    spelled[key] = f"rope_parameters.{key}"
             if rope.get("rope_type", "default") != "default":
                 values["rope_scaling"] = {k: v for k, v in rope.items()
                                           if k not in ("rope_theta", "partial_rotary_factor")}
-        scaling = values.get("rope_scaling")
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ROPE_SCALINGS:
-                raise CheckpointError(f"rope scaling {kind!r} is not supported; kaki implements "
-                                      f"{', '.join(ROPE_SCALINGS)}")
-            values["rope_scaling"] = {**scaling, "rope_type": kind}
+                spelled["rope_scaling"] = "rope_parameters"
+        if values.get("rope_scaling"):
+            values["rope_scaling"] = _rope_scaling(values["rope_scaling"], source,
+                                                   spelled.get("rope_scaling", "rope_scaling"))
         dtype = raw.get("dtype", raw.get("torch_dtype"))
         used.update({"dtype", "torch_dtype"})
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"):
             if key in raw:
                 values[key] = raw[key]
                 used.add(key)
-        if values.get("head_dim") is None:
-            values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
-        if values.get("intermediate_size") is None and values.get("hidden_size") is not None:
-            # GPT-J's n_inner: null (its default) means the GPT-2 convention of 4 * n_embd.
-            values["intermediate_size"] = 4 * values["hidden_size"]
-        if values.get("num_key_value_heads") is None:
-            values["num_key_value_heads"] = values["num_attention_heads"]
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                               "intermediate_size") if values.get(k) is None]
+        missing = [spelled.get(k, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                 "num_attention_heads") if values.get(k) is None]
         if missing:
-            raise CheckpointError(f"config.json lacks {', '.join(missing)}; it is not a complete "
+            raise CheckpointError(f"{source} lacks {', '.join(missing)}; it is not a complete "
                                   f"{model_type} config")
-        if values["num_attention_heads"] % values["num_key_value_heads"]:
-            raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
+        for name, value in {**values, "torch_dtype": dtype}.items():
+            if value is not None or name in REQUIRED:
+                check_value(name, value, source, spelled.get(name, name))
+        h, heads = values["hidden_size"], values["num_attention_heads"]
+        if values.get("head_dim") is None:
+            if h % heads:
+                raise CheckpointError(f"{source}: {spelled.get('hidden_size', 'hidden_size')} ({h}) must be a "
+                                      f"multiple of {spelled.get('num_attention_heads', 'num_attention_heads')} "
+                                      f"({heads}), which sets the head dimension")
+            values["head_dim"] = h // heads
+        if values.get("intermediate_size") is None:
+            # GPT-J's n_inner: null (its default) means the GPT-2 convention of 4 * n_embd.
+            values["intermediate_size"] = 4 * h
+        if values.get("num_key_value_heads") is None:
+            values["num_key_value_heads"] = heads
+        if heads % values["num_key_value_heads"]:
+            raise CheckpointError(f"{source}: num_attention_heads ({heads}) must be a multiple of "
+                                  f"num_key_value_heads ({values['num_key_value_heads']})")
         extra = {k: v for k, v in raw.items() if k not in used and not _is_family_key(k)}
-        return cls(model_type=model_type, torch_dtype=dtype, extra=extra, **values)
+        cfg = cls(model_type=model_type, torch_dtype=dtype, extra=extra, **values)
+        cfg._check_shapes(source, spelled)
+        return cfg
+
+    def _check_shapes(self, source: str, spelled: dict[str, str]) -> None:
+        """What the values imply together: rotary dimensions that fit a head, and a size kaki can build."""
+        rot = self.rotary_ndims
+        if self.rotary_dim is not None and rot > self.head_dim:
+            raise CheckpointError(f"{source}: {spelled.get('rotary_dim', 'rotary_dim')} ({rot}) must be at most "
+                                  f"the head dimension ({self.head_dim})")
+        if rot % 2:
+            # Rotation turns pairs of dimensions; an odd count leaves one without a partner.
+            raise CheckpointError(f"{source}: the rotary dimensions per head ({rot}) must be even (head dimension "
+                                  f"{self.head_dim} x partial_rotary_factor {self.partial_rotary_factor})")
+        n = self.num_parameters()
+        dtype = self.torch_dtype if self.torch_dtype in DTYPE_BYTES else "float32"
+        size = n * DTYPE_BYTES[dtype]
+        layers = self.num_hidden_layers
+        if layers > MAX_LAYERS or size > MAX_WEIGHT_BYTES:
+            what = (f"{spelled.get('num_hidden_layers', 'num_hidden_layers')} is {layers:,}, which"
+                    if layers > MAX_LAYERS else "the config")
+            raise CheckpointError(
+                f"{source}: {what} implies {n:.3g} parameters ({_bytes(size)} in {dtype}); kaki refuses configs "
+                f"of more than {MAX_LAYERS:,} layers or {_bytes(MAX_WEIGHT_BYTES)} of weights, far past any "
+                "published model: the file is damaged or not a model's config, restore it from the original "
+                "checkpoint")
 
     def to_dict(self) -> dict[str, Any]:
         """config.json in the transformers-4 form (top-level rope keys), which 4.x and 5.x both read."""
@@ -163,6 +205,102 @@ class ModelConfig:
 
 
 ROPE_SCALINGS = ("linear", "llama3")
+
+# Past these a config is damaged or hostile: the deepest published transformers have under 130
+# layers and the largest ~2 TB of weights. Checked before building anything, since every layer is
+# a module (about 1 ms each, even on the meta device: a million layers took over 15 minutes).
+# Not the machine's memory: safetensors stay mmapped, so a model larger than RAM still loads
+# (slowly), and quantizing while loading needs less than the stored size.
+MAX_LAYERS = 1024
+MAX_WEIGHT_BYTES = 2 * 10**12
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CONFIG_FILE_LIMIT = 16 * 2**20  # real config.json files are a few KB (id2label maps: under 1 MB)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is no size
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, int) or isinstance(v, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What a value must be, as (test, description for the message).
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "positive": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "non-negative": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "token id": (lambda v: v is None or _is_int(v), "an integer token id"),
+    "token ids": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+                  "an integer or a list of integers"),
+    "dtype": (lambda v: v is None or isinstance(v, str), "a dtype name such as \"bfloat16\""),
+    "object": (lambda v: v is None or isinstance(v, dict), "an object"),
+}
+FIELD_KINDS: dict[str, str] = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "rotary_dim"), "size"),
+    "layer_norm_eps": "positive", "rope_theta": "positive", "partial_rotary_factor": "fraction",
+    "initializer_range": "non-negative", "hidden_act": "string", "rope_scaling": "object",
+    **dict.fromkeys(("rms_norm", "qk_layernorm", "use_parallel_residual", "attention_bias", "mlp_bias",
+                     "gated_mlp", "fused_qkv", "tie_word_embeddings", "shared_layernorm", "rotary_interleaved",
+                     "lm_head_bias"), "bool"),
+    "bos_token_id": "token id", "pad_token_id": "token id", "eos_token_id": "token ids", "torch_dtype": "dtype",
+}
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+# rope_scaling's numbers, per kind: what kaki.model._scale_rope reads.
+ROPE_SCALING_KEYS = {"linear": {"factor": "positive"},
+                     "llama3": {"factor": "positive", "low_freq_factor": "positive", "high_freq_factor": "positive",
+                                "original_max_position_embeddings": "size"}}
+
+
+def check_value(name: str, value: Any, source: str, spelled: str | None = None) -> None:
+    """A CheckpointError unless `value` is what field `name` must be; `spelled` is the key as the
+    source names it (GPT-J's n_embd, Megatron's num_layers)."""
+    test, description = KINDS[FIELD_KINDS[name]]
+    if not test(value):
+        raise CheckpointError(f"{source}: {spelled or name} must be {description}, not {_show(value)}; "
+                              "fix it or restore the file from the original checkpoint")
+
+
+def _rope_scaling(scaling: Any, source: str, spelled: str) -> dict:
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"{source}: {spelled} must be an object, not {_show(scaling)}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if not isinstance(kind, str) or kind not in ROPE_SCALINGS:
+        raise CheckpointError(f"rope scaling {_show(kind)} is not supported; kaki implements "
+                              f"{', '.join(ROPE_SCALINGS)}")
+    for key, kind_of in ROPE_SCALING_KEYS[kind].items():
+        test, description = KINDS[kind_of]
+        if not test(scaling.get(key)):
+            raise CheckpointError(f"{source}: {spelled}.{key} must be {description}, not "
+                                  f"{_show(scaling.get(key))} (rope_type {kind})")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise CheckpointError(f"{source}: {spelled}.high_freq_factor must be greater than low_freq_factor "
+                              f"({scaling['high_freq_factor']} <= {scaling['low_freq_factor']})")
+    return {**scaling, "rope_type": kind}
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{text} ({_json_type(value)})" if isinstance(value, str) else text
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"
 
 # Per family: which config.json key holds each field (first match wins; the first name is the one
 # written on save) and its default when absent, plus the flags that are fixed for the family.
@@ -268,8 +406,22 @@ def read_config(model_dir: str | Path) -> ModelConfig:
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json; point --model at a transformers model "
                               "directory (config.json + weights) or an Adept release directory")
+    return ModelConfig.from_dict(read_json(path, "restore it from the original checkpoint"), str(path))
+
+
+def read_json(path: Path, fix: str, limit: int = CONFIG_FILE_LIMIT) -> Any:
+    """A model directory's JSON file (config.json, a shard index), or a CheckpointError ending
+    with `fix`. Read whole, so its size is checked first."""
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint")
-    return ModelConfig.from_dict(raw)
+        size = path.stat().st_size
+        if size > limit:
+            raise CheckpointError(f"{path} is {_bytes(size)}, more than the {_bytes(limit)} kaki reads from "
+                                  f"such a file; {fix}")
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CheckpointError(f"{path} is not valid JSON ({why}); {fix}") from None

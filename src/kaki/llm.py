@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from kaki.checkpoint import DTYPES, assign_weights, renamed_sources, tensor_sources, validate
-from kaki.config import ModelConfig, read_config
+from kaki.config import ModelConfig, read_config, read_json
 from kaki.engine import PrefixCache, Scheduler, TextSequence
 from kaki.engine.prefix import DEFAULT_BUDGET_BYTES
 from kaki.engine.scheduler import DEFAULT_MAX_ROWS
@@ -310,14 +310,12 @@ _GEN_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
 
 
 def generation_defaults(model_dir: Path) -> dict:
-    import json
     path = model_dir / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})")
+    raw = read_json(path, "restore it from the original checkpoint or delete it")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; restore it from the original checkpoint or delete it")
     out = {dst: raw[src] for src, dst in _GEN_KEYS.items() if raw.get(src) is not None}
     if raw.get("do_sample") is False:
         out["temperature"] = 0.0  # transformers ignores temperature unless do_sample

@@ -14,10 +14,10 @@ prepended: with tokenizer.json, whatever its post-processor does (transformers 5
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
+from kaki.config import read_json
 from kaki.errors import CheckpointError
 
 
@@ -175,10 +175,10 @@ def _post_processor_prepends(backend, bos: int | None) -> bool:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})")
+    raw = read_json(path, "restore it from the original checkpoint")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; restore it from the original checkpoint")
+    return raw
 
 
 class TextStream:
