@@ -87,14 +87,37 @@ def to_megatron(kaki_key: str) -> str:
     return name
 
 
+# Bounds on the walk over a release's `model` dict. Megatron's is 4 levels deep and Persimmon-8B's
+# holds ~600 entries; a pickle is a graph, so a file of a few hundred bytes can hold a dict that
+# contains itself, or 40 levels whose two children are one shared dict (2**40 paths).
+MAX_DEPTH = 16
+MAX_ENTRIES = 100_000
+
+
+class TreeTooLarge(ValueError):
+    """The nested dict is deeper or holds more entries than any Megatron checkpoint."""
+
+
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{dotted name: leaf}; TreeTooLarge past MAX_DEPTH levels or MAX_ENTRIES entries visited
+    (a shared sub-dict counts each time it is reached, as the names it adds do)."""
     out: dict[str, Any] = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, name + "."))
-        else:
-            out[name] = v
+    visited = 0
+
+    def walk(node: Mapping, prefix: str, depth: int) -> None:
+        nonlocal visited
+        if depth > MAX_DEPTH:
+            raise TreeTooLarge(f"nested more than {MAX_DEPTH} levels (at {prefix[:200]}...)")
+        for k, v in node.items():
+            visited += 1
+            if visited > MAX_ENTRIES:
+                raise TreeTooLarge(f"more than {MAX_ENTRIES:,} entries")
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}.", depth + 1)
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(tree, prefix, 1)
     return out
 
 

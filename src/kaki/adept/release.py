@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from kaki.adept.bundle import Bundle
-from kaki.adept.keys import INV_FREQ, flatten, to_kaki
+from kaki.adept.keys import INV_FREQ, TreeTooLarge, flatten, to_kaki
 from kaki.adept.unpickle import load_checkpoint_file, plain
 from kaki.adept.vocab_trim import VOCAB_MAP_FILE, read_vocab_map
 from kaki.checkpoint import TensorSource
-from kaki.config import ModelConfig
+from kaki.config import ModelConfig, check_value
 from kaki.errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -126,21 +126,27 @@ def config_from_args(args: argparse.Namespace, sources: dict[str, TensorSource],
         raise CheckpointError(f"{where} has no Megatron `args` (found {type(args).__name__}); kaki reads the "
                               "model's hyperparameters from them")
     raw: dict[str, Any] = {"model_type": "persimmon", "architectures": ["PersimmonForCausalLM"]}
+    # Each value is checked as it is read (messages name the arg as Megatron spells it), so the
+    # arithmetic below only ever sees positive integers.
+    source, spelling = f"{where}: stored args", {}
     for arg, key, default in ARG_KEYS:
         value = _arg(args, arg)
         if value is None and default == "4h":
             value = 4 * raw["hidden_size"]
         elif value is None and default == "seq_length":
-            value = _arg(args, "seq_length")
+            value, arg = _arg(args, "seq_length"), "seq_length"
             if value is None:
                 raise CheckpointError(f"{where}: args has neither max_position_embeddings nor seq_length")
         elif value is None and default is None:
             raise CheckpointError(f"{where}: args lacks {arg}; this is not a complete Megatron GPT checkpoint")
         elif value is None:
             value = default
-        raw[key] = value
+        check_value(key, value, source, arg)
+        raw[key], spelling[key] = value, arg
     heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
     kv_channels = _arg(args, "kv_channels")
+    if kv_channels is not None:
+        check_value("head_dim", kv_channels, source, "kv_channels")
     if hidden % heads or (kv_channels is not None and kv_channels * heads != hidden):
         raise CheckpointError(f"{where}: kv_channels {kv_channels} x {heads} heads != hidden_size {hidden}; "
                               "kaki's Persimmon needs head_dim = hidden_size / heads")
@@ -157,13 +163,15 @@ def config_from_args(args: argparse.Namespace, sources: dict[str, TensorSource],
     # Megatron's activation: fused bias-gelu if set, else squared ReLU if sq_relu, else gelu.
     raw["hidden_act"] = "relu2" if _arg(args, "sq_relu", False) and not _arg(args, "bias_gelu_fusion", False) else "gelu"
     qk = _arg(args, "qk_layernorm", False)
-    if qk and qk is not True and qk not in SHARED_QK_NORM:
+    if qk and qk is not True and (not isinstance(qk, str) or qk not in SHARED_QK_NORM):
         raise CheckpointError(f"{where}: args.qk_layernorm is {qk!r}; kaki implements one q/k LayerNorm "
                               f"per layer ({', '.join(sorted(SHARED_QK_NORM))})")
     raw["qk_layernorm"] = bool(qk)
     embed = sources.get("model.embed_tokens.weight")
-    if embed is None:
-        raise CheckpointError(f"{where} has no language_model.embedding.word_embeddings.weight")
+    if embed is None or len(embed.shape) != 2:
+        found = "none" if embed is None else f"shape {list(embed.shape)}"
+        raise CheckpointError(f"{where} has no [vocab, hidden] language_model.embedding.word_embeddings.weight "
+                              f"({found})")
     raw["vocab_size"] = embed.shape[0]
     padded = _arg(args, "padded_vocab_size")
     if padded is not None and padded != embed.shape[0]:
@@ -175,7 +183,7 @@ def config_from_args(args: argparse.Namespace, sources: dict[str, TensorSource],
                               "is missing; the checkpoint is incomplete")
     raw["bos_token_id"] = raw["eos_token_id"] = raw["pad_token_id"] = eod
     raw["torch_dtype"] = str(embed.dtype).replace("torch.", "")
-    return ModelConfig.from_dict(raw)
+    return ModelConfig.from_dict(raw, source, spelling)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -209,10 +217,13 @@ def read_release(d: str | Path) -> Bundle:
     where = str(layout.checkpoint)
     raw = load_checkpoint_file(layout.checkpoint)
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        keys = ", ".join(map(str, raw)) if isinstance(raw, dict) else type(raw).__name__
+        keys = ", ".join(map(str, list(raw)[:8])) if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{where} holds {keys}, not Megatron's {{'model', 'args', 'iteration'}} dict")
     version = raw.get("checkpoint_version")
-    if version is not None and float(version) < 2.0:
+    if version is not None and (isinstance(version, bool) or not isinstance(version, (int, float))):
+        raise CheckpointError(f"{where}: checkpoint_version must be a number, not {version!r:.60}; the file is "
+                              "damaged: extract it again from the release tarball")
+    if version is not None and version < 2.0:
         # Megatron before checkpoint version 2.0 stored query_key_value rows in another order
         # ([3, heads, d] or [heads, d, 3]); kaki reads the head-interleaved layout only.
         raise CheckpointError(f"{where} is a Megatron checkpoint_version {version} file, whose fused qkv "
@@ -220,10 +231,16 @@ def read_release(d: str | Path) -> Bundle:
     sources: dict[str, TensorSource] = {}
     inv_freq: dict[int, TensorSource] = {}
     unknown = []
-    for name, t in flatten(raw["model"]).items():
+    try:
+        tree = flatten(raw["model"])
+    except TreeTooLarge as e:
+        raise CheckpointError(f"{where}: its model dict is {e}, where Megatron's has 4 levels and a few hundred "
+                              "tensors; the file is damaged or hostile: extract it again from the release "
+                              "tarball") from None
+    for name, t in tree.items():
         if not isinstance(t, torch.Tensor):
             continue  # Megatron keeps _extra_state and the like next to tensors
-        src = TensorSource(tuple(t.shape), t.dtype, (lambda t=t: t), where)
+        src = TensorSource(tuple(t.shape), t.dtype, (lambda t=t: t), where, name=name)
         if m := INV_FREQ.match(name):
             inv_freq[int(m.group(1))] = src
             continue
