@@ -20,9 +20,15 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback only; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("KAKI_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on every route but /health[z] "
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every route but /health[z]. Prefer "
+                        "$KAKI_API_KEY or --api-key-file: a key on the command line shows in `ps` "
                         "(default: $KAKI_API_KEY; none: open)")
+    p.add_argument("--api-key-file", metavar="PATH", default=None,
+                   help="read the API key from this file (its first line; e.g. a mounted secret)")
+    p.add_argument("--max-body-mb", type=float, default=None,
+                   help="largest request body accepted, in MB; larger ones get 413 before they are read "
+                        "(default 16)")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="sequences decoded together (default 32)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -60,12 +66,16 @@ def run(args) -> int:
     except ImportError as e:
         raise KakiError(f"kaki serve needs the serve extra ({e.name} is missing): "
                         "pip install 'kaki[serve]'") from None
-    from kaki.serve.app import create_app
+    from kaki.serve.app import DEFAULT_MAX_BODY_MB, create_app
     from kaki.serve.engine import Engine, EngineConfig
 
+    args.api_key = resolve_api_key(args)
+    max_body_mb = DEFAULT_MAX_BODY_MB if args.max_body_mb is None else args.max_body_mb
+    if not max_body_mb > 0:
+        raise KakiError(f"--max-body-mb must be a positive number of MB, got {args.max_body_mb}")
     if not is_loopback(args.host) and not args.api_key:
         print(f"kaki serve: warning: binding {args.host} without --api-key: anyone who can reach this "
-              "machine can use the model; pass --api-key KEY (or set KAKI_API_KEY)", file=sys.stderr)
+              "machine can use the model; set KAKI_API_KEY (or pass --api-key-file PATH)", file=sys.stderr)
     if not 0 < args.port < 65536:
         raise KakiError(f"--port must be 1-65535, got {args.port}")
     moderator = moderator_from_args(args)  # first: a bad --moderation-block fails before the big load
@@ -82,7 +92,7 @@ def run(args) -> int:
         retriever = Retriever.open(args.retrieval)
         retriever.warm()  # load the embedder at start-up, not in the first request
     app = create_app(engine, api_key=args.api_key, chat_format=args.chat_format, retriever=retriever,
-                     retrieval_k=args.retrieval_k, moderator=moderator)
+                     retrieval_k=args.retrieval_k, moderator=moderator, max_body_mb=max_body_mb)
     print(f"kaki serve: {name} on http://{_url_host(args.host)}:{args.port} (batch {config.max_batch_size}, "
           f"{engine.max_seq_len:,} tokens per sequence, {engine.model.dtype}, {engine.model.device})",
           file=sys.stderr)
@@ -92,6 +102,34 @@ def run(args) -> int:
                                            timeout_graceful_shutdown=args.graceful_timeout))
     server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
     return 0
+
+
+def resolve_api_key(args) -> str | None:
+    """The key from --api-key, --api-key-file or $KAKI_API_KEY (None: the server is open). An
+    empty one is refused: it would silently leave the server open."""
+    from kaki.errors import KakiError
+
+    if args.api_key is not None and args.api_key_file is not None:
+        raise KakiError("give the API key once: --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.read(4096).split("\n", 1)[0].strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise KakiError(f"--api-key-file {args.api_key_file}: cannot read it ({e.__class__.__name__}: "
+                            f"{getattr(e, 'strerror', None) or e})") from None
+        where = f"--api-key-file {args.api_key_file} is empty"
+    elif args.api_key is not None:
+        key, where = args.api_key, "--api-key is empty"
+    else:
+        key = os.environ.get("KAKI_API_KEY")
+        if key is None:
+            return None
+        where = "KAKI_API_KEY is set but empty"
+    if not key.strip():
+        raise KakiError(f"{where}: an empty key would leave the server open; give a key, or leave the "
+                        "key out entirely to serve without one")
+    return key
 
 
 def is_loopback(host: str) -> bool:

@@ -41,7 +41,8 @@ async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
     started = time.perf_counter()
     if body.add_BOS and tok.bos_id is None:
         raise ParamError("add_BOS", "add_BOS is true but this model's tokenizer has no BOS token")
-    prompt_ids = [tok.encode(p, add_bos=body.add_BOS) for p in body.prompts]
+    # In a worker thread: a long prompt must not stall the event loop.
+    prompt_ids = await asyncio.to_thread(lambda: [tok.encode(p, add_bos=body.add_BOS) for p in body.prompts])
     screen = Screen(request.app, log=not body.no_log)
     reqs, run = [], []
     for k, ids in enumerate(prompt_ids):

@@ -1,9 +1,11 @@
 """`create_app(engine)`: the FastAPI app around an Engine. Thin: routes live in adept_api and
 openai_api, bodies in schemas; this module wires them up and maps errors to HTTP.
 
-Errors: a bad field is 400 with `{"error": {"message", "type", "param", "code"}}` naming it; a
-full queue or a stopping engine is 503 with Retry-After; a wrong API key 401; an engine failure
-500. With an API key, every route but /health and /healthz needs `Authorization: Bearer KEY`.
+Errors: every answer that is not a 200 has `{"error": {"message", "type", "param", "code"}}`, on
+every route: a bad field (or a body that is not UTF-8 JSON) is 400 naming it; a body over
+`max_body_mb` 413; an unknown route 404, a wrong method 405; a full queue or a stopping engine 503
+with Retry-After; a wrong API key 401; an engine failure, or any bug, 500 (the connection stays
+open). With an API key, every route but /health and /healthz needs `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
@@ -15,20 +17,26 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from kaki.errors import KakiError, ParamError
 from kaki.serve import adept_api, openai_api
 from kaki.serve.engine import Engine, EngineStopped, QueueFull
 from kaki.serve.metrics import CONTENT_TYPE_LATEST
 from kaki.serve.results import ClientGone, EngineFailure
-from kaki.serve.schemas import error_body
+from kaki.serve.schemas import error_body, json_error
 
 OPEN_ROUTES = ("/health", "/healthz")  # reachable without the API key (load balancers)
+# A request body larger than this is refused (413) before it is read whole: bodies are parsed as
+# JSON on the event loop, so size is what bounds the work one request can cost before validation.
+DEFAULT_MAX_BODY_MB = 16
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, chat_format: str = "auto",
-               retriever=None, retrieval_k: int = 3, moderator=None) -> FastAPI:
-    """moderator: a kaki.moderation.Moderator that screens prompts and replies (kaki.serve.screen)."""
+               retriever=None, retrieval_k: int = 3, moderator=None,
+               max_body_mb: float = DEFAULT_MAX_BODY_MB) -> FastAPI:
+    """moderator: a kaki.moderation.Moderator that screens prompts and replies (kaki.serve.screen);
+    max_body_mb: the largest request body accepted (`kaki serve --max-body-mb`)."""
     from kaki.chat_format import format_for_llm
 
     fmt = format_for_llm(engine.llm, chat_format)  # a bad --chat-format fails here, at start-up
@@ -63,7 +71,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, chat_format: str =
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     _add_error_handlers(app)
-    app.add_middleware(_Guard, metrics=engine.metrics, api_key=api_key)
+    app.add_middleware(_Guard, metrics=engine.metrics, api_key=api_key, max_body=int(max_body_mb * 2**20))
     return app
 
 
@@ -72,6 +80,24 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError):
         field, message = _describe(exc.errors())
         return JSONResponse(error_body(message, field), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        # Starlette's own answers (no route, wrong method, a body FastAPI could not parse) in the
+        # same shape as kaki's, rather than `{"detail": ...}`.
+        param = None
+        if exc.status_code == 404:
+            message, code = f"Invalid URL ({request.method} {request.url.path}); see docs/serve.md", "not_found"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {request.url.path} (use {allowed or 'another method'})"
+            code = "method_not_allowed"
+        elif exc.status_code == 400:  # FastAPI read the body but json.loads failed
+            message, param, code = json_error(exc.__cause__), "body", None
+        else:
+            message, code = str(exc.detail), None
+        return JSONResponse(error_body(message, param, code=code), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(ParamError)
     async def bad_param(request: Request, exc: ParamError):
@@ -114,6 +140,10 @@ def _describe(errors) -> tuple[str, str]:
     if not errors:
         return "body", "the request body is not valid"
     e = errors[0]
+    # A union (`content: str | list[...]`) fails once per member; the member whose type matched
+    # says what was really wrong (e.g. a list over its cap), not "Input should be a valid string".
+    same = [x for x in errors if x.get("loc", ())[:3] == e.get("loc", ())[:3]]
+    e = next((x for x in same if not str(x.get("type", "")).endswith("_type")), e)
     cause = (e.get("ctx") or {}).get("error")
     if isinstance(cause, ParamError):
         return cause.field, _with_field(cause.field, cause.message)
@@ -126,42 +156,93 @@ def _describe(errors) -> tuple[str, str]:
         return "body", "the request body is not valid JSON"
     if e.get("type") == "missing":
         return field, f"{path}: this field is required"
+    if e.get("type") == "too_long":
+        ctx = e.get("ctx") or {}
+        return field, f"{path}: has {ctx.get('actual_length')} items; at most {ctx.get('max_length')} are allowed"
     return field, f"{path}: {e.get('msg', 'is not valid')}"
 
 
 class _Guard:
-    """ASGI middleware: the API key check and the per-route request counter. (Plain ASGI rather
-    than BaseHTTPMiddleware, so streamed responses and disconnects pass straight through.)"""
+    """ASGI middleware: the API key check, the body size limit, the per-route request counter, and
+    the last word on errors. (Plain ASGI rather than BaseHTTPMiddleware, so streamed responses and
+    disconnects pass straight through.)
 
-    def __init__(self, app, metrics, api_key: str | None):
-        self.app, self.metrics = app, metrics
+    The body is read here, counting bytes, and handed on whole: a declared Content-Length over the
+    limit is refused before anything is read, a chunked body as soon as it passes the limit, and
+    the 413 closes the connection so the rest is never read. An exception no handler turned into
+    an answer becomes a JSON 500 here, so the connection stays open (uvicorn would drop it)."""
+
+    def __init__(self, app, metrics, api_key: str | None, max_body: int):
+        self.app, self.metrics, self.max_body = app, metrics, max_body
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
 
         async def send_status(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
-        if self.expected is not None and scope["path"] not in OPEN_ROUTES:
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(got, self.expected):
-                body = error_body("missing or wrong API key: send `Authorization: Bearer KEY` with the key "
-                                  "given to `kaki serve --api-key` (or $KAKI_API_KEY)",
-                                  kind="authentication_error", code="invalid_api_key")
-                await JSONResponse(body, status_code=401)(scope, receive, send_status)
-                self._count(scope, status["code"])
-                return
         try:
-            await self.app(scope, receive, send_status)
+            if self.expected is not None and scope["path"] not in OPEN_ROUTES:
+                got = dict(scope["headers"]).get(b"authorization", b"")
+                if not secrets.compare_digest(got, self.expected):
+                    body = error_body("missing or wrong API key: send `Authorization: Bearer KEY` with the key "
+                                      "given to `kaki serve` ($KAKI_API_KEY or --api-key-file)",
+                                      kind="authentication_error", code="invalid_api_key")
+                    return await JSONResponse(body, status_code=401)(scope, receive, send_status)
+            body = await self._read_body(scope, receive)
+            if body is None:
+                mb = self.max_body / 2**20
+                error = error_body(f"the request body is over {mb:g} MB, this server's limit "
+                                   "(`kaki serve --max-body-mb`)", "body", code="request_too_large")
+                return await JSONResponse(error, status_code=413, headers={"Connection": "close"})(
+                    scope, receive, send_status)
+            await self.app(scope, _replay(body, receive), send_status)
+        except Exception:
+            if status["started"]:
+                raise  # mid-response: nothing better to send; uvicorn closes the connection
+            from loguru import logger
+            logger.exception(f"{scope.get('method')} {scope.get('path')} failed")
+            error = error_body("internal error: the server failed on this request (see its log)",
+                               kind="server_error")
+            await JSONResponse(error, status_code=500)(scope, receive, send_status)
         finally:
             self._count(scope, status["code"])
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        """The whole request body, or None when it is over the limit (declared or counted)."""
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left; the route sees it again
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
 
     def _count(self, scope, code: int) -> None:
         route = scope.get("route")
         path = getattr(route, "path", None) or "other"  # unmatched paths share one label
         self.metrics.requests.labels(path, str(code)).inc()
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that gives `body` as the request's one message, then passes through (so a
+    route still hears the client disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+    return replayed

@@ -3,7 +3,9 @@
 Prompts are encoded with the tokenizer's own BOS rule (`add_bos_token`); chat messages are
 rendered with the server's chat format (`--chat-format`, see kaki.chat_format), whose stop strings
 are added to the request's. With `n` > 1 and a `seed`, choice j samples with seed + j, so the
-choices differ and each is reproducible. `stream: true` answers with server-sent events ending in
+choices differ and each is reproducible (seeds wrap at 2**64). Tokenizing and rendering the chat
+template run in worker threads, so a huge prompt never stalls the event loop (other requests,
+/health). `stream: true` answers with server-sent events ending in
 `data: [DONE]`; a client that disconnects aborts its sequences.
 
 With `--moderation` (kaki.serve.screen): a blocked prompt or message (any role) gets choices with
@@ -53,11 +55,13 @@ def _sampling(body, engine: Engine, max_new: int, seed: int | None, **extra) -> 
         top_p=pick(body.top_p, "top_p", 1.0), top_k=max(top_k, 0),
         repetition_penalty=pick(body.repetition_penalty, "repetition_penalty", 1.0),
         seed=seed, stop=list(body.stop or []) + extra.pop("stop", []),
-        stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, **extra)
+        # A set: the engine tests every new token against it.
+        stop_token_ids=frozenset(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, **extra)
 
 
 def _seed(body, j: int) -> int | None:
-    return None if body.seed is None else body.seed + j
+    # Wrapped, so seed 2**64-1 with n > 1 stays inside torch.Generator's range.
+    return None if body.seed is None else (body.seed + j) % (S.MAX_SEED + 1)
 
 
 def _ids(engine: Engine, prompt, add_bos=None) -> list[int]:
@@ -80,8 +84,11 @@ async def completions(body: S.CompletionRequest, request: Request):
     engine: Engine = request.app.state.engine
     _check_model(engine, body.model)
     prompts = body.prompts()
-    prompt_ids = [_ids(engine, p) for p in prompts]
-    texts = [p if isinstance(p, str) else engine.tokenizer.decode(ids) for p, ids in zip(prompts, prompt_ids)]
+
+    def tokenize():
+        ids = [_ids(engine, p) for p in prompts]
+        return ids, [p if isinstance(p, str) else engine.tokenizer.decode(i) for p, i in zip(prompts, ids)]
+    prompt_ids, texts = await asyncio.to_thread(tokenize)
     screen = Screen(request.app)
     reqs, choice_of, refused, echo = [], [], [], []
     for k, ids in enumerate(prompt_ids):
@@ -175,11 +182,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     if request.app.state.retriever is not None and body.retrieval and not blocked:
         # In a worker thread: the search (SQLite, the query embedder) must not block the event loop.
         messages, sources = await asyncio.to_thread(_ground, request.app, engine, fmt, messages, body.max_new)
-    try:
-        text = fmt.render(messages, add_generation_prompt=True)
-    except KakiError as e:
-        raise ParamError("messages", str(e)) from None
-    ids = _ids(engine, text, add_bos=fmt.add_bos)
+    ids = await asyncio.to_thread(_render, engine, fmt, messages)
     max_new = engine.fit(len(ids), body.max_new, field="max_completion_tokens"
                          if body.max_completion_tokens is not None else "max_tokens", prompt_field="messages")
     top = body.top_logprobs or 0
@@ -207,6 +210,15 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     return S.ChatCompletionResponse(id=rid, created=created, model=engine.model_name, choices=choices,
                                     usage=_usage([len(ids)], sum(len(r.token_ids) for r in results)),
                                     sources=sources)
+
+
+def _render(engine: Engine, fmt, messages: list[dict]) -> list[int]:
+    """The prompt's token ids (run in a worker thread: templates and tokenizing take time)."""
+    try:
+        text = fmt.render(messages, add_generation_prompt=True)
+    except KakiError as e:
+        raise ParamError("messages", str(e)) from None
+    return _ids(engine, text, add_bos=fmt.add_bos)
 
 
 def _ground(app, engine: Engine, fmt, messages: list[dict], max_new: int | None) -> tuple[list[dict], list[dict]]:

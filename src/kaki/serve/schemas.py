@@ -9,7 +9,8 @@ Unknown keys are ignored, as both Adept's server and OpenAI's API do.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,6 +25,17 @@ MAX_STOP = 4  # stop strings, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions `logprobs`, as OpenAI
 MAX_TOP_LOGPROBS = 20  # /v1/chat/completions `top_logprobs`, as OpenAI
 MAX_TEMPERATURE = 2.0  # OpenAI's range
+# Every list a client sends is capped, so one request cannot make the server (or the engine's
+# per-token stop checks) work in proportion to a body of millions of entries. Each cap is far above
+# what a real client sends; docs/serve.md's "Limits" table lists them.
+MAX_PROMPTS = 128  # /v1/completions prompts per request, as Adept's server
+MAX_MESSAGES = 1024  # chat messages per request
+MAX_CONTENT_PARTS = 64  # text parts per chat message
+MAX_STOP_CHARS = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 300  # entries (kaki refuses any non-empty logit_bias, but reads no more than this)
+MAX_SEED = 2**64 - 1  # torch.Generator's seed range
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _is_int(x) -> bool:
@@ -40,11 +52,44 @@ def _json_object(body: Any) -> Any:
     if isinstance(body, (bytes, str)):
         try:
             body = json.loads(body)
-        except ValueError:
-            raise ParamError("body", "the request body is not valid JSON") from None
+        except (ValueError, RecursionError) as e:
+            raise ParamError("body", json_error(e)) from None
     if not isinstance(body, dict):
         raise ParamError("body", "must be a JSON object")
+    _check_text(body)
     return body
+
+
+def json_error(e: BaseException | None) -> str:
+    """What was wrong with a body that json.loads refused (`e`, its exception)."""
+    if isinstance(e, UnicodeDecodeError):
+        return "the request body is not valid UTF-8 (JSON bodies are UTF-8 text)"
+    if isinstance(e, RecursionError):
+        return "the request body's JSON is nested too deeply"
+    return "the request body is not valid JSON"
+
+
+def _check_text(body: dict) -> None:
+    """Refuse a lone UTF-16 surrogate (JSON's "\\udfff") anywhere in the body, naming the top-level
+    field: such a string has no UTF-8 form, so the tokenizer, the moderator and even the error
+    response would fail on it. One walk here covers every field of every route."""
+    for key, value in body.items():
+        stack = [key, value]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, str):
+                if _SURROGATE.search(x):
+                    raise ParamError(_printable(key), "contains a lone surrogate (e.g. \"\\udfff\"), which "
+                                     "is not text; send valid Unicode")
+            elif isinstance(x, dict):
+                stack.extend(x.keys())
+                stack.extend(x.values())
+            elif isinstance(x, list):
+                stack.extend(x)
+
+
+def _printable(field: str) -> str:
+    return _SURROGATE.sub("\ufffd", field)
 
 
 # ----------------------------------------------------------------------------- Adept PUT /api
@@ -122,6 +167,8 @@ class AdeptRequest(BaseModel):
             raise ParamError("random_seed", "random_seed must be integer")
         if seed < 0 and seed != -1:
             raise ParamError("random_seed", "random_seed must be a positive integer")
+        if seed > MAX_SEED:
+            raise ParamError("random_seed", f"random_seed must be at most 2**64-1 ({MAX_SEED})")
         if not isinstance(b.get("no_log", False), bool):
             raise ParamError("no_log", "no_log must be a boolean value")
         if any(len(p) == 0 for p in prompts) and not b.get("add_BOS", False):
@@ -158,9 +205,10 @@ class StreamOptions(BaseModel):
 
 
 class _OpenAIBase(BaseModel):
-    """Fields both OpenAI routes share. Strict: "5" is not a number, 1 is not true."""
+    """Fields both OpenAI routes share. Strict: "5" is not a number, 1 is not true; NaN and
+    Infinity (which Python's JSON reader accepts) are not numbers either."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
@@ -169,7 +217,7 @@ class _OpenAIBase(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     user: str | None = None
     # Accepted only at their neutral values: kaki does not implement them.
     presence_penalty: float = 0.0
@@ -179,7 +227,7 @@ class _OpenAIBase(BaseModel):
     top_k: int | None = Field(None, ge=-1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
 
     @model_validator(mode="before")
     @classmethod
@@ -197,6 +245,15 @@ class _OpenAIBase(BaseModel):
             raise ParamError("stop", "must be a string or a list of strings")
         if len(v) > MAX_STOP:
             raise ParamError("stop", f"has {len(v)} strings; at most {MAX_STOP} are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in v):
+            raise ParamError("stop", f"has a string over {MAX_STOP_CHARS:,} characters; at most {MAX_STOP_CHARS:,} are allowed")
+        return v
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias(cls, v):
+        if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS:
+            raise ParamError("logit_bias", f"has {len(v):,} entries; at most {MAX_LOGIT_BIAS} are allowed")
         return v
 
     @model_validator(mode="after")
@@ -231,6 +288,8 @@ class CompletionRequest(_OpenAIBase):
         if not ok:
             raise ParamError("prompt", "must be a string, a list of strings, a list of token ids or a "
                              "list of lists of token ids (none of them empty)")
+        if not isinstance(v, str) and not _is_int(v[0]) and len(v) > MAX_PROMPTS:
+            raise ParamError("prompt", f"has {len(v)} prompts; at most {MAX_PROMPTS} are allowed per request")
         return v
 
     @model_validator(mode="after")
@@ -257,7 +316,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: str
-    content: str | list[ContentPart]
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)]
     name: str | None = None
 
     def text(self) -> str:
@@ -267,7 +326,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_OpenAIBase):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=0)  # None: as many as fit
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False

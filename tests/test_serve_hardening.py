@@ -1,0 +1,158 @@
+"""kaki serve against hostile or careless clients, over real HTTP (uvicorn on a loopback port, a
+tiny random Persimmon): list caps and the body limit (issue #17 item 2), tokenizing off the event
+loop (3), one error shape with the connection kept (4), retrieval sources without server paths (5)
+and a seeded fuzz of every route. Only HTTP is driven, so the tests hold whatever engine runs
+behind the routes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+import kaki
+from kaki.retrieval import build_index
+from kaki.serve.app import create_app
+from kaki.serve.engine import Engine, EngineConfig
+from kaki.serve.schemas import (MAX_CONTENT_PARTS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PROMPTS, MAX_STOP_CHARS,
+                                MAX_STOP_TOKEN_IDS)
+
+# model_dir: a tiny Persimmon whose greedy output is words; one_thread (autouse): one intra-op thread.
+from test_serve_http import Server, model_dir, one_thread  # noqa: F401
+
+MODEL = "tiny-persimmon"
+CHAT = "/v1/chat/completions"
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def start(model_dir, retriever=None, **app_args) -> Server:
+    llm = kaki.load(model_dir, dtype="float32", device="cpu")
+    engine = Engine(llm, EngineConfig(max_batch_size=4, max_queue=32), model_name=MODEL)
+    app = create_app(engine, retriever=retriever, **app_args)
+    s = Server(app)
+    s.app = app
+    return s
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    s = start(model_dir, max_body_mb=32)
+    yield s
+    s.stop()
+
+
+def assert_error(r, status: int, param: str | None = "any", says: str = "") -> dict:
+    """`r` is the documented error object: {"error": {"message", "type", "param", "code"}}."""
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert set(err) == ERROR_KEYS and isinstance(err["message"], str) and err["message"], err
+    if param != "any":
+        assert err["param"] == param, err
+    assert says in err["message"], err
+    return err
+
+
+def chat_body(content="hi", **extra) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+
+# ----------------------------------------------------------------------------- item 2: caps, body limit
+
+CAPPED = [
+    ("POST", "/v1/completions", {"prompt": "a", "stop_token_ids": list(range(MAX_STOP_TOKEN_IDS + 1))},
+     "stop_token_ids"),
+    ("POST", "/v1/completions", {"prompt": "a", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}},
+     "logit_bias"),
+    ("POST", "/v1/completions", {"prompt": ["a"] * (MAX_PROMPTS + 1), "max_tokens": 1}, "prompt"),
+    ("POST", "/v1/completions", {"prompt": "a", "stop": ["x" * (MAX_STOP_CHARS + 1)]}, "stop"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": "a"}] * (MAX_MESSAGES + 1), "max_tokens": 1},
+     "messages"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] *
+                                  (MAX_CONTENT_PARTS + 1)}], "max_tokens": 1}, "messages"),
+    ("POST", CHAT, {**chat_body(), "stop_token_ids": [1] * (MAX_STOP_TOKEN_IDS + 1)}, "stop_token_ids"),
+]
+
+
+def test_every_list_field_is_capped(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for method, path, body, field in CAPPED:
+            r = c.request(method, path, json=body)
+            assert_error(r, 400, field, says="at most")
+        # At the caps, requests run.
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "temperature": 0,
+                                           "stop_token_ids": list(range(MAX_STOP_TOKEN_IDS))})
+        assert r.status_code == 200, r.text
+
+
+def test_body_over_the_limit_is_413_before_it_is_read(model_dir):
+    s = start(model_dir, max_body_mb=1)
+    try:
+        big = json.dumps({"prompt": "a", "max_tokens": 1, "unused": "x" * (2 << 20)}).encode()
+        r = httpx.post(s.url + "/v1/completions", content=big, headers={"Content-Type": "application/json"})
+        assert_error(r, 413, "body", says="--max-body-mb")
+        # Chunked (no Content-Length): refused once the count passes the limit.
+        chunks = (big[i:i + 65536] for i in range(0, len(big), 65536))
+        r = httpx.put(s.url + "/api", content=chunks, headers={"Content-Type": "application/json"})
+        assert_error(r, 413, "body")
+        # A declared 200 MB body: the answer comes at once, without waiting for (or reading) the body.
+        host, port = urlparse(s.url).hostname, urlparse(s.url).port
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 209715200\r\n\r\n" + b"{" + b" " * 1000)
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        # Under the limit, a body of the same shape is fine.
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 1, "unused": "x" * 1000})
+        assert r.status_code == 200, r.text
+    finally:
+        s.stop()
+
+
+# ----------------------------------------------------------------------------- item 3: the event loop
+
+def test_tokenizing_runs_off_the_event_loop_and_health_stays_quick(server):
+    tok = server.app.state.engine.tokenizer
+    encode, calls = tok.encode, []
+    began, ended = threading.Event(), threading.Event()
+
+    def recording(text, *args, **kwargs):
+        big = len(text) > 1_000_000
+        if big:
+            began.set()
+        calls.append(threading.get_ident())
+        try:
+            return encode(text, *args, **kwargs)
+        finally:
+            if big:
+                ended.set()
+    tok.encode = recording
+    try:
+        huge = "the quick brown fox jumps over the lazy dog " * 250_000  # 11 MB: seconds to tokenize
+        for method, path, body, field in (("POST", "/v1/completions", {"prompt": huge}, "prompt"),
+                                          ("POST", CHAT, chat_body(huge), "messages"),
+                                          ("PUT", "/api", {"prompts": [huge]}, "prompts")):
+            began.clear(), ended.clear()
+            got = {}
+            t = threading.Thread(target=lambda: got.update(r=httpx.request(method, server.url + path, json=body,
+                                                                            timeout=120)))
+            t.start()
+            assert began.wait(60), path
+            t0 = time.perf_counter()
+            r = httpx.get(server.url + "/health", timeout=30)
+            health_s = time.perf_counter() - t0
+            # /health answered while the prompt was still being tokenized, not after it.
+            assert r.status_code == 200 and not ended.is_set(), (path, health_s)
+            t.join(120)
+            assert_error(got["r"], 400, field, says="tokens")  # far over the context, after tokenizing
+    finally:
+        tok.encode = encode
+    loop_thread = server.thread.ident
+    assert calls and loop_thread not in calls
