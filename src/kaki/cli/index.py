@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import time
 
 PREVIEW_CHARS = 300
 
@@ -36,6 +37,12 @@ def register(sub) -> None:
     b.add_argument("--dense", default="auto", choices=["auto", "flat", "hnsw", "ivf"],
                    help="faiss index kind (auto: exact up to 100k vectors, then HNSW, then IVF)")
     b.add_argument("--rebuild", action="store_true", help="start the index afresh (needed to change embedder)")
+    b.add_argument("--search-mode", choices=["auto", "bm25", "dense", "hybrid"], default=None,
+                   help="how queries search this index unless told otherwise (default: keep the index's; "
+                        "auto = hybrid when it has vectors, else bm25)")
+    b.add_argument("--vectors", metavar="FILE",
+                   help="precomputed passage vectors (.npz from recipes/embed_passages.py): used for the "
+                        "passages whose exact text and embedder they match, the rest are embedded")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     b.set_defaults(func=run_build)
 
@@ -74,6 +81,7 @@ def run_build(args) -> int:
     from kaki.retrieval import build_index
     report = build_index(args.paths, args.out, chunking=_chunking(args), embedder=args.embedder,
                          dense_kind=args.dense, rebuild=args.rebuild, progress=False if args.quiet else None,
+                         vectors=args.vectors, search_mode=args.search_mode,
                          log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)))
     if not args.quiet:
         print(report.summary())
@@ -83,6 +91,12 @@ def run_build(args) -> int:
 def run_query(args) -> int:
     from kaki.retrieval import Retriever
     with Retriever.open(args.index, embedder=args.embedder, mode=args.mode) as r:
+        started = time.perf_counter()
+        if r.default_mode != "bm25":
+            r.warm()  # the embedder's load is most of a dense query's time: say how long it took
+            print(f"({r.default_mode} search: loaded the embedder and {r.info()['dense']['vectors']:,} vectors in "
+                  f"{time.perf_counter() - started:.1f}s; chat and serve load them once per session, "
+                  "--mode bm25 needs neither)", file=sys.stderr)
         hits = r.search(args.query, k=args.k)
     if args.json:
         for p in hits:

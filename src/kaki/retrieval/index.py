@@ -28,7 +28,8 @@ from kaki.retrieval import dense as dense_mod
 from kaki.retrieval.chunking import Chunking, chunk_spans
 from kaki.retrieval.documents import Document, Section, find_files, read_documents
 from kaki.retrieval.embed import Embedder, EmbedderSpec, check_same, default_embedder_dir, load_for_spec
-from kaki.retrieval.store import Store
+from kaki.retrieval.store import SEARCH_MODES, Store
+from kaki.retrieval.vectors import VectorFile, passage_text
 
 # Passages embedded (and written) per step, so memory stays flat and progress is visible.
 EMBED_STEP = 512
@@ -46,6 +47,7 @@ class BuildReport:
     passages_added: int = 0
     passages_removed: int = 0
     embedded: int = 0
+    reused: int = 0  # vectors taken from a precomputed vector file
     embed_seconds: float = 0.0
     seconds: float = 0.0
     dense: str | None = None
@@ -56,6 +58,8 @@ class BuildReport:
                  f"({len(self.added)} added, {len(self.changed)} changed, {len(self.removed)} removed, "
                  f"{self.unchanged} unchanged files; +{self.passages_added:,} -{self.passages_removed:,} passages) "
                  f"in {self.seconds:.1f}s"]
+        if self.reused:
+            lines.append(f"  {self.reused:,} passage vectors taken from the precomputed vector file")
         if self.embedded:
             lines.append(f"  embedded {self.embedded:,} passages in {self.embed_seconds:.1f}s "
                          f"({self.embedded / max(self.embed_seconds, 1e-9):.0f} passages/s)")
@@ -130,15 +134,22 @@ def _embedder_for(choice: str | None, stored: str | None, new_index: bool, notes
 
 def build_index(paths: list[str | Path], out: str | Path, *, chunking: Chunking | None = None,
                 embedder: str | None = None, dense_kind: str = "auto", rebuild: bool = False,
-                progress: bool | None = None, log: Callable[[str], None] | None = None) -> BuildReport:
+                progress: bool | None = None, log: Callable[[str], None] | None = None,
+                vectors: str | Path | None = None, search_mode: str | None = None) -> BuildReport:
     """Create or update the index at `out` from `paths` (files and folders). `progress`: a bar
-    while embedding (None = only on a terminal)."""
+    while embedding (None = only on a terminal). `vectors`: a precomputed vector file
+    (kaki.retrieval.vectors) whose vectors are used for the passages it has, when the same
+    embedder made them. `search_mode`: the mode queries use by default (None keeps the index's own;
+    "auto" = hybrid when there are vectors)."""
     t0 = time.perf_counter()
     out = Path(out)
     log = log or (lambda s: None)
     report = BuildReport(path=str(out))
     new_index = rebuild or not out.exists()
     dense_mod.choose(0, dense_kind)  # validate the kind before any work
+    shipped = VectorFile.load(vectors) if vectors is not None else None
+    if search_mode is not None and search_mode not in SEARCH_MODES:
+        raise KakiError(f"unknown search mode {search_mode!r}; use one of {', '.join(SEARCH_MODES)}")
     if new_index:
         if out.is_dir():
             raise KakiError(f"--out {out} is a folder; give the index file's path, e.g. {out}/docs.kaki-index")
@@ -201,7 +212,8 @@ def build_index(paths: list[str | Path], out: str | Path, *, chunking: Chunking 
 
         changed = bool(report.added or report.changed or report.removed)
         if spec_json is not None:
-            _embed_missing(store, get_embedder(), report, progress)
+            _embed_missing(store, get_embedder, report, progress,
+                           _usable(shipped, EmbedderSpec.from_json(spec_json), report.notes))
             dense_row = store.conn.execute("SELECT kind FROM dense WHERE id = 1").fetchone()
             want_kind = dense_kind if dense_kind != "auto" else None
             if changed or dense_row is None or (want_kind and dense_row[0] != want_kind):
@@ -212,7 +224,11 @@ def build_index(paths: list[str | Path], out: str | Path, *, chunking: Chunking 
         dense_row = store.conn.execute("SELECT kind, count FROM dense WHERE id = 1").fetchone()
         report.dense = dense_mod.describe(*dense_row) if dense_row else None
         from kaki import __version__
-        store.set_meta(embedder=spec_json or "none", chunking=chunking.to_json(), roots=json.dumps(roots),
+        search_mode = search_mode or meta.get("search_mode", "auto")
+        if search_mode in ("dense", "hybrid") and spec_json is None:
+            raise KakiError(f"--search-mode {search_mode} needs dense vectors; this index has none "
+                            "(built with --embedder none)")
+        store.set_meta(search_mode=search_mode, embedder=spec_json or "none", chunking=chunking.to_json(), roots=json.dumps(roots),
                        kaki_version=__version__, dense_kind=dense_kind,
                        updated=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         store.conn.execute("COMMIT")
@@ -230,17 +246,40 @@ def build_index(paths: list[str | Path], out: str | Path, *, chunking: Chunking 
     return report
 
 
-def _embed_missing(store: Store, embedder: Embedder, report: BuildReport, progress: bool | None) -> None:
+def _usable(shipped: VectorFile | None, spec: EmbedderSpec, notes: list[str]) -> VectorFile | None:
+    """The vector file, if its vectors come from the index's embedder (else a note and None)."""
+    if shipped is None:
+        return None
+    same = (shipped.spec.fingerprint, shipped.spec.dim, shipped.spec.pooling, shipped.spec.normalize) == \
+        (spec.fingerprint, spec.dim, spec.pooling, spec.normalize)
+    if not same:
+        notes.append(f"{shipped.path} holds vectors of another embedder ({shipped.spec.name}, fingerprint "
+                     f"{shipped.spec.fingerprint[:12]}); the passages were embedded instead")
+        return None
+    return shipped
+
+
+def _embed_missing(store: Store, get_embedder: Callable[[], Embedder], report: BuildReport,
+                   progress: bool | None, shipped: VectorFile | None = None) -> None:
     todo = store.vectors_missing()
+    if shipped is not None and todo:
+        found = [(i, shipped.get(passage_text(title, text))) for i, title, text in todo]
+        hits = [(i, v) for i, v in found if v is not None]
+        if hits:
+            store.set_vectors([i for i, _ in hits], np.stack([v for _, v in hits]))
+            report.reused += len(hits)
+            done = {i for i, _ in hits}
+            todo = [t for t in todo if t[0] not in done]
     if not todo:
         return
+    embedder = get_embedder()
     from tqdm import tqdm
     t = time.perf_counter()
     with tqdm(total=len(todo), desc="embedding", unit="passage", disable=None if progress is None else not progress,
               leave=False) as bar:
         for b in range(0, len(todo), EMBED_STEP):
             step = todo[b:b + EMBED_STEP]
-            vectors = embedder.embed([f"{title}\n{text}" for _, title, text in step], progress=bar)
+            vectors = embedder.embed([passage_text(title, text) for _, title, text in step], progress=bar)
             store.set_vectors([i for i, _, _ in step], vectors)
     report.embedded += len(todo)
     report.embed_seconds += time.perf_counter() - t

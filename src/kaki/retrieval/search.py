@@ -107,7 +107,8 @@ def rrf(rankings: list[list[int]], k: int = RRF_K) -> list[tuple[int, float]]:
 
 
 class Retriever:
-    """An open index. `mode` None = hybrid when the index has vectors, else bm25."""
+    """An open index. `mode` None = the index's stored search mode; if it has none, hybrid when
+    the index has vectors, else bm25."""
 
     def __init__(self, store: Store, embedder: str | None = None, mode: str | None = None):
         self.store = store
@@ -122,7 +123,9 @@ class Retriever:
         self._dense = None
         self._dense_kind: str | None = None
         self._lock = threading.RLock()
-        self.default_mode = self._check_mode(mode) if mode else ("hybrid" if self.has_dense else "bm25")
+        stored = meta.get("search_mode", "auto")  # chosen at build time by measurement (--search-mode)
+        self.default_mode = self._check_mode(mode) if mode else (
+            stored if stored != "auto" else "hybrid" if self.has_dense else "bm25")
         if embedder is not None and embedder != "none":
             self.warm()  # an explicit --embedder is checked against the index at once
 

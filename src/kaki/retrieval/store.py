@@ -45,6 +45,8 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 # A meta value longer than this is not one kaki wrote (the longest, `roots`, lists the PATHs given).
 MAX_META_CHARS = 1 << 20
 MAX_META_ROWS = 64
+# The index's own default search mode; "auto" = hybrid with vectors, else bm25.
+SEARCH_MODES = ("auto", "bm25", "dense", "hybrid")
 DENSE_STORED_KINDS = tuple(k for k in DENSE_KINDS if k != "auto")
 
 SCHEMA = """
@@ -129,6 +131,10 @@ def validate_meta(rows: list[tuple], path: Path) -> dict[str, str]:
     roots = _json(path, "roots", meta.get("roots", "[]"))
     if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
         raise foreign(path, "meta 'roots' is not a list of paths")
+    mode = meta.get("search_mode", "auto")
+    if mode not in SEARCH_MODES or (mode in ("dense", "hybrid") and meta.get("embedder", "none") == "none"):
+        raise foreign(path, f"meta 'search_mode' is {mode[:40]!r}, not one of {', '.join(SEARCH_MODES)} "
+                            "(dense and hybrid need an embedder)")
     if meta.get("dense_kind", "auto") not in DENSE_KINDS:
         raise foreign(path, f"meta 'dense_kind' is {meta['dense_kind'][:40]!r}, not one of {', '.join(DENSE_KINDS)}")
     return meta
