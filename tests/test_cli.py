@@ -53,9 +53,40 @@ def test_generate_end_to_end(model_dir, reference):
 
 
 def test_generate_stream(model_dir, reference):
+    """--stream prints what the plain command prints (the prompt, then the completion), as it comes."""
     r = run_kaki("generate", "--model", model_dir, "--dtype", "float32", "-n", 12, "--stream", "The man said")
     assert r.returncode == 0, r.stderr
+    assert r.stdout == "The man said" + reference.text + "\n"
+    r = run_kaki("generate", "--model", model_dir, "--dtype", "float32", "-n", 12, "--stream", "--no-prompt",
+                 "The man said")
+    assert r.returncode == 0, r.stderr
     assert r.stdout == reference.text + "\n"
+
+
+def test_generate_prints_one_form_for_one_and_several_prompts(model_dir, reference):
+    llm = kaki.load(model_dir, dtype="float32", device="cpu")
+    other = llm.generate("Hello there", max_new_tokens=12)[0]
+    r = run_kaki("generate", "--model", model_dir, "--dtype", "float32", "-n", 12, "The man said", "-",
+                 stdin="Hello there")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "The man said" + reference.text + "\n---\n" + "Hello there" + other.text + "\n"
+    r = run_kaki("generate", "--model", model_dir, "--dtype", "float32", "-n", 12, "--no-prompt", "The man said",
+                 "-", stdin="Hello there")
+    assert r.stdout == reference.text + "\n---\n" + other.text + "\n"
+
+
+def test_generate_prompt_arguments_take_backslash_escapes(model_dir):
+    """The README's `kaki generate "human: ...\\n\\nadept:"`: the shell passes backslash-n, the model
+    must see newlines; --raw and stdin keep text as it is."""
+    from kaki.cli.generate import unescape
+    assert unescape(r"human: hi\n\nadept:") == "human: hi\n\nadept:"
+    assert unescape(r"a\tb\\n C:\dir \d") == "a\tb\\n C:\\dir \\d"
+    typed = r"human: hi\n\nadept:"
+    r = run_kaki("generate", "--model", model_dir, "--dtype", "float32", "-n", 2, "--json", typed, "-", stdin=typed)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert rows[0]["prompt"] == "human: hi\n\nadept:" and rows[1]["prompt"] == typed
+    r = run_kaki("generate", "--model", model_dir, "--dtype", "float32", "-n", 2, "--json", "--raw", typed)
+    assert json.loads(r.stdout)["prompt"] == typed
 
 
 def test_generate_json_and_batch_and_stdin(model_dir, reference):

@@ -11,35 +11,65 @@ from kaki.cli.common import add_model_args, add_sampling_args, load_from_args, s
 def register(sub) -> None:
     p = sub.add_parser("generate", help="complete one or more prompts",
                        description="Complete PROMPT(s) with a model. Several prompts run as one batch.")
-    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; '-' or none reads stdin")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT",
+                   help="prompt text, where \\n, \\t and \\\\ stand for a newline, a tab and a backslash "
+                        "(a shell passes them on as two characters; --raw keeps them); '-' or none reads stdin "
+                        "as is")
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--no-bos", dest="add_bos", action="store_false", default=None,
                    help="do not prepend BOS even if the tokenizer config says so")
+    p.add_argument("--raw", action="store_true", help="take PROMPT arguments literally (no \\n escapes)")
+    p.add_argument("--no-prompt", dest="echo", action="store_false",
+                   help="print only the generated text (default: each prompt followed by its completion)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=run)
+
+
+# Escapes a user types in a shell argument for the characters a chat prompt needs ("human: hi\n\nadept:").
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+SEPARATOR = "\n---\n"  # between the results of several prompts
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t and \\\\ become a newline, a tab and one backslash; any other backslash stays as is
+    (so a Windows path or a regex keeps its backslashes)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in ESCAPES:
+            out.append(ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def run(args) -> int:
     from kaki.errors import KakiError
 
     prompts = args.prompts or ["-"]
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    prompts = [sys.stdin.read() if p == "-" else p if args.raw else unescape(p) for p in prompts]
     if args.stream and len(prompts) != 1:
         raise KakiError("--stream takes exactly one prompt")
     llm = load_from_args(args)
     kw = sampling_kwargs(args)
+    # One form for every mode: the prompt (unless --no-prompt), then its completion, one newline;
+    # several prompts' results are separated by a line of three dashes.
     if args.stream:
+        if args.echo:
+            sys.stdout.write(prompts[0])
         for piece in llm.stream(prompts[0], add_bos=args.add_bos, **kw):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    for c in llm.generate(prompts, add_bos=args.add_bos, **kw):
-        if args.json:
+    results = llm.generate(prompts, add_bos=args.add_bos, **kw)
+    if args.json:
+        for c in results:
             print(json.dumps({"prompt": c.prompt, "text": c.text, "token_ids": c.token_ids,
                               "finish_reason": c.finish_reason}, ensure_ascii=False))
-        else:
-            print(c.prompt + c.text if len(prompts) == 1 else c.text)
+        return 0
+    print(SEPARATOR.join((c.prompt if args.echo else "") + c.text for c in results))
     return 0
