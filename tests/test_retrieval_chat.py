@@ -116,7 +116,10 @@ def test_server_grounds_chat_completions_and_reports_sources(model_dir, index):
     fmt = format_for_dir(model_dir)
     n_tokens = lambda text: len(llm.tokenizer.encode(text, add_bos=fmt.add_bos))  # noqa: E731
     assert [s["title"] for s in grounded["sources"]] == [p.title for p in hits]
-    assert grounded["sources"][0]["source"].endswith("alpha.md:3") and grounded["sources"][0]["text"] == ALPHA
+    # sources[]: title, path relative to the indexed folder, line, text (no url: a file, not a record).
+    assert {k: grounded["sources"][0][k] for k in ("path", "line", "text")} == {"path": "alpha.md", "line": 3,
+                                                                             "text": ALPHA}
+    assert "url" not in grounded["sources"][0] and str(index.parent) not in json.dumps(grounded)
     # The model ran exactly the grounded prompt; with `retrieval: false`, exactly the plain one.
     assert grounded["usage"]["prompt_tokens"] == n_tokens(prompt)
     plain_prompt = fmt.render([{"role": "user", "content": QUESTION}])

@@ -156,3 +156,108 @@ def test_tokenizing_runs_off_the_event_loop_and_health_stays_quick(server):
         tok.encode = encode
     loop_thread = server.thread.ident
     assert calls and loop_thread not in calls
+
+
+# ----------------------------------------------------------------------------- item 4: one error shape
+
+def _raw(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None,
+         content_type: str | None = "application/json") -> httpx.Response:
+    """One request on a kept-alive connection; the answer as an httpx.Response (for assert_error),
+    after checking the server did not close the connection."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    assert not resp.will_close, (method, path, resp.status, data[:200])  # the connection is kept
+    return httpx.Response(resp.status, headers=dict(resp.getheaders()), content=data)
+
+
+BAD = [
+    # (method, path, body bytes, content type, status, param)
+    ("POST", "/v1/completions", json.dumps({"prompt": "a", "seed": 2**64}).encode(), "application/json", 400, "seed"),
+    ("POST", CHAT, json.dumps(chat_body(seed=2**70)).encode(), "application/json", 400, "seed"),
+    ("POST", "/v1/completions", json.dumps({"prompt": "a", "seed": -3}).encode(), "application/json", 400, "seed"),
+    ("PUT", "/api", json.dumps({"prompts": ["a"], "random_seed": 2**64}).encode(), "application/json", 400,
+     "random_seed"),
+    ("PUT", "/api", json.dumps({"prompts": ["a"], "random_seed": -7}).encode(), "application/json", 400,
+     "random_seed"),
+    ("POST", "/v1/completions", b'{"prompt": "a \\udfff b"}', "application/json", 400, "prompt"),
+    ("POST", "/v1/completions", b'{"prompt": ["ok", "\\ud800"]}', "application/json", 400, "prompt"),
+    ("POST", CHAT, b'{"messages": [{"role": "user", "content": "x\\udfff"}]}', "application/json", 400, "messages"),
+    ("POST", CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "application/json", 400, "messages"),
+    ("PUT", "/api", b'{"prompts": ["\\udfff"]}', "application/json", 400, "prompts"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "model": "\\udfff"}', "application/json", 400, "model"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "stop": ["\\udfff"]}', "application/json", 400, "stop"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "temperature": NaN}', "application/json", 400, "temperature"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "repetition_penalty": Infinity}', "application/json", 400,
+     "repetition_penalty"),
+    ("POST", "/v1/completions", b'{"prompt": "caf\xe9"}', "application/json", 400, "body"),
+    ("PUT", "/api", b'{"prompts": ["\xff\xfe"]}', "application/json", 400, "body"),
+    ("POST", CHAT, b'{"messages": [{"role": "user", "content": "\xc3"}]}', None, 400, "body"),
+    ("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "body"),
+    ("PUT", "/api", b'{"prompts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", 400, "body"),
+    ("POST", CHAT, b"{" * 100_000, "text/plain", 400, "body"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}", "application/json", 400,
+     "body"),
+    ("GET", "/no/such/route", None, None, 404, None),
+    ("POST", "/v1/nothing", b"{}", "application/json", 404, None),
+    ("GET", "/v1/completions", None, None, 405, None),
+    ("DELETE", "/api", None, None, 405, None),
+    ("POST", "/health", b"{}", "application/json", 405, None),
+]
+
+
+def test_every_error_has_one_shape_and_keeps_the_connection(server):
+    conn = http.client.HTTPConnection(urlparse(server.url).hostname, urlparse(server.url).port, timeout=60)
+    try:
+        for method, path, body, ctype, status, param in BAD:
+            r = _raw(conn, method, path, body, ctype)
+            assert_error(r, status, param)
+        # The same connection still serves a normal request.
+        r = _raw(conn, "POST", "/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2}).encode())
+        assert r.status_code == 200 and len(r.json()["choices"]) == 1
+    finally:
+        conn.close()
+    # The largest seed is accepted, also with n > 1 (choice j's seed wraps past 2**64 - 1).
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2, "seed": 2**64 - 1, "n": 2})
+    assert r.status_code == 200, r.text
+    r = httpx.put(server.url + "/api", json={"prompts": ["a"], "tokens_to_generate": 2, "random_seed": 2**64 - 1})
+    assert r.status_code == 200, r.text
+
+
+# ----------------------------------------------------------------------------- item 5: sources
+
+def test_sources_name_paths_relative_to_the_indexed_root(model_dir, tmp_path):
+    from kaki.retrieval import Retriever
+    from kaki.retrieval.search import relative_path
+
+    docs = tmp_path / "private-docs"
+    (docs / "guide").mkdir(parents=True)
+    (docs / "guide" / "kettle.md").write_text("# Kettle\n\nDescale the kettle with citric acid monthly.\n")
+    (docs / "faq.jsonl").write_text(json.dumps({"id": "k1", "title": "Kettle FAQ", "url": "https://ex.org/k1",
+                                                "text": "A kettle boils water; descale it when it scales."}) + "\n")
+    index = tmp_path / "docs.kaki-index"
+    build_index([docs], index, embedder="none", progress=False)
+    s = start(model_dir, retriever=Retriever.open(index))
+    try:
+        body = chat_body("How do I descale the kettle?", temperature=0)
+        r = httpx.post(s.url + CHAT, json=body, timeout=60)
+        with httpx.stream("POST", s.url + CHAT, json={**body, "stream": True}, timeout=60) as st:
+            streamed = "".join(st.iter_lines())
+    finally:
+        s.stop()
+    assert r.status_code == 200, r.text
+    sources = r.json()["sources"]
+    assert {(x["path"], x["line"], x.get("url")) for x in sources} >= {("guide/kettle.md", 3, None),
+                                                                       ("faq.jsonl", 1, "https://ex.org/k1")}
+    for x in sources:
+        assert {"title", "path", "line", "text"} <= set(x) and "source" not in x, x
+    # Nothing of the server's filesystem leaves it, whole or streamed.
+    for text in (r.text, streamed):
+        assert str(tmp_path) not in text and "private-docs" not in text
+    # An index from elsewhere whose paths climb out of (or lie outside) its roots: the name only.
+    assert relative_path("/srv/docs/../../etc/passwd", "/srv/docs") == "passwd"
+    assert relative_path("/home/me/notes.md", "/srv/docs") == "notes.md"
+    assert relative_path("/srv/docs/a/b.md", "/srv/docs") == "a/b.md"
+    assert relative_path("/srv/one.md", "/srv/one.md") == "one.md"

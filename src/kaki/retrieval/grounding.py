@@ -67,5 +67,14 @@ def format_sources(passages: list) -> str:
     if not passages:
         return "(no passages were used for the last answer)"
     rows = [p.to_json() if isinstance(p, Passage) else p for p in passages]
-    return "\n".join(f"[{i}] {p['title']}\n    {p.get('source', '?')}  (score {p.get('score', float('nan')):.4g})"
+    return "\n".join(f"[{i}] {p['title']}\n    {_where(p)}  (score {p.get('score', float('nan')):.4g})"
                      for i, p in enumerate(rows, 1))
+
+
+def _where(p: dict) -> str:
+    """A passage's url, else `path:line` (`source` in conversations saved before sources[] had `path`)."""
+    if p.get("url"):
+        return p["url"]
+    if "path" in p:
+        return f"{p['path']}#{p['ref']}" if p.get("ref") else f"{p['path']}:{p.get('line', '?')}"
+    return p.get("source", "?")

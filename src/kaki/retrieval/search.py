@@ -16,7 +16,7 @@ import re
 import sqlite3
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -49,7 +49,9 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 @dataclass
 class Passage:
-    """One search hit. `scores` holds each ranking's own score (bm25, dense, hybrid) when it had one."""
+    """One search hit. `scores` holds each ranking's own score (bm25, dense, hybrid) when it had one.
+    `path` is the file as stored (absolute, on the machine that built the index) and `root` the
+    PATH it was indexed under; only `relative_path` leaves this process (`to_json`)."""
 
     id: int
     title: str
@@ -61,23 +63,49 @@ class Passage:
     score: float
     rank: int
     scores: dict[str, float] = field(default_factory=dict)
+    root: str = ""
 
     @property
     def source(self) -> str:
-        """Where the passage comes from: a JSONL record's url or `file#id`, else `file:line`."""
+        """Where the passage comes from, for a local reader: a JSONL record's url or `file#id`,
+        else `file:line` (the file relative to the current directory when it is under it)."""
         if self.url:
             return self.url
         shown = _shown_path(self.path)
         return f"{shown}#{self.ref}" if self.ref else f"{shown}:{self.line}"
+
+    @property
+    def relative_path(self) -> str:
+        return relative_path(self.path, self.root)
 
     def as_context(self) -> dict:
         """The passage as kaki.chat_format's context block takes it."""
         return {"title": self.title, "text": self.text}
 
     def to_json(self) -> dict:
+        """The passage as clients see it (the server's `sources[]`, chat's /sources, `kaki index query
+        --json`): `title`, `url` (when the record has one), `path` relative to the indexed root,
+        `line`, `text`, plus its rank and scores; never a path of the machine it runs on."""
         return {"id": self.id, "rank": self.rank, "score": round(self.score, 6), "title": self.title,
-                "source": self.source, "text": self.text, **({"ref": self.ref} if self.ref else {}),
+                **({"url": self.url} if self.url else {}), "path": self.relative_path, "line": self.line,
+                "text": self.text, **({"ref": self.ref} if self.ref else {}),
                 "scores": {k: round(v, 6) for k, v in self.scores.items()}}
+
+
+def relative_path(path: str, root: str) -> str:
+    """`path` relative to `root` (a folder's file keeps its folders; a file indexed by itself is its
+    name). Anything else, a path outside the root or one that climbs out with `..` (an index from
+    elsewhere), is shown by its file name alone."""
+    p, r = PurePosixPath(path), PurePosixPath(root)
+    rel = p.name if p == r or not root else (p.relative_to(r).as_posix() if r in p.parents else p.name)
+    return p.name if rel.startswith("/") or ".." in PurePosixPath(rel).parts else rel
+
+
+def root_of(path: str, roots: list[str]) -> str:
+    """The deepest of the index's roots that holds `path` ('' when none does)."""
+    p = PurePosixPath(path)
+    held = [r for r in roots if PurePosixPath(r) == p or PurePosixPath(r) in p.parents]
+    return max(held, key=lambda r: len(PurePosixPath(r).parts), default="")
 
 
 def _shown_path(path: str) -> str:
@@ -211,6 +239,7 @@ class Retriever:
             except sqlite3.DatabaseError as e:  # a damaged page
                 raise corrupted(self.path, e)
         by_mode = {"bm25": dict(lexical), "dense": dict(semantic)}
+        roots = json.loads(self.meta.get("roots", "[]"))  # validated when the index was opened
         out = []
         for rank, (pid, score) in enumerate(ranked, 1):
             if pid not in rows:
@@ -220,7 +249,7 @@ class Retriever:
             if mode == "hybrid":
                 scores["hybrid"] = score
             out.append(Passage(id=pid, title=title, text=text, path=path, line=line, ref=ref, url=url,
-                               score=score, rank=rank, scores=scores))
+                               score=score, rank=rank, scores=scores, root=root_of(path, roots)))
         return out
 
     def bm25(self, query: str, k: int) -> list[tuple[int, float]]:
