@@ -20,13 +20,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from kaki.errors import KakiError, ParamError
-from kaki.serve import adept_api, openai_api
+from kaki.serve import adept_api, openai_api, page
 from kaki.serve.engine import Engine, EngineStopped, QueueFull
 from kaki.serve.metrics import CONTENT_TYPE_LATEST
 from kaki.serve.results import ClientGone, EngineFailure
 from kaki.serve.schemas import error_body, json_error
 
-OPEN_ROUTES = ("/health", "/healthz")  # reachable without the API key (load balancers)
+OPEN_ROUTES = ("/health", "/healthz", *page.OPEN_PATHS)  # no API key needed (load balancers, the chat page's files)
 # A request body larger than this is refused (413) before it is read whole: bodies are parsed as
 # JSON on the event loop, so size is what bounds the work one request can cost before validation.
 DEFAULT_MAX_BODY_MB = 16
@@ -59,6 +59,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, chat_format: str =
     app.state.started = int(time.time())
     app.include_router(adept_api.router)
     app.include_router(openai_api.router)
+    app.include_router(page.router)
 
     @app.get("/health")
     async def health():
