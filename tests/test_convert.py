@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import pickletools
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -65,8 +67,10 @@ def test_release_to_hf_loads_in_transformers_with_equal_logits(release, hf_model
     import transformers
 
     out = tmp_path / "hf"
-    _, err = convert(release, out, "--to", "hf", capsys=capsys)
-    assert "converting" in err  # the progress bar over tensors
+    with pytest.MonkeyPatch.context() as mp:  # a terminal: the progress bar over tensors is drawn
+        mp.setattr(sys.stderr, "isatty", lambda: True)
+        _, err = convert(release, out, "--to", "hf", capsys=capsys)
+    assert "converting" in err
     model = transformers.PersimmonForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = token_batch(2)
     torch.testing.assert_close(reference_logits(model, ids), reference_logits(hf_model, ids), rtol=0, atol=0)
@@ -257,3 +261,11 @@ def test_trim_needs_a_sentencepiece_tokenizer(tmp_path, hf_model):
     (d / "tokenizer_config.json").write_text("{}")
     with pytest.raises(KakiError):
         trim_vocab(read_source(d))
+
+
+def test_convert_draws_no_progress_bar_into_a_pipe(release, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kaki", "convert", str(release), str(tmp_path / "hf"), "--to", "hf"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "converting" not in r.stderr
+    assert r.stdout.startswith("wrote ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -36,8 +38,6 @@ def _size(n: int) -> str:
 
 
 def run(args) -> int:
-    import sys
-
     from kaki.adept.convert import (embedding_bytes_saved, parse_dtype, read_source, write_release,
                                     write_transformers)
     from kaki.adept.vocab_trim import VOCAB_MULTIPLE, trim_vocab
@@ -66,7 +66,7 @@ def run(args) -> int:
             print(f"trim-vocab: {plan.rows:,} -> {len(plan.keep):,} rows ({why}); {how}; "
                   f"saved {saved:,} bytes ({_size(saved)})", file=sys.stderr)
         bundle = trimmed
-    progress = not args.quiet
+    progress = _progress(args)
     if args.to == "hf":
         out = write_transformers(bundle, args.dst, dtype, progress=progress)
     else:
@@ -75,6 +75,11 @@ def run(args) -> int:
     kind = "transformers Persimmon directory" if args.to == "hf" else "Adept/Megatron release"
     print(f"wrote {out} ({kind}, {_size(total)})")
     return 0
+
+
+def _progress(args) -> bool:
+    """A bar only on a terminal: piped or logged, its \\r redraws are noise in the file."""
+    return not args.quiet and sys.stderr.isatty()
 
 
 def run_quantize(args) -> int:
@@ -87,7 +92,7 @@ def run_quantize(args) -> int:
     if args.trim_vocab or args.iteration is not None:
         raise KakiError("--trim-vocab and --iteration do not combine with --quantize; trim first, then quantize")
     spec = as_spec(args.quantize, args.quantize_head)
-    out = write_quantized(args.src, args.dst, spec, args.dtype, progress=not args.quiet)
+    out = write_quantized(args.src, args.dst, spec, args.dtype, progress=_progress(args))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({spec.format} transformers directory, {_size(total)})")
     return 0
