@@ -338,3 +338,27 @@ def test_ground_inserts_what_fits_in_the_last_user_turn(tmp_path):
         assert words(ADEPT.render(tight.messages)) <= base + 20 and len(tight.passages) < len(g.passages)
         none = ground(r, msgs, fmt=ADEPT, count_tokens=words, max_prompt_tokens=base, k=3)
         assert none.passages == [] and none.messages == msgs
+
+
+def test_markdown_front_matter_and_rst_code_block_languages_are_markup(tmp_path):
+    """A Markdown file's YAML front matter is metadata (its title: names the document), not a
+    passage; `.. code-block:: python` keeps the code and drops the language name."""
+    md = tmp_path / "page.md"
+    md.write_text("---\ntitle: \"Kettle care\"\nlayout: post\ntags: [tea]\n---\n\nDescale the kettle monthly.\n")
+    (doc,) = read_documents(md)
+    text = "\n".join(s.text for s in doc.sections)
+    assert doc.title == "Kettle care"
+    assert "layout" not in text and "tags" not in text and "Descale the kettle monthly." in text
+    line = next(s for s in doc.sections if "Descale" in s.text)
+    assert line.line_at(line.text.index("Descale")) == 7
+    rule = tmp_path / "rule.md"  # a leading --- with no closing line is a thematic break, kept
+    rule.write_text("---\nJust text after a rule.\n")
+    assert "Just text after a rule." in "\n".join(s.text for s in read_documents(rule)[0].sections)
+
+    rst = tmp_path / "api.rst"
+    rst.write_text("Pots\n====\n\nUse it like this:\n\n.. code-block:: python\n   :linenos:\n\n   pot.brew(3)\n\n"
+                   ".. literalinclude:: ../secret/path.py\n\nThe end.\n")
+    (doc,) = read_documents(rst)
+    text = "\n".join(s.text for s in doc.sections)
+    assert "pot.brew(3)" in text and "The end." in text
+    assert "python" not in text and "linenos" not in text and "secret" not in text

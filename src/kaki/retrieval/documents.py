@@ -172,10 +172,28 @@ def _md_inline(s: str) -> str:
     return s.replace("**", "").replace("__", "").replace("`", "")
 
 
+# YAML front matter (Jekyll, Hugo, MkDocs): metadata between two `---` lines at the top, not prose.
+_MD_FRONT_OPEN = re.compile(r"^---\s*$")
+_MD_FRONT_CLOSE = re.compile(r"^(---|\.\.\.)\s*$")
+_MD_FRONT_TITLE = re.compile(r"""^title:\s*["']?(.*?)["']?\s*$""")
+MAX_FRONT_MATTER_LINES = 200
+
+
+def _front_matter(lines: list[str]) -> tuple[int, str | None]:
+    """(lines it spans, its `title:` if any); (0, None) when the file has none."""
+    if not lines or not _MD_FRONT_OPEN.match(lines[0]):
+        return 0, None
+    for end in range(1, min(len(lines), MAX_FRONT_MATTER_LINES)):
+        if _MD_FRONT_CLOSE.match(lines[end]):
+            title = next((m.group(1) for ln in lines[1:end] if (m := _MD_FRONT_TITLE.match(ln))), None)
+            return end + 1, title or None
+    return 0, None  # no closing line: a thematic break, not front matter
+
+
 def read_markdown(raw: str) -> tuple[str | None, list[Section]]:
     lines = raw.splitlines()
     blocks: list[tuple[str | None, str, int]] = []
-    title = None
+    skip, title = _front_matter(lines)
     body: list[str] = []
     body_start = 1
     in_fence = False
@@ -186,7 +204,7 @@ def read_markdown(raw: str) -> tuple[str | None, list[Section]]:
             blocks.append((None, p, n))
         body = []
 
-    i = 0
+    i = skip
     while i < len(lines):
         ln = lines[i]
         if _MD_FENCE.match(ln):
@@ -232,7 +250,9 @@ _RST_REF = re.compile(r"`([^`<]*?)\s*<[^>]*>`_{1,2}")
 _RST_SIMPLE_REF = re.compile(r"`([^`]+)`_{1,2}")
 # Directives whose body is navigation or markup, not prose.
 _RST_SKIP = {"index", "toctree", "highlight", "sectionauthor", "moduleauthor", "only", "raw", "include",
-             "testsetup", "testcleanup", "currentmodule", "tabularcolumns", "image", "figure"}
+             "testsetup", "testcleanup", "currentmodule", "tabularcolumns", "image", "figure", "literalinclude"}
+# Directives whose argument is a language name or options, not text (their body is kept).
+_RST_CODE = {"code-block", "code", "sourcecode", "doctest", "testcode", "testoutput"}
 # Directives that document one API object: each starts a section titled by its signature, so a
 # passage never mixes two functions' descriptions.
 _RST_ENTRIES = {"function", "class", "method", "data", "attribute", "exception", "classmethod",
@@ -300,6 +320,8 @@ def read_rst(raw: str) -> tuple[str | None, list[Section]]:
                 headings[len(out)] = arg
                 entry_indent = indent
                 out.append("")
+            elif name in _RST_CODE:
+                out.append("")  # `.. code-block:: python`: the code stays, the language name is markup
             elif name in _RST_VERSION:
                 # At the body's indentation, so the note and its body dedent as one paragraph.
                 out.append(" " * (indent + 3) + f"{_RST_VERSION[name]} {arg.split()[0] if arg else ''}".rstrip() + ".")
