@@ -10,7 +10,7 @@ INDEX := work/index/pydocs.kaki-index
 RETRIEVAL_K := 1
 PASSAGES := data/pydocs/passages.jsonl.gz
 
-.PHONY: setup test chat index index-hybrid bench clean
+.PHONY: setup test chromium chat serve index index-hybrid bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,13 +23,31 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
+
+# The browser tests (tests/test_web_chat.py) drive Debian's Chromium: Playwright's own browser
+# download is not used. Installed through apt when missing and make runs as root (CI does);
+# otherwise the tests fail saying how to install it (README, "Chat in the browser").
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM) || [ "$$(id -u)" != 0 ] || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }; }
+	@test -x $(CHROMIUM) || echo "make: $(CHROMIUM) is missing and make is not root: the browser tests" \
+		"will fail; install it with 'sudo apt-get install chromium'" >&2
 
 # The bundled demo model grounded in the Python docs index, no arguments needed;
 # `kaki chat --help` lists the flags.
 chat: $(STAMP) $(INDEX)
 	$(BIN)/kaki chat --retrieval $(INDEX) --retrieval-k $(RETRIEVAL_K)
+
+# The same model and index behind `kaki serve`: the chat page at http://127.0.0.1:8000/ and the
+# OpenAI API at /v1. Ctrl-C stops it.
+serve: $(STAMP) $(INDEX)
+	@echo "make serve: open http://127.0.0.1:8000/ in a browser once the server says it is up"
+	$(BIN)/kaki serve --retrieval $(INDEX) --retrieval-k $(RETRIEVAL_K)
 
 # The retrieval index over all 14k Python documentation passages the demo model was built from
 # (already passage-sized, one per record), dense + BM25. The passages' vectors ship in
