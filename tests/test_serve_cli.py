@@ -125,6 +125,60 @@ def test_loopback_detection():
 def test_serve_help_lists_the_limits():
     out = subprocess.run(KAKI + ["serve", "--help"], env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    for flag in ("--max-batch-size", "--max-seq-len", "--max-queue", "--api-key", "--chat-format", "--host"):
+    for flag in ("--max-batch-size", "--max-seq-len", "--max-queue", "--api-key", "--chat-format", "--host",
+                 "--api-key-file", "--max-body-mb", "KAKI_API_KEY"):
         assert flag in out.stdout
 
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "file", "blank-file", "both"])
+def test_an_empty_api_key_is_refused(tmp_path, how):
+    """An empty key would leave the server open: one line, exit 2, before the model loads."""
+    empty = tmp_path / "key"
+    empty.write_text("\n" if how == "file" else "   \n")
+    argv, env = KAKI + ["serve", "--model", str(tmp_path / "missing")], dict(ENV)
+    env.pop("KAKI_API_KEY", None)
+    if how == "flag":
+        argv += ["--api-key", ""]
+    elif how == "env":
+        env["KAKI_API_KEY"] = ""
+    elif how == "both":
+        argv += ["--api-key", "k", "--api-key-file", str(empty)]
+    else:
+        argv += ["--api-key-file", str(empty)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("empty" in lines[0] or "not both" in lines[0]), out.stderr
+    assert "does not exist" not in out.stderr  # refused before the model was looked at
+
+
+def test_api_key_file_and_max_body_mb(model_dir, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("s3cret-from-a-file\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in ENV.items() if k != "KAKI_API_KEY"}
+    proc = subprocess.Popen(KAKI + ["serve", "--model", str(model_dir), "--port", str(port), "--dtype", "float32",
+                                    "--api-key-file", str(key), "--max-body-mb", "0.5"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "kaki serve did not come up"
+            time.sleep(0.2)
+        body = {"prompt": "the", "max_tokens": 2}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 401
+        auth = {"Authorization": "Bearer s3cret-from-a-file"}
+        assert httpx.post(url + "/v1/completions", json=body, headers=auth).status_code == 200
+        r = httpx.post(url + "/v1/completions", json={**body, "pad": "x" * 600_000}, headers=auth)
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -261,3 +261,103 @@ def test_sources_name_paths_relative_to_the_indexed_root(model_dir, tmp_path):
     assert relative_path("/home/me/notes.md", "/srv/docs") == "notes.md"
     assert relative_path("/srv/docs/a/b.md", "/srv/docs") == "a/b.md"
     assert relative_path("/srv/one.md", "/srv/one.md") == "one.md"
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+FUZZ_SEED, FUZZ_REQUESTS = 17, 300
+ROUTES = [("POST", "/v1/completions"), ("POST", CHAT), ("PUT", "/api"), ("GET", "/v1/models"), ("GET", "/health"),
+          ("GET", "/healthz"), ("GET", "/metrics"), ("POST", "/v1/models"), ("PUT", "/health"), ("GET", "/nope")]
+VALID = {
+    "/v1/completions": {"prompt": "the cat", "max_tokens": 3},
+    CHAT: {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    "/api": {"prompts": ["the cat"], "tokens_to_generate": 3},
+}
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+          "stream_options", "stop", "seed", "user", "presence_penalty", "logit_bias", "top_k", "repetition_penalty",
+          "ignore_eos", "stop_token_ids", "logprobs", "top_logprobs", "echo", "best_of", "suffix", "response_format",
+          "tools", "retrieval", "prompts", "tokens_to_generate", "add_BOS", "random_seed", "no_log", "max_len",
+          "role", "content", "include_usage", "type", "text"]
+INTS = [0, 1, 2, 3, -1, 5, 17, 129, 2**31, 2**63, 2**64, -2**64, 10**30]
+FLOATS = [0.0, 0.5, 1.0, 1.5, -0.5, 2.5, 1e-9, 1e300, float("inf"), float("nan")]
+STRINGS = ["", "a", "the dog", "\udfff", "\ud800x", "human:", "日本語 ✓", "x" * 2000, "\n\n", "<s>", "user", "text",
+           "gpt-4", MODEL, "assistant", "system"]
+
+
+def fuzz_value(rng: random.Random, depth: int = 0):
+    kind = rng.choice(["none", "bool", "int", "float", "str", "list", "dict"] if depth < 3 else ["int", "str", "bool"])
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "int":
+        return rng.choice(INTS)
+    if kind == "float":
+        return rng.choice(FLOATS)
+    if kind == "str":
+        return rng.choice(STRINGS)
+    if kind == "list":
+        return [fuzz_value(rng, depth + 1) for _ in range(rng.randrange(5))]
+    return {rng.choice(FIELDS): fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def fuzz_body(rng: random.Random, path: str) -> tuple[bytes, str | None]:
+    """A body for `path`: a valid one with a few fields set to random values (mostly), random JSON,
+    or random bytes; and its content type."""
+    roll = rng.random()
+    if roll < 0.1:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))), rng.choice(
+            ["application/json", None, "text/plain"])
+    if roll < 0.25:
+        body = fuzz_value(rng)
+    else:
+        body = dict(VALID.get(path, {}))
+        for _ in range(rng.randrange(1, 4)):
+            key = rng.choice(FIELDS)
+            if rng.random() < 0.15:
+                body.pop(key, None)
+            else:
+                body[key] = fuzz_value(rng)
+    return json.dumps(body).encode(), "application/json"
+
+
+def check_answer(r: httpx.Response, what) -> int:
+    if r.status_code == 200:
+        if r.headers["content-type"].startswith("text/event-stream"):
+            events = [line for line in r.text.split("\n\n") if line.strip()]
+            assert events[-1] == "data: [DONE]" and "server_error" not in r.text, (what, r.text[-500:])
+        elif r.headers["content-type"].startswith("application/json"):
+            r.json()
+        return 200
+    assert r.status_code in (400, 404, 405, 413), (what, r.status_code, r.text[:300])
+    assert_error(r, r.status_code)
+    return r.status_code
+
+
+def test_fuzz_every_route_gets_documented_answers_and_greedy_output_is_unchanged(model_dir):
+    # Short sequences so that whatever the fuzz asks for runs in milliseconds.
+    llm = kaki.load(model_dir, dtype="float32", device="cpu")
+    engine = Engine(llm, EngineConfig(max_batch_size=8, max_seq_len=48, max_queue=256), model_name=MODEL)
+    s = Server(create_app(engine, max_body_mb=1))
+    greedy = [("/v1/completions", {"prompt": "the cat sat", "max_tokens": 12, "temperature": 0, "logprobs": 2}),
+              (CHAT, {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12, "temperature": 0})]
+    rng = random.Random(FUZZ_SEED)
+    started, statuses = time.perf_counter(), {}
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            before = [c.post(path, json=body).json()["choices"] for path, body in greedy]
+            for i in range(FUZZ_REQUESTS):
+                method, path = rng.choice(ROUTES)
+                content, ctype = fuzz_body(rng, path)
+                headers = {"Content-Type": ctype} if ctype else {}
+                code = check_answer(c.request(method, path, content=content, headers=headers),
+                                    (i, method, path, content[:300]))
+                statuses[code] = statuses.get(code, 0) + 1
+            after = [c.post(path, json=body).json()["choices"] for path, body in greedy]
+            assert c.get("/health").json()["status"] == "ok"
+    finally:
+        s.stop()
+    assert after == before
+    # The fuzz reached the routes: many requests ran, many were refused.
+    assert statuses.get(200, 0) >= FUZZ_REQUESTS // 10 and statuses.get(400, 0) >= FUZZ_REQUESTS // 10, statuses
+    print(f"fuzz: {FUZZ_REQUESTS} requests in {time.perf_counter() - started:.1f}s, by status {sorted(statuses.items())}")
