@@ -215,6 +215,7 @@ def test_page_shows_model_context_and_defaults(tab):
     expect(page.locator("#set-temperature")).to_have_attribute("placeholder", "0.5")
     expect(page.locator("#set-top_p")).to_have_attribute("placeholder", "0.9")
     expect(page.locator("#set-seed")).to_have_attribute("placeholder", "random")
+    expect(page.locator("#set-max_tokens")).to_have_attribute("placeholder", "160")
 
 
 def test_reply_streams_in_and_shows_speed(tab):
@@ -274,6 +275,9 @@ def test_conversation_survives_a_reload(tab):
     page = tab.open()
     send(page, QUESTION)
     reply = last_reply(page).locator(".content").inner_text()
+    # Settings left empty are the server's: only the model's suggested reply length is sent.
+    assert {k: v for k, v in tab.bodies[0].items() if k != "messages"} == {
+        "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 160}
     page.reload()
     expect(page.locator("#messages .msg.user .content")).to_have_text([QUESTION])
     expect(page.locator("#messages .msg.assistant .content")).to_have_text([reply])

@@ -61,8 +61,11 @@ async def info(request: Request) -> dict:
         "context_length": engine.max_seq_len,  # prompt + reply tokens per request on this server
         "model_context_length": engine.llm.context_length,
         "chat_format": state.chat_format.name,
-        # max_tokens None: a reply may fill the rest of the context.
-        "defaults": {**{k: gen.get(k, v) for k, v in OPENAI_DEFAULTS.items()}, "max_tokens": None, "seed": None},
+        # max_tokens: the model's suggested reply length (generation_config.json max_new_tokens),
+        # which the page sends when its field is empty, as `kaki chat` uses it; a request without
+        # max_tokens may fill the rest of the context (None: the model suggests nothing).
+        "defaults": {**{k: gen.get(k, v) for k, v in OPENAI_DEFAULTS.items()},
+                     "max_tokens": gen.get("max_new_tokens"), "seed": None},
         "retrieval": {"enabled": state.retriever is not None, "k": state.retrieval_k},
         "moderation": state.moderator is not None,
     }

@@ -226,6 +226,10 @@
     number("top_p");
     number("max_tokens", true);
     number("seed", true);
+    // The model's suggested reply length, as `kaki chat` uses it; without it a reply that never
+    // ends fills the whole context.
+    const suggested = info && info.defaults && info.defaults.max_tokens;
+    if (body.max_tokens === undefined && suggested) body.max_tokens = suggested;
     return body;
   }
 
@@ -374,7 +378,8 @@
   // Everything else, HTML included, stays text.
   function renderMarkdown(container, text) {
     const out = document.createDocumentFragment();
-    const lines = text.split("\n");
+    // Models often start a reply with the space after "adept:"; it is not indentation.
+    const lines = text.replace(/^\s+/, "").split("\n");
     let para = [];
     let list = null;
     const flush = () => {
