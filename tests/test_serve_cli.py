@@ -38,6 +38,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "kaki serve did not come up"
+        time.sleep(0.2)
+
+
 def stream_completion(url: str, max_tokens: int, out: dict, started: threading.Event) -> None:
     """Stream one greedy completion; record its events, or the error that ended it."""
     events = []
@@ -62,16 +75,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(model_dir):
                                     "--graceful-timeout", "1.5", "--max-batch-size", "4"],
                             env=ENV, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "kaki serve did not come up"
-            time.sleep(0.2)
+        wait_until_up(proc, url)
         short, long = {}, {}
         ev_short, ev_long = threading.Event(), threading.Event()
         threads = [threading.Thread(target=stream_completion, args=(url, 100, short, ev_short)),
@@ -163,16 +167,7 @@ def test_api_key_file_and_max_body_mb(model_dir, tmp_path):
                                     "--api-key-file", str(key), "--max-body-mb", "0.5"],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "kaki serve did not come up"
-            time.sleep(0.2)
+        wait_until_up(proc, url)
         body = {"prompt": "the", "max_tokens": 2}
         assert httpx.post(url + "/v1/completions", json=body).status_code == 401
         auth = {"Authorization": "Bearer s3cret-from-a-file"}
