@@ -393,6 +393,10 @@ def test_server_errors_are_shown_with_the_servers_text(tab):
 def test_api_key_is_asked_once_and_checked(browser):
     s = start(api_key=KEY)
     try:
+        for path in ("/", "/web/app.js", "/web/style.css"):  # the page's files hold no data
+            assert httpx.get(s.url + path).status_code == 200, path
+        assert httpx.get(s.url + "/info").status_code == 401
+        assert httpx.get(s.url + "/info", headers={"Authorization": f"Bearer {KEY}"}).json()["model"] == NAME
         t = Tab(browser, s.url)
         page = t.open()
         expect(page.locator("#key-form")).to_be_visible()

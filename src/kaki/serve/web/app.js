@@ -176,6 +176,7 @@
     if (info.moderation) on.push("moderation");
     $("features").textContent = on.join(" · ");
     showDefaults();
+    render(); // replies are labelled with the model's name
   }
 
   function showDefaults() {
