@@ -150,6 +150,7 @@ def test_tokenizing_runs_off_the_event_loop_and_health_stays_quick(server):
             health_s = time.perf_counter() - t0
             # /health answered while the prompt was still being tokenized, not after it.
             assert r.status_code == 200 and not ended.is_set(), (path, health_s)
+            print(f"{path}: /health in {health_s * 1000:.0f} ms while an 11 MB prompt was tokenized")
             t.join(120)
             assert_error(got["r"], 400, field, says="tokens")  # far over the context, after tokenizing
     finally:

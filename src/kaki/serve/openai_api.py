@@ -41,7 +41,8 @@ class ModelNotFound(KakiError):
 
 def _check_model(engine: Engine, name: str | None) -> None:
     if name and name != engine.model_name:
-        raise ModelNotFound(f"The model `{name}` does not exist; this server serves `{engine.model_name}` "
+        shown = name if len(name) <= 200 else name[:200] + "..."  # a 16 MB name is not echoed back
+        raise ModelNotFound(f"The model `{shown}` does not exist; this server serves `{engine.model_name}` "
                             "(see GET /v1/models)")
 
 
