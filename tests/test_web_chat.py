@@ -148,7 +148,7 @@ def current_messages(page) -> list[dict]:
     return next(c for c in s["chats"] if c["id"] == s["current"])["messages"]
 
 
-def long_replies(page, max_tokens=900):
+def long_replies(page, max_tokens=600):
     """Replies that run until max_tokens: the model often ends in a dozen tokens, too fast to
     watch grow or to stop by hand. The request still goes to the server, with ignore_eos added."""
     def handle(route):

@@ -17,8 +17,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
-from kaki.serve.engine import Engine
-
 WEB = Path(__file__).parent / "web"
 # name -> media type: the only files served, so no path from a request ever reaches the filesystem.
 FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -53,7 +51,7 @@ async def static(name: str) -> FileResponse:
 async def info(request: Request) -> dict:
     """The model's name and context, the sampling defaults a chat request gets, and which of
     retrieval and moderation are on."""
-    engine: Engine = request.app.state.engine
+    engine = request.app.state.engine  # kaki.serve.engine.Engine
     gen = engine.llm.generation_defaults
     state = request.app.state
     return {
