@@ -35,8 +35,8 @@ chromium:
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y -qq chromium >/dev/null 2>&1 || \
 		{ apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }; }
-	@test -x $(CHROMIUM) || echo "make: $(CHROMIUM) is missing and make is not root: the browser tests" \
-		"will fail; install it with 'sudo apt-get install chromium'" >&2
+	@test -x $(CHROMIUM) || echo "make: $(CHROMIUM) is missing (make is not root, or apt-get failed): the" \
+		"browser tests will fail; install it with 'sudo apt-get install chromium'" >&2
 
 # The bundled demo model grounded in the Python docs index, no arguments needed;
 # `kaki chat --help` lists the flags.
