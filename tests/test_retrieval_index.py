@@ -362,3 +362,27 @@ def test_markdown_front_matter_and_rst_code_block_languages_are_markup(tmp_path)
     text = "\n".join(s.text for s in doc.sections)
     assert "pot.brew(3)" in text and "The end." in text
     assert "python" not in text and "linenos" not in text and "secret" not in text
+
+
+def test_a_question_naming_an_api_entry_gets_that_entry_first(tmp_path):
+    """`What does str.join do?`: the passage titled str.join comes first whatever the ranking says
+    (an embedding puts ast.JoinedStr nearer); same-named entries keep the ranking's order; LIKE's
+    wildcards in a name are literal; "e.g." is not a name."""
+    recs = [
+        {"id": "a", "title": "str.join (library/stdtypes)", "text": "Return a string which is the concatenation."},
+        {"id": "b", "title": "Joining (howto)", "text": "str join join join: str and join, join str join."},
+        {"id": "c", "title": "len (c-api/buffer)", "text": "The buffer length field."},
+        {"id": "d", "title": "len (library/functions)", "text": "Return the length of an object: len counts items."},
+        {"id": "e", "title": "Types: aXb.c(x)", "text": "Not the a_b.c entry."},
+        {"id": "f", "title": "Types: a_b.c(x)", "text": "The a_b.c entry."},
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    index = tmp_path / "i.kaki-index"
+    build_index([tmp_path / "d.jsonl"], index, chunking=Chunking("none"), embedder="none", progress=False)
+    with Retriever.open(index) as r:
+        assert r.search("str join join", k=1)[0].ref == "b"  # the ranking alone prefers b
+        hits = r.search("What does str.join do? join join", k=2)
+        assert [h.ref for h in hits] == ["a", "b"] and hits[0].scores["name"] == 1.0
+        assert [h.ref for h in r.search("how many items does len() count", k=2)] == ["d", "c"]
+        assert [h.ref for h in r.search("the a_b.c entry", k=1)] == ["f"]
+        assert r.named("e.g. sorting, i.e. order", 3) == []

@@ -45,6 +45,10 @@ their theirs them themselves then there these they this those through to too und
 were what when where which while who whom why will with would you your yours yourself yourselves
 """.split())
 _WORD = re.compile(r"\w+", re.UNICODE)
+# An API name in a question: dotted (`os.path.join`, parts of 2+ characters, so not "e.g") or called (`len()`).
+NAME = re.compile(r"(?<![\w.])([A-Za-z_]\w+(?:\.[A-Za-z_]\w+)+|[A-Za-z_]\w*(?=\(\)))")
+NAMED_SCORE = 1.0
+MAX_NAMED = 64  # entries one name may have (overloads, the same name in several modules)
 
 
 @dataclass
@@ -234,11 +238,13 @@ class Retriever:
                     ranked = semantic
                 else:
                     ranked = rrf([[i for i, _ in lexical], [i for i, _ in semantic]])
+                named = self.named(query, k, [i for i, _ in ranked])
+                ranked = [(i, NAMED_SCORE) for i in named] + [(i, sc) for i, sc in ranked if i not in named]
                 ranked = ranked[:k]
                 rows = self.store.passages([i for i, _ in ranked])
             except sqlite3.DatabaseError as e:  # a damaged page
                 raise corrupted(self.path, e)
-        by_mode = {"bm25": dict(lexical), "dense": dict(semantic)}
+        by_mode = {"bm25": dict(lexical), "dense": dict(semantic), "name": {i: NAMED_SCORE for i in named}}
         roots = json.loads(self.meta.get("roots", "[]"))  # validated when the index was opened
         out = []
         for rank, (pid, score) in enumerate(ranked, 1):
@@ -251,6 +257,18 @@ class Retriever:
             out.append(Passage(id=pid, title=title, text=text, path=path, line=line, ref=ref, url=url,
                                score=score, rank=rank, scores=scores, root=root_of(path, roots)))
         return out
+
+    def named(self, query: str, k: int, ranking: list[int] = ()) -> list[int]:
+        """Passages titled by an API name the question spells out (`str.join`, `len()`): a
+        question that names the function it asks about wants that entry first, and an embedding of
+        "What does str.join do?" lands nearer ast.JoinedStr than str.join. Names in the question's
+        order; entries sharing a name (`len` in the C API and in the builtins) in `ranking`'s order."""
+        place = {pid: n for n, pid in enumerate(ranking)}
+        out: list[int] = []
+        for name in dict.fromkeys(NAME.findall(query)):
+            found = self.store.titled(name, MAX_NAMED)
+            out += sorted((i for i in found if i not in out), key=lambda i: (place.get(i, len(place)), i))
+        return out[:k]
 
     def bm25(self, query: str, k: int) -> list[tuple[int, float]]:
         match = fts_query(query)

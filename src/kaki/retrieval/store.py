@@ -276,6 +276,16 @@ class Store:
             f"JOIN files f ON f.id = p.file_id WHERE p.id IN ({marks})", ids)
         return {r[0]: r[1:] for r in rows}
 
+    def titled(self, name: str, limit: int) -> list[int]:
+        """Passages whose title is `name`'s entry: the title itself, or it after a `Doc: ` prefix,
+        followed by nothing, a signature `(` or a ` (where)` suffix."""
+        esc = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.conn.execute(
+            "SELECT id FROM passages WHERE title = ? OR title LIKE ? ESCAPE '\\' OR title LIKE ? ESCAPE '\\' "
+            "OR title LIKE ? ESCAPE '\\' OR title LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?",
+            (name, esc + "(%", esc + " (%", "%: " + esc + "(%", "%: " + esc + " (%", limit))
+        return [r[0] for r in rows]
+
     # ------------------------------------------------------------------ BM25
 
     def bm25(self, match: str, limit: int, title_weight: float) -> list[tuple[int, float]]:
