@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import rst  # noqa: E402
+from doc_urls import doc_url  # noqa: E402
 
 from kaki.chat_format import with_context  # noqa: E402
 
@@ -488,7 +489,8 @@ def write_jsonl(path: Path, records) -> None:
 
 
 def passage_record(p: rst.Passage, held: bool | None = None) -> dict:
-    rec = {"id": p.id, "title": context_title(p), "source": p.source, "text": trim_passage(p.text)}
+    rec = {"id": p.id, "title": context_title(p), "source": p.source, "text": trim_passage(p.text),
+           "url": doc_url(p.id, p.source)}
     if held is not None:
         rec["held_out"] = held
     return rec

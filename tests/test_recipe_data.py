@@ -189,3 +189,20 @@ def test_lookup_questions_conjugate_the_docs_imperative(verb, expected):
     sys.path.insert(0, str(ROOT / "recipes"))
     import prepare_data
     assert prepare_data.third_person(verb) == expected
+
+
+def test_every_passage_links_to_its_page_and_anchor_on_docs_python_org(out):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from doc_urls import doc_url
+    base = "https://docs.python.org/3.11/"
+    assert doc_url("library/stdtypes:str.join", "library/stdtypes") == base + "library/stdtypes.html#str.join"
+    assert doc_url("faq/programming#what-is-self", "faq/programming") == base + "faq/programming.html#what-is-self"
+    assert doc_url("glossary:term:text file", "glossary") == base + "glossary.html#term-text-file"
+    assert doc_url("c-api/dict:PyDict_New", "c-api/dict") == base + "c-api/dict.html#c.PyDict_New"
+    assert doc_url("library/timeit:-n N, --number=N", "library/timeit") == base + "library/timeit.html"
+    assert doc_url("library/stdtypes:len~1", "library/stdtypes") == base + "library/stdtypes.html"
+    import gzip
+    with gzip.open(ROOT / "data" / "pydocs" / "passages.jsonl.gz", "rt", encoding="utf-8") as f:
+        shipped = [json.loads(line) for line in f]
+    assert all(r["url"] == doc_url(r["id"], r["source"]) for r in shipped)  # the committed corpus links too
+    assert all(r["url"] == doc_url(r["id"], r["source"]) for r in read(out / "passages.jsonl"))
