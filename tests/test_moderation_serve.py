@@ -169,7 +169,7 @@ def test_adept_api_gets_the_refusal_and_a_moderation_field(url, mod_dir, logs):
     assert mod[0]["label"] == mod[2]["label"] == "needs intervention" and mod[1]["label"] == "casual"
     alone = ref.generate(ok, add_bos=False, max_new_tokens=16, temperature=0, prompt_logprobs=True,
                          logprobs=True)[0]
-    assert body["generations"] == [" " + REFUSAL, ref.tokenizer.decode(alone.token_ids), " " + REFUSAL]
+    assert body["generations"] == [REFUSAL, ref.tokenizer.decode(alone.token_ids).removeprefix(" "), REFUSAL]
     assert body["text"][0] == FLAGGED + " " + REFUSAL and body["text"][2] == secret + " " + REFUSAL
     assert body["human_readable_tokens"][0] == body["human_readable_tokens"][2] == []
     assert body["logprobs"][0] == body["logprobs"][2] == []

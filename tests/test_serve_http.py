@@ -140,12 +140,22 @@ def test_seed_readme_curl_command(url, ref):
     prompt = "human: Hello, how are you?\n\nadept:"
     alone = ref.generate(prompt, add_bos=False, max_new_tokens=128, temperature=1.0, top_p=0.9, seed=1234)[0]
     tok = ref.tokenizer
-    assert body["generations"] == [tok.decode(alone.token_ids)]
+    # As the original shows them: the generation without the space after `adept:` (sentencepiece
+    # drops it when a generation is decoded alone); `text` keeps it, between prompt and reply.
+    assert body["generations"] == [tok.decode(alone.token_ids).removeprefix(" ")]
     assert body["text"] == [tok.decode(tok.encode(prompt, add_bos=False) + alone.token_ids)]
     assert body["text"][0].startswith(prompt)
-    assert len(body["human_readable_tokens"][0]) == len(alone.token_ids)
+    # One string per sampled token, except a first token that is only that space and the
+    # end-of-text token, which show nothing: no "" at either end.
     pieces = [ref.tokenizer.id_to_piece(t) for t in alone.token_ids]
-    for shown, piece in zip(body["human_readable_tokens"][0], pieces):
+    if alone.token_ids and alone.token_ids[-1] in ref.tokenizer.eos_ids:
+        pieces.pop()
+    if pieces and pieces[0] == "\u2581":
+        pieces.pop(0)
+    shown_tokens = body["human_readable_tokens"][0]
+    assert len(shown_tokens) == len(pieces) and shown_tokens[0] != "" and shown_tokens[-1] != ""
+    assert not shown_tokens[0].startswith(" ")
+    for shown, piece in zip(shown_tokens, pieces):
         if piece.startswith("<0x"):
             assert shown == piece  # byte-fallback pieces literally, as the original
         else:
@@ -162,7 +172,7 @@ def test_adept_logprobs_scoring_several_prompts_and_no_log(url, ref):
     for i, p in enumerate(prompts):
         alone = ref.generate(p, add_bos=False, max_new_tokens=5, temperature=1.0, top_k=20, seed=7,
                              logprobs=True, prompt_logprobs=True)[0]
-        assert body["generations"][i] == ref.tokenizer.decode(alone.token_ids)
+        assert body["generations"][i] == ref.tokenizer.decode(alone.token_ids).removeprefix(" ")
         # One entry per token after the first: prompt tokens, then generated ones.
         want = alone.prompt_logprobs[1:] + alone.logprobs
         assert body["logprobs"][i] == pytest.approx(want, abs=1e-4)
@@ -223,7 +233,8 @@ def test_openai_client_chat(url, ref):
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
                                        logprobs=True, top_logprobs=3)
     c = r.choices[0]
-    assert c.message.role == "assistant" and c.message.content == alone.text
+    # The reply itself: without the space the chat format puts after `adept:`.
+    assert c.message.role == "assistant" and c.message.content == alone.text.removeprefix(" ")
     assert c.finish_reason == alone.finish_reason
     assert r.usage.prompt_tokens == len(ref.tokenizer.encode(prompt))
     assert [t.logprob for t in c.logprobs.content] == pytest.approx(alone.logprobs, abs=1e-4)
@@ -233,7 +244,7 @@ def test_openai_client_chat(url, ref):
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == alone.text
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == alone.text.removeprefix(" ")
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
@@ -297,12 +308,12 @@ def test_32_concurrent_clients_batched_and_correct(url, ref):
     for (_, path, _, kw), a in zip(jobs, answers):
         alone = ref.generate(kw.pop("prompt"), **kw)[0]
         if path == "/api":
-            assert a["generations"] == [ref.tokenizer.decode(alone.token_ids)]
+            assert a["generations"] == [ref.tokenizer.decode(alone.token_ids).removeprefix(" ")]
         elif path == "/v1/completions":
             assert (a["choices"][0]["text"], a["choices"][0]["finish_reason"]) == (alone.text, alone.finish_reason)
             assert a["usage"]["completion_tokens"] == len(alone.token_ids)
         else:
-            assert a["choices"][0]["message"]["content"] == alone.text
+            assert a["choices"][0]["message"]["content"] == alone.text.removeprefix(" ")
     assert steps_with_at_least_8(metrics(url)) > before
 
 

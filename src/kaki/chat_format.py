@@ -138,10 +138,16 @@ class ChatFormat:
             put(self.assistant_prefix)
         return "".join(out), spans
 
-    def _reply_text(self, content: str) -> str:
+    @property
+    def reply_lead(self) -> str:
+        """What the format puts between its reply marker and a reply: a generated reply starts
+        with it, and front ends strip it to show the reply itself."""
         # The marker ends with ":" and the reply follows after one space, as in the seed's
         # examples; a plain-format reply is the text itself.
-        return (" " + content) if self.assistant_prefix else content
+        return " " if self.assistant_prefix else ""
+
+    def _reply_text(self, content: str) -> str:
+        return self.reply_lead + content
 
 
 class TemplateTooLarge(KakiError):
@@ -182,6 +188,7 @@ class TemplateFormat:
         self.special_tokens = dict(special_tokens or {})
         # The generation loop stops at the EOS token id; templates need no stop strings.
         self.stop: list[str] = []
+        self.reply_lead = ""  # a template writes a reply right after its own generation prompt
         # A template that writes the BOS token itself must not get a second one from encode().
         self.add_bos = False if "bos_token" in template else None
 

@@ -74,14 +74,16 @@ async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
             refusal = ("" if not prompt or prompt[-1].isspace() else " ") + screen.moderator.refusal
             text.append(prompt + ("" if scoring else refusal))
             if not scoring:
-                generations.append(refusal)
+                generations.append(refusal.removeprefix(" "))
                 readable.append([])
             if body.logprobs:
                 logprobs.append([])
             continue
         text.append(tok.decode(ids + r.token_ids))
         if not scoring:
-            generations.append(tok.decode(r.token_ids))
+            # The original decoded a generation on its own, and sentencepiece drops the space
+            # that starts it (the one after `adept:`); `text` keeps it, between prompt and reply.
+            generations.append(tok.decode(r.token_ids).removeprefix(" "))
             readable.append(_readable_tokens(tok, ids, r.token_ids))
         if body.logprobs:
             # Entry j is the logprob of token j+1 given the ones before it: prompt, then reply.
@@ -109,6 +111,12 @@ def _readable_tokens(tok, prompt_ids: list[int], ids: list[int]) -> list[str]:
         ctx = (ctx + [t])[-3:]
     if out and out[0].startswith(" "):
         out[0] = out[0][1:]
+    # A first token that was only that space, and the end-of-text token (not spelled out in
+    # `generations` either), show nothing: they are left out rather than listed as "".
+    while out and out[0] == "":
+        out.pop(0)
+    while out and out[-1] == "":
+        out.pop()
     return out
 
 

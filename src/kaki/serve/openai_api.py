@@ -196,14 +196,15 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
     if body.stream:
         outputs = screen.outputs(handle, refused=range(body.n) if blocked else ())
         return _stream(handle, _chat_chunks(outputs, screen, rid, created, engine.model_name, body, len(ids),
-                                            sources))
+                                            sources, fmt.reply_lead))
     if blocked:
         results = [SeqResult(finish_reason=CONTENT_FILTER) for _ in reqs]
     else:
         results = await collect(handle, len(reqs), request.receive)
     for i, r in enumerate(results):
         await screen.check_result(i, r)
-    choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+    choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=r.text.removeprefix(fmt.reply_lead)),
+                            finish_reason=r.finish_reason,
                             logprobs=_chat_logprobs(r.token_texts, r.logprobs, r.tops)
                             if body.logprobs and r.finish_reason != CONTENT_FILTER else None,
                             moderation=screen.decided.get(i))
@@ -246,7 +247,9 @@ def _chat_logprobs(texts, logprobs, tops) -> S.ChatLogprobs:
         for t, lp, top in zip(texts, logprobs, tops)])
 
 
-async def _chat_chunks(outputs, screen, rid, created, model, body, n_prompt, sources=None):
+async def _chat_chunks(outputs, screen, rid, created, model, body, n_prompt, sources=None, lead=""):
+    """SSE chunks of a chat completion; each choice's content without the format's `lead` (the
+    space after `adept:`), as the whole-response form gives it."""
     def chunk(i, delta, finish=None, logprobs=None, sources=None):
         return sse(S.ChatCompletionChunk(id=rid, created=created, model=model, sources=sources, choices=[
             S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs,
@@ -255,6 +258,7 @@ async def _chat_chunks(outputs, screen, rid, created, model, body, n_prompt, sou
     for i in range(body.n):
         yield chunk(i, S.Delta(role="assistant", content=""), sources=sources)
     generated = 0
+    leading = {i: lead for i in range(body.n)}  # what is still to strip from each choice's start
     async for i, out in outputs:
         if out.finish_reason in ("abort", "error"):
             yield _error_event(out)
@@ -263,8 +267,11 @@ async def _chat_chunks(outputs, screen, rid, created, model, body, n_prompt, sou
         lp = None
         if body.logprobs and out.logprob is not None:
             lp = _chat_logprobs([out.token_text or ""], [out.logprob], [out.top or []])
-        if out.text or lp is not None:
-            yield chunk(i, S.Delta(content=out.text), logprobs=lp)
+        text = out.text
+        if leading[i] and text:
+            text, leading[i] = text.removeprefix(leading[i]), ""
+        if text or lp is not None:
+            yield chunk(i, S.Delta(content=text), logprobs=lp)
         if out.finish_reason is not None:
             yield chunk(i, S.Delta(), finish=out.finish_reason)
     if body.stream_options and body.stream_options.include_usage:
