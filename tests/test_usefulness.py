@@ -1,0 +1,77 @@
+"""kaki.usefulness: user questions scored by what the user sees (reply key terms, the cited
+passage, either), on the bundled model with a small index of real documentation passages."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+import kaki
+from kaki.chat_format import format_for_llm
+from kaki.errors import KakiError
+from kaki.evaluate import qa_prompt
+from kaki.retrieval import Chunking, Retriever, build_index
+from kaki.usefulness import check_user_question, useful, usefulness
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "kaki-tiny"
+IDS = ["library/stdtypes:str.join", "library/stdtypes:str.split", "library/os.path:os.path.exists",
+       "library/functions:len", "library/functions:sorted", "library/os:os.remove"]
+
+
+def test_key_terms_need_one_term_of_every_group():
+    assert useful("Use str.join(iterable).", [["join"]])
+    assert useful("Call SORTED with reverse=True", [["sorted", "sort"], ["reverse=True"]])
+    assert not useful("Call sorted()", [["sorted"], ["reverse=True"]])
+    assert not useful("", [["x"]])
+    for bad in ({"question": "q", "key_terms": []}, {"question": "q", "key_terms": [["a"], []]},
+                {"question": "", "key_terms": [["a"]]}, {"question": "q", "key_terms": "join"},
+                {"question": "q", "key_terms": [["a"]], "passage_ids": "x"}):
+        with pytest.raises(KakiError):
+            check_user_question(bad, "f.jsonl:1")
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("useful")
+    with gzip.open(ROOT / "data" / "pydocs" / "passages.jsonl.gz", "rt", encoding="utf-8") as f:
+        recs = [r for r in map(json.loads, f) if r["id"] in IDS]
+    assert len(recs) == len(IDS)
+    (tmp / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    build_index([tmp / "p.jsonl"], tmp / "i.kaki-index", chunking=Chunking("none"), embedder="none", progress=False)
+    return tmp / "i.kaki-index"
+
+
+def test_reply_citation_and_end_to_end_on_the_bundled_model(small_index):
+    llm = kaki.load(BUNDLED, dtype="float32", device="cpu")
+    questions = [
+        {"question": "how do i glue a list of strings together with str.join", "passage_ids": [IDS[0]],
+         "key_terms": [["concatenation"]]},
+        {"question": "python check if a file exists", "passage_ids": [IDS[2]], "key_terms": [["no such phrase"]]},
+        {"question": "how many items does len() give", "passage_ids": [IDS[4]], "key_terms": [["length"]]},
+    ]
+    with Retriever.open(small_index) as r:
+        res = usefulness(llm, questions, r, k=1, max_new_tokens=24)
+        top = [r.search(q["question"], k=1)[0].ref for q in questions]
+    assert [it["cited"] for it in res.items] == [[t] for t in top]
+    assert [it["citation"] for it in res.items] == [t in q["passage_ids"] for t, q in zip(top, questions)]
+    assert res.items[1]["reply"] is False  # a key term no reply contains
+    assert res.items[2]["citation"] is False  # len() cites library/functions:len, not the gold given
+    assert res.items[0]["citation"] and res.items[0]["end_to_end"]
+    for it in res.items:
+        assert it["end_to_end"] == (it["reply"] or it["citation"])
+    # The reply scored is the model's greedy reply to the grounded prompt.
+    fmt = format_for_llm(llm)
+    with Retriever.open(small_index) as r:
+        q = {**questions[0], "passages": [h.as_context() for h in r.search(questions[0]["question"], k=1)]}
+    want = llm.generate(qa_prompt(llm, fmt, q, True, 24), add_bos=fmt.add_bos, temperature=0.0,
+                        repetition_penalty=1.0, max_new_tokens=24, stop=list(fmt.stop))[0].text.strip()
+    assert res.items[0]["reply_text"] == want and res.items[0]["reply"] == ("concatenation" in want.lower())
+    assert res.to_json()["end_to_end"] == pytest.approx(sum(i["end_to_end"] for i in res.items) / 3)
+
+    alone = usefulness(llm, questions, None, max_new_tokens=24)
+    assert alone.to_json().keys() == {"reply"} and all(it["cited"] == [] for it in alone.items)
+    assert all(it["end_to_end"] == it["reply"] for it in alone.items)
