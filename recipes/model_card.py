@@ -16,52 +16,69 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "data" / "eval"
 PYDOCS = ROOT / "data" / "pydocs" / "passages.jsonl.gz"
+VECTORS = ROOT / "data" / "pydocs" / "vectors.npz"
 # Passages per question: 1 is what `make chat` uses for this model (the Makefile's RETRIEVAL_K);
 # 3 is kaki's default (kaki.retrieval.grounding.DEFAULT_K), measured too.
 RETRIEVAL_K = 1
 RETRIEVAL_K_DEFAULT = 3
 
 
-def retrieved_questions(questions: list[dict], k: int) -> tuple[list[dict], float]:
-    """The questions with the top passages that BM25 retrieves for them from all 14k documentation
-    passages (the index `make chat` builds), and how often the gold passage was among them."""
+def demo_index(tmp: Path) -> Path:
+    """The index `make index` builds for `make chat`: all 14k documentation passages, one per
+    record, dense + BM25 from the shipped vectors, searched dense by default (the Makefile)."""
     import gzip
-    import tempfile
 
-    from kaki.retrieval import Chunking, Retriever, build_index
+    from kaki.retrieval import Chunking, build_index
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "pydocs-passages.jsonl"
-        corpus.write_bytes(gzip.decompress(PYDOCS.read_bytes()))
-        # One passage per record, unchunked, BM25 only: as the Makefile's index for `make chat`.
-        build_index([corpus], Path(tmp) / "index", embedder="none", chunking=Chunking(mode="none"))
-        with Retriever.open(Path(tmp) / "index") as r:
-            hits = [r.search(q["question"], k=k) for q in questions]
+    corpus = tmp / "pydocs-passages.jsonl"
+    corpus.write_bytes(gzip.decompress(PYDOCS.read_bytes()))
+    build_index([corpus], tmp / "index", chunking=Chunking(mode="none"), vectors=VECTORS, search_mode="dense")
+    return tmp / "index"
+
+
+def retrieved_questions(index: Path, questions: list[dict], k: int) -> tuple[list[dict], float]:
+    """The questions with the top passages retrieved for them, and how often the gold passage was
+    among them."""
+    from kaki.retrieval import Retriever
+
+    with Retriever.open(index) as r:
+        hits = [r.search(q["question"], k=k) for q in questions]
     out = [{**q, "passages": [h.as_context() for h in hs]} for q, hs in zip(questions, hits)]
     gold = sum(q["passage_id"] in {h.ref for h in hs} for q, hs in zip(questions, hits)) / len(questions)
     return out, gold
 
 
 def measure(model_dir: Path, limit: int = 0, dtype: str = "float32") -> dict:
-    """The card's figures: held-out perplexity and greedy answer accuracy with and without the
-    gold passage in the prompt (float32, greedy: deterministic on one machine)."""
+    """The card's figures: held-out perplexity, greedy answer accuracy with and without the gold
+    passage in the prompt and with retrieval, and usefulness on the user questions (float32,
+    greedy: deterministic on one machine)."""
+    import tempfile
+
     import kaki
     from kaki.evaluate import answer_accuracy, attach_passages, perplexity, read_jsonl
+    from kaki.retrieval import Retriever
+    from kaki.usefulness import usefulness
 
     llm = kaki.load(model_dir, dtype=dtype, device="cpu")
     passages = read_jsonl(EVAL / "passages.jsonl")
     questions = attach_passages(read_jsonl(EVAL / "questions.jsonl"), EVAL / "passages.jsonl")
+    users = read_jsonl(EVAL / "user-questions.jsonl")
     if limit:
-        passages, questions = passages[:limit], questions[:limit]
+        passages, questions, users = passages[:limit], questions[:limit], users[:limit]
     ppl = perplexity(llm, passages)
     with_ctx = answer_accuracy(llm, questions, context=True)
     without = answer_accuracy(llm, questions, context=False)
     retrieval = {}
-    for k in (RETRIEVAL_K, RETRIEVAL_K_DEFAULT):
-        retrieved, gold_share = retrieved_questions(questions, k)
-        res = answer_accuracy(llm, retrieved, context=True)
-        retrieval[k] = {"contains": round(res.contains, 4), "exact": round(res.exact, 4), "k": k,
-                        "mode": "bm25", "gold_retrieved": round(gold_share, 4)}
+    with tempfile.TemporaryDirectory() as tmp:
+        index = demo_index(Path(tmp))
+        for k in (RETRIEVAL_K, RETRIEVAL_K_DEFAULT):
+            retrieved, gold_share = retrieved_questions(index, questions, k)
+            res = answer_accuracy(llm, retrieved, context=True)
+            retrieval[k] = {"contains": round(res.contains, 4), "exact": round(res.exact, 4), "k": k,
+                            "mode": "dense", "gold_retrieved": round(gold_share, 4)}
+        with Retriever.open(index) as r:
+            useful_retrieved = usefulness(llm, users, r, k=RETRIEVAL_K).to_json()
+    useful_alone = usefulness(llm, users, None).to_json()
     return {
         "eval_passages": len(passages), "eval_questions": len(questions),
         "eval_loss": round(ppl.loss, 4), "eval_perplexity": round(ppl.perplexity, 2),
@@ -69,6 +86,9 @@ def measure(model_dir: Path, limit: int = 0, dtype: str = "float32") -> dict:
         "accuracy_without_passage": {"contains": round(without.contains, 4), "exact": round(without.exact, 4)},
         "accuracy_with_retrieval": retrieval[RETRIEVAL_K],
         "accuracy_with_retrieval_top3": retrieval[RETRIEVAL_K_DEFAULT],
+        "user_questions": len(users),
+        "useful_with_retrieval": {k: round(v, 4) if isinstance(v, float) else v for k, v in useful_retrieved.items()},
+        "useful_without_retrieval": {k: round(v, 4) for k, v in useful_alone.items()},
     }
 
 
@@ -121,9 +141,20 @@ about half of them with retrieved passages in the prompt (kaki's context block,
 | held-out perplexity | {m[eval_perplexity]} (loss {m[eval_loss]}) on {m[eval_passages]} documentation passages never trained on |
 | answer contains the key phrase, **with** the gold passage in the prompt | **{with_c:.0%}** ({m[eval_questions]} hand-written paraphrased questions) |
 | answer contains the key phrase, **without** it | **{without_c:.0%}** |
-| answer contains the key phrase, with the top passage **BM25 retrieves** from all 14k documentation passages (as `make chat` does) | **{ret_c:.0%}** (the top passage was the answering one for {r[gold_retrieved]:.0%} of the questions) |
+| answer contains the key phrase, with the top passage **retrieved** from all 14k documentation passages (dense search, as `make chat` does) | **{ret_c:.0%}** (the top passage was the answering one for {r[gold_retrieved]:.0%} of the questions) |
 | ... with the top {r3[k]} retrieved passages (kaki's default `--retrieval-k`) | {r3[contains]:.0%} (the answering one among them for {r3[gold_retrieved]:.0%}) |
 | exact answer match (with / without / retrieved) | {with_e:.0%} / {without_e:.0%} / {ret_e:.0%} |
+
+**Everyday questions** (`data/eval/user-questions.jsonl`: {m[user_questions]} questions typed the way
+people ask them, such as "how do i reverse a list in python", not derived from the passages), as
+`make chat` answers them (`kaki eval --data data/eval/user-questions.jsonl --retrieval
+work/index/pydocs.kaki-index --retrieval-k 1`):
+
+| | |
+|---|---|
+| **useful end to end**: the reply names what answers it, or the source cited under it is a passage that answers it | **{u[end_to_end]:.0%}** |
+| the reply alone names what answers it (its key terms) | **{u[reply]:.0%}** ({u0[reply]:.0%} without retrieval) |
+| the cited source answers it (hit@1) | {u[citation]:.0%} |
 
 {verdict}
 
@@ -168,10 +199,12 @@ def verdict_text(m: dict) -> str:
             f"answer out of it ({given:.0%} of answers contain the key phrase against {without:.0%} without "
             f"it); without a passage it is fluent and wrong.")
     r3 = m["accuracy_with_retrieval_top3"]
-    text += (f" With retrieval (BM25 over all 14k passages) and the single top passage in the prompt, as "
-             f"`make chat` runs it, {retrieved:.0%} (that passage is the answering one for "
-             f"{r['gold_retrieved']:.0%} of the questions). With the top {r3['k']} it drops to "
-             f"{r3['contains']:.0%}: among several passages it often copies the wrong one.")
+    lower = r3["contains"] < retrieved
+    text += (f" With retrieval (dense search over all 14k passages) and the single top passage in the prompt, "
+             f"as `make chat` runs it, {retrieved:.0%} (that passage is the answering one for "
+             f"{r['gold_retrieved']:.0%} of the questions). With the top {r3['k']} it "
+             + (f"drops to {r3['contains']:.0%}: among several passages it often copies the wrong one."
+                if lower else f"is {r3['contains']:.0%}."))
     return text
 
 
@@ -210,6 +243,7 @@ def main() -> None:
         with_e=metrics["accuracy_with_passage"]["exact"], without_e=metrics["accuracy_without_passage"]["exact"],
         r=metrics["accuracy_with_retrieval"], r3=metrics["accuracy_with_retrieval_top3"], ret_c=metrics["accuracy_with_retrieval"]["contains"],
         ret_e=metrics["accuracy_with_retrieval"]["exact"],
+        u=metrics["useful_with_retrieval"], u0=metrics["useful_without_retrieval"],
         training="\n".join(lines) or "- (no training metrics found)",
         hardware=f"{platform.machine()} CPU, 2 cores", precision=args.precision)
     (model_dir / "README.md").write_text(text)

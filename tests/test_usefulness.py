@@ -75,3 +75,31 @@ def test_reply_citation_and_end_to_end_on_the_bundled_model(small_index):
     alone = usefulness(llm, questions, None, max_new_tokens=24)
     assert alone.to_json().keys() == {"reply"} and all(it["cited"] == [] for it in alone.items)
     assert all(it["end_to_end"] == it["reply"] for it in alone.items)
+
+
+def test_kaki_eval_scores_user_questions_with_and_without_retrieval(small_index, tmp_path):
+    import subprocess
+    import sys
+    questions = [
+        {"question": "how do i glue a list of strings together with str.join", "passage_ids": [IDS[0]],
+         "key_terms": [["concatenation"]]},
+        {"question": "python check if a file exists", "passage_ids": [IDS[2]], "key_terms": [["exists"]]},
+    ]
+    data = tmp_path / "user.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    r = subprocess.run([sys.executable, "-m", "kaki", "eval", "--data", str(data), "--retrieval", str(small_index),
+                        "--retrieval-k", "1", "--max-new-tokens", "24", "--dtype", "float32", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    llm = kaki.load(BUNDLED, dtype="float32", device="cpu")
+    with Retriever.open(small_index) as ret:
+        want = usefulness(llm, questions, ret, k=1, max_new_tokens=24).to_json()
+    assert out["user_questions"] == 2 and out["useful_with_retrieval"] == want
+    assert out["useful_without_retrieval"] == usefulness(llm, questions, None, max_new_tokens=24).to_json()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "key_terms": "exists"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "kaki", "eval", "--data", str(bad)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "bad.jsonl:1" in r.stderr and "key_terms" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

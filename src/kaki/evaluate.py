@@ -7,6 +7,8 @@ Records (JSONL, one object per line; a file may mix them):
 - `{"question", "answer", "key_phrase"?, "passages"? | "passage_id"?}`: the question is asked in
   the chat format, greedily, with or without its gold passages in the prompt (the context block of
   kaki.chat_format). `passage_id` refers to a passages JSONL (`id`, `title`, `text`).
+- `{"question", "passage_ids", "key_terms"}`: a user question, scored for usefulness
+  (kaki.usefulness) without and with retrieval.
 
 Perplexity = exp(total negative log-likelihood of the scored tokens / their number), over the
 whole file (not a mean of per-record perplexities). Texts longer than the model's context are cut
@@ -48,12 +50,28 @@ def read_jsonl(path: str | Path) -> list[dict]:
             raise KakiError(f"{p}:{n} is not valid JSON ({e})")
         if not isinstance(rec, dict) or not ({"text", "messages", "question"} & rec.keys()):
             raise KakiError(f"{p}:{n} has none of `text`, `messages` or `question`")
-        if "question" in rec and not isinstance(rec.get("answer"), str):
-            raise KakiError(f"{p}:{n} has a `question` but no string `answer`")
+        if "question" in rec and "key_terms" in rec:  # a user question (kaki.usefulness)
+            check_user_question(rec, f"{p}:{n}")
+        elif "question" in rec and not isinstance(rec.get("answer"), str):
+            raise KakiError(f"{p}:{n} has a `question` but no string `answer` (or `key_terms`, for a "
+                            "user question)")
         out.append(rec)
     if not out:
         raise KakiError(f"{p} has no records")
     return out
+
+
+def check_user_question(rec: dict, where: str) -> None:
+    groups, ids = rec.get("key_terms"), rec.get("passage_ids", [])
+    if not (isinstance(rec.get("question"), str) and rec["question"].strip()):
+        raise KakiError(f"{where}: a user question needs a non-empty `question`")
+    if not (isinstance(groups, list) and groups and all(
+            isinstance(g, list) and g and all(isinstance(t, str) and t for t in g) for g in groups)):
+        raise KakiError(f"{where}: `key_terms` must be a non-empty list of non-empty lists of terms, "
+                        "e.g. [[\"join\"], [\"str\", \"string\"]]")
+    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        raise KakiError(f"{where}: `passage_ids` must be a list of passage ids")
+
 
 
 def attach_passages(questions: list[dict], passages_path: str | Path | None) -> list[dict]:

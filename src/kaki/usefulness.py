@@ -18,24 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kaki.chat_format import format_for_llm
-from kaki.errors import KakiError
-from kaki.evaluate import qa_prompt
+from kaki.evaluate import check_user_question, qa_prompt  # noqa: F401 (re-exported)
 
 
 def is_user_question(rec: dict) -> bool:
     return "key_terms" in rec
-
-
-def check_user_question(rec: dict, where: str) -> None:
-    groups, ids = rec.get("key_terms"), rec.get("passage_ids", [])
-    if not (isinstance(rec.get("question"), str) and rec["question"].strip()):
-        raise KakiError(f"{where}: a user question needs a non-empty `question`")
-    if not (isinstance(groups, list) and groups and all(
-            isinstance(g, list) and g and all(isinstance(t, str) and t for t in g) for g in groups)):
-        raise KakiError(f"{where}: `key_terms` must be a non-empty list of non-empty lists of terms, "
-                        "e.g. [[\"join\"], [\"str\", \"string\"]]")
-    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
-        raise KakiError(f"{where}: `passage_ids` must be a list of passage ids")
 
 
 def useful(reply: str, key_terms: list[list[str]]) -> bool:

@@ -53,7 +53,8 @@ def run(args) -> int:
     records = read_jsonl(args.data)[:args.limit]
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise KakiError("--max-new-tokens and --batch-size must be at least 1")
-    questions = [r for r in records if "question" in r]
+    users = [r for r in records if "key_terms" in r]
+    questions = [r for r in records if "question" in r and "key_terms" not in r]
     texts = [r for r in records if "question" not in r]
     passages = args.passages or Path(args.data).with_name("passages.jsonl")
     modes = {"both": [False, True], "with": [True], "without": [False]}[args.context]
@@ -65,9 +66,10 @@ def run(args) -> int:
     if args.retrieval:
         if args.retrieval_k < 1:
             raise KakiError("--retrieval-k must be at least 1")
-        if not questions:
+        if not questions and not users:
             raise KakiError(f"--retrieval needs question records in {args.data}")
-        retrieved = retrieve_passages(args.retrieval, questions, args.retrieval_k, args.retrieval_mode)
+        if questions:
+            retrieved = retrieve_passages(args.retrieval, questions, args.retrieval_k, args.retrieval_mode)
     llm = load_from_args(args)
     fmt = format_for_llm(llm, args.chat_format)
     out: dict = {"model": llm.path, "data": str(args.data), "chat_format": fmt.name}
@@ -95,6 +97,9 @@ def run(args) -> int:
                                      "mode": retrieved.mode, "gold_retrieved": retrieved.gold_share}
             if args.json and args.show:
                 out["with_retrieval"]["items"] = res.items
+    if users:
+        out["user_questions"] = len(users)
+        out.update(score_users(llm, users, fmt, args))
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return 0
@@ -112,8 +117,43 @@ def run(args) -> int:
         r = out["with_retrieval"]
         print(f"retrieval: gold passage among the top {r['k']} ({r['mode']}) for "
               f"{r['gold_retrieved']:.1%} of the questions")
+    for key in ("useful_without_retrieval", "useful_with_retrieval"):
+        if key in out:
+            u = out[key]
+            how = (f"with retrieval (top {u['k']}, {u['mode']}): reply {u['reply']:.1%}  citation@1 "
+                   f"{u['citation']:.1%}  end to end {u['end_to_end']:.1%}") if "k" in u else \
+                f"without retrieval: reply {u['reply']:.1%}"
+            print(f"useful answers {how}  ({out['user_questions']} user questions)")
     sys.stdout.flush()
     return 0
+
+
+def score_users(llm, users: list[dict], fmt, args) -> dict:
+    """User questions (kaki.usefulness): the reply alone without retrieval, and with --retrieval
+    reply, citation and end to end as `kaki chat --retrieval` shows them."""
+    from kaki.retrieval import Retriever
+    from kaki.usefulness import usefulness
+
+    out = {}
+    runs = [("useful_without_retrieval", None)] if args.context != "with" else []
+    if args.retrieval:
+        runs.append(("useful_with_retrieval", args.retrieval))
+    for key, index in runs:
+        if index is None:
+            res = usefulness(llm, users, None, fmt=fmt, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        else:
+            with Retriever.open(index, mode=args.retrieval_mode) as r:
+                res = usefulness(llm, users, r, k=args.retrieval_k, mode=args.retrieval_mode, fmt=fmt,
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        out[key] = res.to_json()
+        if args.show:
+            for it in res.items:
+                mark = ("+" if it["reply"] else "-") + ("c" if it["citation"] else " ")
+                if not args.json:
+                    print(f"[{key}] {mark} {it['question']}\n    reply: {it['reply_text']}\n    cited: {it['cited']}")
+            if args.json:
+                out[key]["items"] = res.items
+    return out
 
 
 class Retrieved:
