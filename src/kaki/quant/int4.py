@@ -215,6 +215,17 @@ class Int4Linear(nn.Module):
             return cpu_unpack(self._packed, self.out_features, self.in_features)
         return unpack(self.weight)
 
+    def value_rows(self, rows: int):
+        """(first row, [n, K] codes 0..15) blocks of `rows` rows (a multiple of 64: whole blocks of
+        the CPU packing), so training's backward (kaki.quant.train) never unpacks the whole matrix."""
+        N, K = self.out_features, self.in_features
+        for a in range(0, N, rows):
+            b = min(a + rows, N)
+            if self.weight.shape[0] == N:
+                yield a, unpack(self.weight[a:b])
+            else:
+                yield a, cpu_unpack(self._packed.view(-1)[a * K // 2:b * K // 2], b - a, K)
+
     def plain_weight(self) -> torch.Tensor:
         return self.weight if self.weight.shape[0] == self.out_features else pack(self.values())
 

@@ -266,6 +266,20 @@ class Int8Linear(nn.Module):
             return torch.cat([_unpack(p) for p in self._packs])
         return self.weight
 
+    def int8_rows(self, rows: int):
+        """(first row, int8 [n, K]) blocks of at most `rows` rows from whichever copy the layer
+        keeps, so training's backward (kaki.quant.train) never unpacks the whole matrix."""
+        if self.weight.shape[0] == self.out_features:
+            for a in range(0, self.out_features, rows):
+                yield a, self.weight[a:a + rows]
+            return
+        a = 0
+        for p in self._packs:
+            q = _unpack(p)
+            for i in range(0, len(q), rows):
+                yield a + i, q[i:i + rows]
+            a += len(q)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.int8_weight()
         destination[prefix + "weight_scale"] = self.weight_scale
