@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kaki import kernels
+from kaki import small_m
 from kaki.config import ModelConfig
 from kaki.errors import CheckpointError
 from kaki.kernels import Linear
@@ -405,7 +405,7 @@ class CausalLM(nn.Module):
                 cache: AttentionCache | None = None, valid: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, S, V), or (B, 1, V) for the last position only (what decoding needs)."""
-        with kernels.decode_threads(self, input_ids.numel()):
+        with small_m.step(self, input_ids.numel()):
             h = self.hidden_states(input_ids, positions, cache, valid)
             if last_only:
                 # As a 2-D (B, H) matrix: a (B, 1, H) view of (B, S, H) sends F.linear down a bmm

@@ -98,14 +98,22 @@ def reduce_range() -> bool:
         return True
 
 
-# `linear_prepack` takes its backend from the process-wide quantized engine, so packing for
-# fbgemm or oneDNN sets it for the duration. Two models loading in threads of one process (e.g.
-# `kaki serve --moderation`) would otherwise interleave set and restore and pack for the wrong
-# backend, or leave the other's engine behind. The packed result carries its backend, so only
-# packing needs the engine; the lock makes each set-pack-restore one step among kaki's loaders
-# (code outside kaki that reads the engine meanwhile can still see ours: there is no per-thread
-# engine to set instead). Where the engine is already the one asked for, nothing is swapped.
+# `linear_prepack` takes its backend from the process-wide quantized engine. PyTorch's default on
+# x86, "x86", packs for fbgemm, as "fbgemm" does (the same packed matrix, the same results), so
+# packing for kaki's default fbgemm path reads the engine and never sets it (`_packs_for`). Only
+# the onednn kernel (a measuring option, KAKI_INT8_KERNEL=onednn), or a process whose engine was
+# set to something else, needs it set for the duration: two models loading in threads of one
+# process (e.g. `kaki serve --moderation`) would otherwise interleave set and restore and pack for
+# the wrong backend, or leave the other's engine behind. The lock makes each set-pack-restore one
+# step among kaki's loaders (code outside kaki that reads the engine meanwhile can still see ours:
+# there is no per-thread engine to set instead). The packed result carries its backend, so
+# forward passes never need the engine.
 _ENGINE_LOCK = threading.RLock()
+_SAME_PACKING = {"fbgemm": ("fbgemm", "x86"), "onednn": ("onednn",)}
+
+
+def _packs_for(name: str) -> bool:
+    return torch.backends.quantized.engine in _SAME_PACKING.get(name, (name,))
 
 
 @contextlib.contextmanager
@@ -128,8 +136,11 @@ def _prepack(q: torch.Tensor, scale: torch.Tensor, engine: str):
         # still the fastest int8 path on x86 CPUs. If they go, pack() falls back to weight-only.
         warnings.simplefilter("ignore")
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-        with _engine(engine):
-            return torch.ops.quantized.linear_prepack(qw, None)
+        with _ENGINE_LOCK:  # the check and the packing as one step
+            if _packs_for(engine):
+                return torch.ops.quantized.linear_prepack(qw, None)
+            with _engine(engine):
+                return torch.ops.quantized.linear_prepack(qw, None)
 
 
 @functools.lru_cache(maxsize=1)
