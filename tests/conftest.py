@@ -13,6 +13,13 @@ from helpers import (copy_tokenizer, hf_model_dir, make_hf_model, prefer_text_pi
                      train_sentencepiece, write_spm_tokenizer)
 
 
+def pytest_report_header(config):
+    """The machine the suite ran on, as `kaki info` names it: which int8 kernel build and small-M
+    setting the kernel tests exercised here."""
+    from kaki.cli.info import machine_line
+    return machine_line()
+
+
 @pytest.fixture(scope="session")
 def spm_proto() -> bytes:
     return train_sentencepiece()

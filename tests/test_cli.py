@@ -160,7 +160,7 @@ def test_bad_flags_and_paths(tmp_path, model_dir):
         (["generate", "--model", model_dir, "--stream", "a", "b"], ["--stream takes exactly one prompt"]),
         (["generate", "--model", model_dir, "the man " * 200], ["context is 256", "shorten it"]),
         (["info", tmp_path / "nowhere"], ["does not exist"]),
-        (["info"], ["required: DIR"]),
+        (["info", tmp_path, "extra"], ["unrecognized arguments: extra"]),
         (["frobnicate"], ["invalid choice: 'frobnicate'"]),
     ]
     procs = [(args, needles, subprocess.Popen(

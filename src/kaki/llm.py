@@ -15,7 +15,7 @@ from kaki.engine import PrefixCache, Scheduler, TextSequence
 from kaki.engine.prefix import DEFAULT_BUDGET_BYTES
 from kaki.engine.scheduler import DEFAULT_MAX_ROWS
 from kaki.errors import CheckpointError, KakiError, ParamError
-from kaki.kernels import cpu_has_fast_bf16
+from kaki.kernels import cpu_has_fast_bf16, note_slow_bf16
 from kaki.model import CausalLM
 from kaki.sampling import SamplingParams
 from kaki.tokenizer import Tokenizer
@@ -235,6 +235,8 @@ def pick_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device)
     if dtype != "auto":
         if dtype not in DTYPES:
             raise KakiError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+        if dtype == "bfloat16" and device.type == "cpu" and not cpu_has_fast_bf16():
+            note_slow_bf16(pick_dtype("auto", cfg, device))
         return DTYPES[dtype]
     stored = DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32)
     if device.type == "cuda":

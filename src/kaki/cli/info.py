@@ -1,17 +1,85 @@
-"""`kaki info`: what a model directory holds."""
+"""`kaki info`: this machine's CPU and the kernels kaki picks on it, and what a model directory holds."""
 
 from __future__ import annotations
 
 import json
+import os
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="show a model's family, size and context",
-                       description="Print a model directory's family, parameter count, bytes per "
-                                   "dtype, context length and vocabulary, without loading weights.")
-    p.add_argument("model", metavar="DIR", help="model directory or cached hub id")
+    p = sub.add_parser("info", help="show the CPU's kernels and a model's family, size and context",
+                       description="Print the CPU's capability and the int8 and small-M kernels kaki uses on "
+                                   "it, then a model directory's family, parameter count, bytes per dtype, "
+                                   "context length and vocabulary, without loading weights.")
+    p.add_argument("model", metavar="DIR", nargs="?", default=None,
+                   help="model directory or cached hub id (default: $KAKI_MODEL, else the bundled kaki-tiny; "
+                        "without either, the machine only)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
+
+
+def int8_kernel() -> tuple[str, str]:
+    """(kernel int8 layers use on this CPU, why): kaki's native build by name, or the fallback."""
+    from kaki.quant import int8, native
+
+    kernel = int8.cpu_kernel()
+    if kernel == "native":
+        return f"native {native.variant()}", "the best build this CPU runs"
+    if os.environ.get("KAKI_INT8_KERNEL"):
+        return kernel, "KAKI_INT8_KERNEL"
+    if os.environ.get("KAKI_NO_NATIVE", "") not in ("", "0"):
+        return kernel, "KAKI_NO_NATIVE is set"
+    lacking = native.missing("avx2")
+    if lacking:
+        return kernel, f"kaki's kernel needs {', '.join(lacking)}"
+    if native._compiler() is None:
+        return kernel, "no C compiler (set CC) for kaki's kernel"
+    return kernel, "kaki's kernel did not build (its log line says why)"
+
+
+def machine() -> dict:
+    """The CPU and what kaki runs on it: the facts `kaki info`, the test header and the benchmarks print."""
+    import torch
+
+    from kaki import cpu, kernels, small_m
+
+    kernel, why = int8_kernel()
+    forced = small_m.forced()
+    return {
+        "cpu": cpu.model_name(), "capability": cpu.capability(), "flags": cpu.relevant_flags(),
+        "threads": torch.get_num_threads(), "int8_kernel": kernel, "int8_kernel_why": why,
+        "small_m": forced or "auto", "small_m_cache": str(small_m.cache_file()),
+        "native_bf16": kernels.cpu_has_fast_bf16(),
+    }
+
+
+def machine_line(m: dict | None = None) -> str:
+    """One line: what a CI log should show about the machine a test or benchmark ran on."""
+    m = m or machine()
+    have = " ".join(f for f, on in m["flags"].items() if on) or "none of " + ", ".join(m["flags"])
+    return (f"cpu: {m['cpu']}, torch {m['capability']}, {m['threads']} threads, flags {have}; "
+            f"int8 kernel {m['int8_kernel']} ({m['int8_kernel_why']}); small-M {m['small_m']}; "
+            f"bf16 {'native' if m['native_bf16'] else 'emulated'}")
+
+
+def small_m_choices(cfg) -> dict:
+    """What the small-M cache holds for `cfg`'s layer shapes at the dtype --dtype auto picks on
+    this CPU and torch's thread count: {"dtype", "threads", "shapes": {"NxK": {rows: path} | None}}."""
+    import torch
+
+    from kaki import kernels, small_m
+    from kaki.llm import pick_dtype
+    from kaki.model import CausalLM
+
+    with torch.device("meta"):
+        layers = [m for m in CausalLM(cfg).modules() if isinstance(m, kernels.Linear)]
+    dtype, threads = pick_dtype("auto", cfg, torch.device("cpu")), torch.get_num_threads()
+    cached = small_m.read_cache()
+    shapes = {}
+    for n, k, _ in small_m.groups(layers):
+        entry = cached.get(small_m.cache_key((n, k), dtype, threads))
+        shapes[f"{n}x{k}"] = entry["paths"] if entry else None
+    return {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "shapes": shapes}
 
 
 def describe(model: str) -> dict:
@@ -67,10 +135,46 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def print_machine(m: dict) -> None:
+    have = [f for f, on in m["flags"].items() if on]
+    lacks = [f for f, on in m["flags"].items() if not on]
+    print("machine")
+    print(f"  cpu             {m['cpu']} (torch dispatch {m['capability']}, {m['threads']} threads)")
+    print(f"  cpu flags       {' '.join(have) or '-'}" + (f" (lacks {' '.join(lacks)})" if lacks else ""))
+    print(f"  int8 kernel     {m['int8_kernel']} ({m['int8_kernel_why']})")
+    how = ("forced by KAKI_SMALL_M" if m["small_m"] != "auto"
+           else f"timed per layer shape at a model's first use, cached in {m['small_m_cache']}")
+    print(f"  small-M         {m['small_m']} ({how})")
+    print("  bf16            " + ("native" if m["native_bf16"] else
+                                  "no native bf16: --dtype auto picks float32 where it fits"))
+
+
+def print_small_m(choices: dict) -> None:
+    label = f"  small-M         ({choices['dtype']}, {choices['threads']} threads) "
+    if not choices["shapes"]:
+        print(label + "F.linear: no layer large enough to time")
+    for shape, paths in choices["shapes"].items():
+        print(label + f"{shape}: " + (", ".join(f"{rows} rows {p}" for rows, p in paths.items()) if paths
+                                      else "not timed yet on this machine (at first use)"))
+        label = " " * len(label)
+
+
 def run(args) -> int:
-    info = describe(args.model)
+    from kaki.cli.common import default_model
+
+    model = args.model or default_model()
+    info = describe(model) if model else None  # a bad DIR is the one error line, before any kernel log
+    if info:
+        from kaki.config import read_config
+        from kaki.llm import resolve_model_path
+        info["small_m"] = small_m_choices(read_config(resolve_model_path(model))) \
+            if info.get("layout") != "megatron-release" else None
+    m = machine()
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({"machine": m, **(info or {})}, indent=2))
+        return 0
+    print_machine(m)
+    if info is None:
         return 0
     print(f"{info['path']}")
     print(f"  family          {info['family']} ({info['layers']} layers, hidden {info['hidden_size']}, "
@@ -90,4 +194,6 @@ def run(args) -> int:
     print(f"  KV cache        {_gb(info['kv_cache_bytes_per_token_fp32'] * 1000)} per 1k tokens in fp32")
     if info.get("layout") == "megatron-release":
         print(f"  iteration       {info['iteration']} (Adept/Megatron release layout)")
+    if info["small_m"]:
+        print_small_m(info["small_m"])
     return 0
