@@ -5,9 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kaki-installed
 # Defined up here: rules use them as prerequisites, which make expands where the rule is read.
 INDEX := work/index/pydocs.kaki-index
-# kaki-tiny answers best from the single top passage: among three it often copies the wrong one
-# (its model card measures both).
-RETRIEVAL_K := 1
 PASSAGES := data/pydocs/passages.jsonl.gz
 
 .PHONY: setup test chromium chat serve index index-hybrid bench clean
@@ -41,13 +38,13 @@ chromium:
 # The bundled demo model grounded in the Python docs index, no arguments needed;
 # `kaki chat --help` lists the flags.
 chat: $(STAMP) $(INDEX)
-	$(BIN)/kaki chat --retrieval $(INDEX) --retrieval-k $(RETRIEVAL_K)
+	$(BIN)/kaki chat --retrieval $(INDEX)
 
 # The same model and index behind `kaki serve`: the chat page at http://127.0.0.1:8000/ and the
 # OpenAI API at /v1. Ctrl-C stops it.
 serve: $(STAMP) $(INDEX)
 	@echo "make serve: open http://127.0.0.1:8000/ in a browser once the server says it is up"
-	$(BIN)/kaki serve --retrieval $(INDEX) --retrieval-k $(RETRIEVAL_K)
+	$(BIN)/kaki serve --retrieval $(INDEX)
 
 # The retrieval index over all 14k Python documentation passages the demo model was built from
 # (already passage-sized, one per record), dense + BM25. The passages' vectors ship in

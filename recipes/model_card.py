@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "data" / "eval"
 PYDOCS = ROOT / "data" / "pydocs" / "passages.jsonl.gz"
 VECTORS = ROOT / "data" / "pydocs" / "vectors.npz"
-# Passages per question: 1 is what `make chat` uses for this model (the Makefile's RETRIEVAL_K);
-# 3 is kaki's default (kaki.retrieval.grounding.DEFAULT_K), measured too.
+# Passages per question: 1 is what `make chat` uses for this model (its generation_config.json's
+# retrieval_k); 3 is kaki's default (kaki.retrieval.grounding.DEFAULT_K), measured too.
 RETRIEVAL_K = 1
 RETRIEVAL_K_DEFAULT = 3
 

@@ -87,15 +87,16 @@ def test_kaki_eval_scores_user_questions_with_and_without_retrieval(small_index,
     ]
     data = tmp_path / "user.jsonl"
     data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    # No --retrieval-k: the bundled model's own retrieval_k (1), as make chat answers.
     r = subprocess.run([sys.executable, "-m", "kaki", "eval", "--data", str(data), "--retrieval", str(small_index),
-                        "--retrieval-k", "1", "--max-new-tokens", "24", "--dtype", "float32", "--json"],
+                        "--max-new-tokens", "24", "--dtype", "float32", "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     llm = kaki.load(BUNDLED, dtype="float32", device="cpu")
     with Retriever.open(small_index) as ret:
         want = usefulness(llm, questions, ret, k=1, max_new_tokens=24).to_json()
-    assert out["user_questions"] == 2 and out["useful_with_retrieval"] == want
+    assert out["user_questions"] == 2 and out["useful_with_retrieval"] == want and want["k"] == 1
     assert out["useful_without_retrieval"] == usefulness(llm, questions, None, max_new_tokens=24).to_json()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "key_terms": "exists"}) + "\n")
@@ -103,3 +104,18 @@ def test_kaki_eval_scores_user_questions_with_and_without_retrieval(small_index,
                        timeout=120)
     assert r.returncode == 2 and "bad.jsonl:1" in r.stderr and "key_terms" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_directory_sets_its_own_retrieval_k(tmp_path):
+    from kaki.retrieval.grounding import DEFAULT_K, model_retrieval_k, retrieval_k
+    assert model_retrieval_k(BUNDLED) == 1 and retrieval_k(None, BUNDLED) == 1
+    assert retrieval_k(4, BUNDLED) == 4  # the flag wins
+    assert model_retrieval_k(tmp_path) == DEFAULT_K == retrieval_k(None, None)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7}))
+    assert model_retrieval_k(tmp_path) == DEFAULT_K
+    for bad in (0, -1, "2", True, 1000):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"retrieval_k": bad}))
+        with pytest.raises(KakiError, match="retrieval_k must be an integer"):
+            model_retrieval_k(tmp_path)
+    with pytest.raises(KakiError, match="--retrieval-k must be from 1"):
+        retrieval_k(0, BUNDLED)

@@ -25,8 +25,9 @@ def register(sub) -> None:
     p.add_argument("--retrieval", metavar="INDEX", default=None,
                    help="ground answers in an index from `kaki index build`: the best passages go into each "
                         "question's prompt; /sources shows them (see docs/retrieval.md)")
-    p.add_argument("--retrieval-k", type=int, default=3, metavar="K",
-                   help="passages retrieved per question, best first, as many as fit (default 3)")
+    p.add_argument("--retrieval-k", type=int, default=None, metavar="K",
+                   help="passages retrieved per question, best first, as many as fit (default: the "
+                        "model's generation_config.json retrieval_k, else 3)")
     add_moderation_args(p)
     p.set_defaults(func=run)
 
@@ -56,9 +57,11 @@ def run(args) -> int:
     retrieve = None
     if args.retrieval:
         from kaki.retrieval import Retriever
+        from kaki.retrieval.grounding import retrieval_k
         retriever = Retriever.open(args.retrieval)
         retriever.warm()  # load the embedder now, not during the first question
-        retrieve = lambda q: [p.to_json() for p in retriever.search(q, k=args.retrieval_k)]  # noqa: E731
+        k = retrieval_k(args.retrieval_k, llm.path)
+        retrieve = lambda q: [p.to_json() for p in retriever.search(q, k=k)]  # noqa: E731
     session = ChatSession(llm, fmt, system=args.system, settings=settings, stop=stop, retrieve=retrieve,
                           moderator=moderator)
     cfg = llm.config

@@ -31,7 +31,9 @@ def register(sub) -> None:
     p.add_argument("--retrieval", metavar="INDEX", default=None,
                    help="also answer each question with the passages `kaki index` retrieves for it "
                         "from INDEX (what `kaki chat --retrieval` does), reported as with_retrieval")
-    p.add_argument("--retrieval-k", type=int, default=3, help="passages retrieved per question")
+    p.add_argument("--retrieval-k", type=int, default=None,
+                   help="passages retrieved per question (default: the model's generation_config.json "
+                        "retrieval_k, else 3: what `kaki chat --retrieval` uses)")
     p.add_argument("--retrieval-mode", default=None, choices=("bm25", "dense", "hybrid"),
                    help="ranking (default: hybrid when the index has vectors, else bm25)")
     p.add_argument("--chat-format", default="auto", choices=FORMATS, help="how prompts are rendered")
@@ -49,6 +51,7 @@ def run(args) -> int:
     from kaki.chat_format import format_for_llm
     from kaki.errors import KakiError
     from kaki.evaluate import answer_accuracy, attach_passages, perplexity, read_jsonl
+    from kaki.retrieval.grounding import retrieval_k
 
     records = read_jsonl(args.data)[:args.limit]
     if args.max_new_tokens < 1 or args.batch_size < 1:
@@ -63,14 +66,13 @@ def run(args) -> int:
     if True in modes:
         questions = attach_passages(questions, passages)
     retrieved = None
+    if args.retrieval and not questions and not users:
+        raise KakiError(f"--retrieval needs question records in {args.data}")
+    llm = load_from_args(args)
     if args.retrieval:
-        if args.retrieval_k < 1:
-            raise KakiError("--retrieval-k must be at least 1")
-        if not questions and not users:
-            raise KakiError(f"--retrieval needs question records in {args.data}")
+        args.retrieval_k = retrieval_k(args.retrieval_k, llm.path)
         if questions:
             retrieved = retrieve_passages(args.retrieval, questions, args.retrieval_k, args.retrieval_mode)
-    llm = load_from_args(args)
     fmt = format_for_llm(llm, args.chat_format)
     out: dict = {"model": llm.path, "data": str(args.data), "chat_format": fmt.name}
     if texts:

@@ -48,7 +48,9 @@ def register(sub) -> None:
     p.add_argument("--retrieval", metavar="INDEX", default=None,
                    help="ground /v1/chat/completions answers in an index from `kaki index build` (a request's "
                         "`retrieval: false` opts out; the passages used come back in `sources`)")
-    p.add_argument("--retrieval-k", type=int, default=3, metavar="K", help="passages retrieved per request (default 3)")
+    p.add_argument("--retrieval-k", type=int, default=None, metavar="K",
+                   help="passages retrieved per request, best first (default: the model's "
+                        "generation_config.json retrieval_k, else 3)")
     add_moderation_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -91,8 +93,10 @@ def run(args) -> int:
         from kaki.retrieval import Retriever
         retriever = Retriever.open(args.retrieval)
         retriever.warm()  # load the embedder at start-up, not in the first request
+    from kaki.retrieval.grounding import retrieval_k
     app = create_app(engine, api_key=args.api_key, chat_format=args.chat_format, retriever=retriever,
-                     retrieval_k=args.retrieval_k, moderator=moderator, max_body_mb=max_body_mb)
+                     retrieval_k=retrieval_k(args.retrieval_k, llm.path), moderator=moderator,
+                     max_body_mb=max_body_mb)
     print(f"kaki serve: {name} on http://{_url_host(args.host)}:{args.port} (batch {config.max_batch_size}, "
           f"{engine.max_seq_len:,} tokens per sequence, {engine.model.dtype}, {engine.model.device})",
           file=sys.stderr)

@@ -11,13 +11,41 @@ pushed every hit as an extra turn that stayed there).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from kaki.chat_format import fit_passages, normalize_messages, split_context, with_context
+from kaki.config import read_json
+from kaki.errors import KakiError
 from kaki.retrieval.search import Passage, Retriever
 
 # Passages asked of the index per turn: the demo model is trained with one to three.
 DEFAULT_K = 3
+MAX_K = 64
+# The key a model directory's generation_config.json may carry: how many passages that model
+# answers best from, measured (kaki-tiny: 1; among three it copies from the wrong one more often).
+MODEL_K_KEY = "retrieval_k"
+
+
+def retrieval_k(given: int | None, model_dir: str | Path | None) -> int:
+    """`--retrieval-k` when given (checked), else the model's own choice (model_retrieval_k)."""
+    if given is None:
+        return model_retrieval_k(model_dir)
+    if not 1 <= given <= MAX_K:
+        raise KakiError(f"--retrieval-k must be from 1 to {MAX_K}, got {given}")
+    return given
+
+
+def model_retrieval_k(model_dir: str | Path | None) -> int:
+    """The passages per question a model answers best from: its generation_config.json's
+    `retrieval_k`, else DEFAULT_K."""
+    path = Path(model_dir) / "generation_config.json" if model_dir else None
+    if path is None or not path.is_file():
+        return DEFAULT_K
+    k = read_json(path, "fix or remove its retrieval_k").get(MODEL_K_KEY, DEFAULT_K)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise KakiError(f"{path}: {MODEL_K_KEY} must be an integer from 1 to {MAX_K}, not {str(k)[:40]!r}")
+    return k
 
 
 @dataclass
