@@ -259,18 +259,6 @@ def test_serve_a_quantized_model(word_model):
         proc.wait(30)
 
 
-def test_adapter_on_a_quantized_model_is_refused(word_model, tmp_path):
-    import argparse
-
-    from kaki.cli.common import add_model_args, load_from_args
-
-    p = argparse.ArgumentParser()
-    add_model_args(p)
-    args = p.parse_args(["--model", str(word_model), "--quantize", "int8", "--adapter", str(tmp_path)])
-    with pytest.raises(KakiError, match="merge the adapter first"):
-        load_from_args(args)
-
-
 # ----------------------------------------------------------------------------- peak memory
 
 SMALL = dict(quant_load_peak.PERSIMMON_8B, vocab_size=4096, hidden_size=768, intermediate_size=3072,

@@ -47,10 +47,7 @@ def load_from_args(args: argparse.Namespace):
     llm = kaki.load(model, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
                     quantize_head=getattr(args, "quantize_head", True))
     if getattr(args, "adapter", None):
-        from kaki.quant import is_quantized
-        if is_quantized(llm.model):
-            raise KakiError("--adapter needs the unquantized base model: merge the adapter first "
-                            "(kaki merge-lora) and quantize the merged model (--quantize)")
+        # Float and quantized models alike: over an int8/int4 layer the adapter runs beside it.
         from kaki.train.lora import apply_adapter
         apply_adapter(llm, args.adapter)
     return llm

@@ -66,7 +66,12 @@ def prediction_metrics(logits: list[torch.Tensor], targets: list[torch.Tensor], 
 
 
 class ClassifierTrainer(Trainer):
+    wraps_loss = False  # batch_loss runs the DDP-wrapped model itself
+
     def __init__(self, o: TrainOptions):
+        if o.quantize or o.dtype not in ("auto", "float32"):
+            raise KakiError(f"--quantize and --dtype apply to --task causal-lm; --task {o.task} trains "
+                            "on a float32 model")
         if o.init_from_config:
             raise KakiError(f"--task {o.task} fine-tunes a trained model: pass --model DIR (a causal LM "
                             "or a classifier), not --init-from-config")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kaki.errors import KakiError
 from kaki.train import checkpointing as ckpt
@@ -37,6 +38,43 @@ def token_loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.
     # Cross-entropy in fp32: a bf16 log-softmax over the vocabulary loses ~2 digits.
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                            reduction="sum")
+
+
+def _chunk_loss(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """token_loss_sum without all the logits at once: the LM head and cross-entropy run over
+    chunks of LOSS_CHUNK_ELEMS logits, each recomputed in backward (checkpointed), so only the
+    hidden states are kept. fp32 logits of 2048 tokens of a 262k vocabulary would be 2.1 GB, and
+    the softmax that cross-entropy keeps as much again. One chunk is the plain computation."""
+    from torch.utils.checkpoint import checkpoint
+
+    from kaki.train.memory import LOSS_CHUNK_ELEMS
+
+    h = model.hidden_states(inputs).flatten(0, 1)  # (B*S, H)
+    t = targets.flatten()
+    rows = max(1, LOSS_CHUNK_ELEMS // model.config.vocab_size)
+    if len(t) <= rows:
+        return _chunk_loss(model.lm_head, h, t)
+    total = None
+    for a in range(0, len(t), rows):
+        part = checkpoint(_chunk_loss, model.lm_head, h[a:a + rows], t[a:a + rows], use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
+class LossModel(nn.Module):
+    """The model and its loss as one module, for DDP: its forward must span everything that uses
+    the parameters, and the chunked loss runs the LM head outside CausalLM.forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return chunked_loss_sum(self.model, inputs, targets)
 
 
 def init_weights(model: torch.nn.Module, std: float) -> None:
@@ -90,6 +128,7 @@ class Trainer:
         for name in ("batch_size", "grad_accum"):
             if getattr(o, name) < 1:
                 raise KakiError(f"--{name.replace('_', '-')} must be >= 1")
+        check_base_options(o)
         if o.threads:
             torch.set_num_threads(o.threads)
         self.d: Dist = setup(o.device)
@@ -121,7 +160,22 @@ class Trainer:
             self.tok = Tokenizer.from_dir(self.tokenizer_dir, cfg)
         self.cfg = cfg
         self.precision = self.pick_precision()
+        self.base_dtype, self.spec = base_format(self.o)
         return cfg
+
+    def memory_plan(self):
+        """The memory table (kaki.train.memory), logged before anything loads; a run that cannot
+        fit stops here with the table and the options that would make it fit."""
+        from kaki.train.memory import plan
+        p = plan(self.cfg, self.o, self.d.device, self.seq_len, self.base_dtype, self.spec, self.precision,
+                 self.d.world)
+        for line in p.table().splitlines():
+            self.log.info(line)
+        if not p.fits:
+            raise KakiError(f"this run needs ~{p.total / 1e9:.1f} GB but {p.device} has "
+                            f"{p.free_bytes / 1e9:.1f} GB free (table above); it would fit with: "
+                            + "; ".join(p.fixes))
+        return p
 
     def build(self) -> None:
         o, d = self.o, self.d
@@ -132,12 +186,9 @@ class Trainer:
         if o.resume and d.main:
             ckpt.remove_partial(self.out)
 
+        self.seq_len = seq_len_for(o, cfg)
+        self.memory_plan()
         self.build_model(cfg)
-
-        self.seq_len = o.seq_len or min(1024, cfg.max_position_embeddings)
-        if self.seq_len > cfg.max_position_embeddings:
-            raise KakiError(f"--seq-len {self.seq_len} is longer than the model's context "
-                            f"({cfg.max_position_embeddings})")
         eos = self.tok.eos_ids[0] if self.tok.eos_ids else None
         if eos is None:
             raise KakiError(f"the tokenizer in {self.tokenizer_dir} has no EOS token; packing needs one "
@@ -194,7 +245,8 @@ class Trainer:
             init_weights(model, cfg.initializer_range)
             model = model.to(d.device)
         else:
-            model = load_model(self.model_dir, cfg, torch.float32, d.device)
+            # The frozen base loads as inference loads it: streamed, quantized while loading.
+            model = load_model(self.model_dir, cfg, self.base_dtype, d.device, quantize=self.spec)
         self.adapt(model)
 
     def adapt(self, model) -> None:
@@ -207,9 +259,10 @@ class Trainer:
             for p in model.parameters():
                 p.requires_grad_(False)
             apply_lora(model, r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
-                       targets=[t.strip() for t in o.lora_targets.split(",") if t.strip()])
+                       targets=[t.strip() for t in o.lora_targets.split(",") if t.strip()], dtype=torch.float32)
             for name in getattr(model, "trained_whole", ()):
                 model.get_submodule(name).requires_grad_(True)
+            prepare_frozen_base(model)
             if self.resume_from is not None:
                 from kaki.train.lora import load_adapter_weights
                 load_adapter_weights(model, self.resume_from)
@@ -269,7 +322,15 @@ class Trainer:
             from kaki.train.dist import wrap_fsdp
             return wrap_fsdp(model, d)
         from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        module = LossModel(model) if self.wraps_loss else model
+        # Every rank loads the same frozen base: its buffers (quantized codes and scales) are not
+        # broadcast, neither at the start nor before every forward.
+        from kaki.quant.train import QUANTIZED
+        prefix = "model." if self.wraps_loss else ""
+        frozen = [f"{prefix}{n}.{b}" for n, m in model.named_modules() if isinstance(m, QUANTIZED)
+                  for b, _ in m.named_buffers(recurse=False)]
+        DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
+        return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
     def autocast(self):
         if self.precision == "fp32":
@@ -278,9 +339,17 @@ class Trainer:
         return torch.autocast(self.d.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ steps
+    # DDP wraps the model with its (chunked) loss; classifiers wrap the model alone.
+    wraps_loss = True
+
     def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        inputs, targets = inputs.to(self.d.device), targets.to(self.d.device)
         with self.autocast():
-            return token_loss_sum(self.fwd, inputs.to(self.d.device), targets.to(self.d.device))
+            if self.sharded:  # FSDP gathers the head's weight in CausalLM.forward only
+                return token_loss_sum(self.fwd, inputs, targets)
+            if self.fwd is not self.model:
+                return self.fwd(inputs, targets)
+            return chunked_loss_sum(self.model, inputs, targets)
 
     def draw_global(self) -> tuple[list, int]:
         """The global batch's samples and how many loss terms (trained targets) they hold."""
@@ -470,7 +539,13 @@ class Trainer:
         model, _ = self.snapshot()
         if self.d.main:
             ckpt.publish_model(self.out, lambda tmp: self.write_model(model, tmp, o.save_dtype))
-            if o.lora and o.merge:
+            if o.lora and o.merge and (self.spec is not None or self.base_dtype != torch.float32):
+                # The live base is quantized or narrower than its checkpoint: merge against the
+                # checkpoint's own float weights, as `kaki merge-lora` does.
+                from kaki.train.lora import merge_adapter_dir
+                note = merge_adapter_dir(self.out, self.model_dir, self.out / "merged", o.save_dtype or "bfloat16")
+                self.log.info(note)
+            elif o.lora and o.merge:
                 from kaki.train.lora import merge_into_model_dir
                 merge_into_model_dir(model, self.out / "merged", self.tokenizer_dir, o.save_dtype)
 
@@ -480,6 +555,57 @@ class Trainer:
         except ImportError:
             raise KakiError("--wandb needs the wandb package: pip install 'kaki[wandb]'") from None
         return wandb.init(project=self.o.wandb_project, config=to_dict(self.o), dir=str(self.out))
+
+
+def check_base_options(o: TrainOptions) -> None:
+    """--dtype and --quantize describe a frozen base: they need --lora, and FSDP (which shards
+    float parameters) cannot shard quantized layers."""
+    if o.quantize and o.fsdp:
+        raise KakiError("--fsdp cannot shard a quantized base (its int8/int4 layers are buffers FSDP "
+                        "does not shard); drop --fsdp (DDP: each process holds the quantized base) or "
+                        "--quantize")
+    if (o.quantize or o.dtype not in ("auto", "float32")) and not o.lora:
+        raise KakiError(f"--{'quantize' if o.quantize else 'dtype'} sets the frozen base of a LoRA run; "
+                        "full fine-tuning trains every weight, and trained weights stay float32 masters "
+                        "(use --precision bf16 for bf16 compute, --optimizer adamw8bit on CUDA); add --lora")
+    if o.dtype not in ("auto", "float32") and o.fsdp:
+        raise KakiError(f"--fsdp shards float32 weights; --dtype {o.dtype} applies to single-process and "
+                        "DDP runs")
+
+
+def base_format(o: TrainOptions):
+    """(storage dtype of the frozen base's float weights, QuantSpec or None)."""
+    from kaki.checkpoint import DTYPES
+    from kaki.quant import as_spec
+
+    spec = as_spec(o.quantize)
+    if o.dtype != "auto":
+        return DTYPES[o.dtype], spec
+    return (torch.bfloat16 if spec is not None else torch.float32), spec
+
+
+def seq_len_for(o: TrainOptions, cfg) -> int:
+    seq_len = o.seq_len or min(1024, cfg.max_position_embeddings)
+    if seq_len > cfg.max_position_embeddings:
+        raise KakiError(f"--seq-len {seq_len} is longer than the model's context ({cfg.max_position_embeddings})")
+    return seq_len
+
+
+def prepare_frozen_base(model) -> None:
+    """After LoRA is applied: vectors (norms, biases) become float32 (kaki.train.memory counts
+    them so), an embedding stored narrower hands float32 on, and every frozen layer that is
+    quantized or narrower than float32 runs through kaki.quant.train.FrozenLinear."""
+    from kaki.quant.train import route_frozen_layers
+    from kaki.train.lora import lora_modules
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim < 2 and p.dtype != torch.float32:
+                p.data = p.data.float()
+    emb = model.model.embed_tokens
+    if emb.weight.dtype != torch.float32:
+        emb.register_forward_hook(lambda mod, args, out: out.float())
+    route_frozen_layers(model, skip=set(lora_modules(model)))
 
 
 def enable_activation_checkpointing(model) -> None:

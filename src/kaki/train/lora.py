@@ -33,6 +33,7 @@ from torch import nn
 from kaki.checkpoint import renamer
 from kaki.errors import KakiError
 from kaki.kernels import Linear
+from kaki.quant.train import QUANTIZED, frozen_forward, needs_frozen_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,26 +51,69 @@ UNSUPPORTED_PEFT_OPTIONS = {
 }
 
 
-class LoRALinear(Linear):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: names and storage kept
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))
+class LoRAParts:
+    """The adapter half of a LoRA layer: `lora_A` (r, in) and `lora_B` (out, r) in `dtype` (float32
+    masters when training, whatever the base is stored in)."""
+
+    def add_adapter(self, r: int, alpha: float, dropout: float, device, dtype) -> None:
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default A init
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = super().forward(x)
-        return base + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+    def delta(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A
+        d = F.linear(F.linear(self.dropout(x).to(a.dtype), a), self.lora_B) * self.scale
+        return d.to(like.dtype)
 
-    def merged_weight(self) -> torch.Tensor:
-        # In fp32 whatever the weights' dtype, rounded once at the end.
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        return (self.weight.float() + delta).to(self.weight.dtype)
+    def merged_with(self, w: torch.Tensor) -> torch.Tensor:
+        """w + scale * B A in fp32 (whatever the weights' dtype; the caller rounds once)."""
+        return w.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+
+class LoRALinear(LoRAParts, Linear):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: names and storage kept
+        self.add_adapter(r, alpha, dropout, base.weight.device, dtype or base.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A frozen base in another dtype than float32 (`kaki train --dtype bfloat16`) goes through
+        # kaki.quant.train's FrozenLinear, which keeps no cast copy of the weight for backward.
+        if needs_frozen_path(self) and (torch.is_grad_enabled() or x.dtype != self.weight.dtype):
+            base = frozen_forward(self, x)
+        else:
+            base = super().forward(x)
+        return base + self.delta(x, base)
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.merged_with(self.weight).to(dtype or self.weight.dtype)
+
+
+class QuantLoRALinear(LoRAParts, nn.Module):
+    """LoRA over a quantized layer (QLoRA): the int8/int4 layer stays whole as `base_layer` (as
+    peft names it), so its kernels run it; gradients reach the input through it by
+    kaki.quant.train (the trainer routes `base_layer`), none is kept for its weight."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base_layer = base
+        self.add_adapter(r, alpha, dropout, base.weight_scale.device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer(x)
+        return base + self.delta(x, base)
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Against the dequantized weight: the quantization error stays in the merged model."""
+        return self.merged_with(self.base_layer.dequantized(torch.float32)).to(dtype or torch.float32)
 
 
 def _checkpoint_name(model, kaki_name: str) -> str:
@@ -87,7 +131,8 @@ def _targets(model, targets: list[str] | str) -> list[str]:
     regex = re.compile(targets) if isinstance(targets, str) and targets != ALL_LINEAR else None
     wanted = [targets] if isinstance(targets, str) else list(targets)
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or isinstance(mod, LoRALinear) or name in HEADS:
+        if not isinstance(mod, (nn.Linear, *QUANTIZED)) or isinstance(mod, LoRAParts) or name in HEADS \
+                or name.endswith(".base_layer"):
             continue
         names = (name, _checkpoint_name(model, name))
         if regex is not None:
@@ -104,22 +149,30 @@ def _targets(model, targets: list[str] | str) -> list[str]:
     return found
 
 
-def apply_lora(model, r: int, alpha: float, dropout: float = 0.0, targets: list[str] | None = None) -> list[str]:
-    """Swap the target linears for LoRALinear; only the adapters require grad. Returns the names."""
+def apply_lora(model, r: int, alpha: float, dropout: float = 0.0, targets: list[str] | None = None,
+               dtype: torch.dtype | None = None) -> list[str]:
+    """Swap the target linears for LoRA layers (QuantLoRALinear over int8/int4 ones); only the
+    adapters require grad. `dtype`: the adapters' (default: the float weights' own, the model's
+    for a quantized layer). Returns the names."""
     if r < 1:
         raise KakiError(f"--lora-r must be >= 1, got {r}")
     names = _targets(model, targets or [ALL_LINEAR])
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout))
+        old = getattr(parent, attr)
+        if isinstance(old, QUANTIZED):
+            new = QuantLoRALinear(old, r, alpha, dropout, dtype or model.dtype)
+        else:
+            new = LoRALinear(old, r, alpha, dropout, dtype)
+        setattr(parent, attr, new)
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_" in n)
     return names
 
 
-def lora_modules(model) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model) -> dict[str, LoRAParts]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAParts)}
 
 
 def save_adapter(model, out: Path, base_model: str | None = None, tokenizer_dir=None) -> None:
@@ -206,14 +259,58 @@ def apply_adapter(llm, adapter_dir: str | Path):
     return llm
 
 
-def merge_lora(model) -> None:
-    """Fold every adapter into its base weight and put plain linear layers back, in place."""
+def merge_lora(model, dtype: torch.dtype | None = None) -> None:
+    """Fold every adapter into its base weight and put plain linear layers back, in place. The sum
+    is taken in fp32 and rounded once, to `dtype` (default: the base weight's; float32 over a
+    quantized layer)."""
     for name, m in lora_modules(model).items():
         parent_name, _, attr = name.rpartition(".")
         plain = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        plain.weight = nn.Parameter(m.merged_weight().detach(), requires_grad=False)
+        plain.weight = nn.Parameter(m.merged_weight(dtype).detach(), requires_grad=False)
         plain.bias = m.bias
         setattr(model.get_submodule(parent_name), attr, plain)
+
+
+def dequantize_layers(model, dtype: torch.dtype) -> None:
+    """Put float linear layers (`dtype`) back for every remaining int8/int4 one, and drop the
+    config's quantization_config: the model is then a plain float model."""
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, QUANTIZED):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        plain = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight = nn.Parameter(m.dequantized(dtype), requires_grad=False)
+        plain.bias = m.bias
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain)
+    extra = {k: v for k, v in model.config.extra.items() if k != "quantization_config"}
+    model.config = model.config.replace(extra=extra)
+
+
+def merge_adapter_dir(adapter_dir, base, out, dtype: str = "bfloat16") -> str:
+    """`kaki merge-lora`: BASE + ADAPTER written to `out` as a float model in `dtype`. The base is
+    read in its checkpoint's own dtype (no rounding), each adapted weight summed in fp32 and
+    rounded once. Returns a sentence saying what the adapter was merged against: a base stored
+    quantized has no float weights, so the merge is against its dequantized weights."""
+    from kaki.checkpoint import DTYPES
+    from kaki.config import read_config
+    from kaki.llm import load_model, resolve_model_path, save_model_dir
+
+    base_dir = resolve_model_path(base)
+    cfg = read_config(base_dir)
+    held = cfg.extra.get("quantization_config")
+    stored = DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32)
+    model = load_model(base_dir, cfg, stored, torch.device("cpu"))
+    apply_adapter_to_model(model, adapter_dir)
+    merge_lora(model, DTYPES[dtype])
+    if held is not None:
+        dequantize_layers(model, DTYPES[dtype])
+    path = save_model_dir(model, out, tokenizer_dir=base_dir, dtype=dtype)
+    if held is None:
+        return f"merged into the float weights of {base_dir} ({dtype}): {path}"
+    fmt = held.get("format", "quantized") if isinstance(held, dict) else "quantized"
+    return (f"only a quantized base was available ({base_dir}, {fmt}): merged against its dequantized "
+            f"weights, so {path} ({dtype}) keeps the quantization error; pass --model with the original "
+            "float checkpoint for an exact merge")
 
 
 def merge_into_model_dir(model, out: Path, tokenizer_dir, dtype: str | None = None) -> Path:

@@ -79,6 +79,12 @@ class TrainOptions:
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)")
     activation_checkpointing: bool = opt(False, "recompute each layer's activations in backward (less memory)")
     fsdp: bool = opt(False, "fully sharded data parallel under torchrun (default there: DDP)")
+    dtype: str = opt("auto", "storage dtype of the frozen base with --lora (auto: float32; bfloat16 for "
+                             "what --quantize leaves float); trained weights stay float32 masters",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    quantize: str | None = opt(None, "with --lora: quantize the frozen base's linear layers while loading, "
+                                     "int8 or int4[:GROUP] (as every model-loading command; QLoRA)")
+    dry_run: bool = opt(False, "print the memory table (needs only the model's config.json) and exit")
     # LoRA
     lora: bool = opt(False, "train low-rank adapters instead of all weights")
     lora_r: int = opt(8, "LoRA rank")

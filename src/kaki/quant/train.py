@@ -1,0 +1,123 @@
+"""Training through a frozen base: gradients reach a layer's input through its quantized (or
+lower-precision float) weight without the weight ever being kept for backward.
+
+A frozen linear layer only needs grad_input = grad_out @ W in backward (no weight gradient). PyTorch's
+own F.linear would save W, and for a quantized or bf16 layer run in fp32 that is a dequantized or
+cast copy the size of the weight, per layer, alive until backward: for Persimmon-8B 36 layers of
+~0.8 GB. `FrozenLinear` saves nothing: its forward runs the layer as inference does (the int8 and
+int4 kernels), its backward dequantizes the weight again in blocks of rows and accumulates the
+product block by block, so at most one block (`BLOCK_ELEMS` weights) exists at a time.
+
+The gradient is that of the quantized layer itself (the linear map with the dequantized weight),
+which is what the loss was computed with; the int4 kernels round activations to bf16 in forward,
+the backward here is in the gradient's own dtype.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kaki.quant import int4, int8
+
+# Weights dequantized at a time in backward (and cast at a time in a float layer's forward): 16 MB
+# in fp32, small next to any layer of a model worth quantizing, large enough for full-speed GEMMs.
+BLOCK_ELEMS = 1 << 22
+QUANTIZED = (int8.Int8Linear, int4.Int4Linear)
+
+
+def _rows_per_block(layer) -> int:
+    # A multiple of 64: whole blocks of the int4 CPU packing (see Int4Linear.value_rows).
+    return max(64, BLOCK_ELEMS // layer.in_features // 64 * 64)
+
+
+def weight_blocks(layer: nn.Module, dtype: torch.dtype):
+    """(first row, weight rows in `dtype`) blocks of a frozen linear layer's [N, K] weight."""
+    rows = _rows_per_block(layer)
+    if isinstance(layer, int8.Int8Linear):
+        for a, q in layer.int8_rows(rows):
+            yield a, int8.dequantize(q, layer.weight_scale[a:a + len(q)], dtype)
+    elif isinstance(layer, int4.Int4Linear):
+        for a, q in layer.value_rows(rows):
+            b = a + len(q)
+            yield a, int4.dequantize_values(q, layer.weight_scale[a:b], layer.weight_zero[a:b], dtype)
+    else:
+        w = layer.weight
+        for a in range(0, w.shape[0], rows):
+            yield a, w[a:a + rows].to(dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The frozen layer's output as inference computes it: a quantized layer's own kernels; a float
+    weight stored in another dtype than the compute's is cast one block of rows at a time (one
+    fp32 copy of Persimmon-8B's bf16 lm_head would be 4.3 GB)."""
+    if isinstance(layer, QUANTIZED):
+        return type(layer).forward(layer, x)
+    dtype = _compute_dtype(x)
+    if layer.weight.dtype == dtype:
+        return F.linear(x.to(dtype), layer.weight, layer.bias)
+    y = x.new_empty(*x.shape[:-1], layer.out_features, dtype=dtype)
+    xd = x.to(dtype)
+    for a, w in weight_blocks(layer, dtype):
+        y[..., a:a + len(w)] = F.linear(xd, w)
+    return y + layer.bias.to(dtype) if layer.bias is not None else y
+
+
+def input_grad(layer: nn.Module, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad @ W, accumulated over blocks of W's rows, in the gradient's dtype; returned in `dtype`
+    (the input's)."""
+    g = grad.reshape(-1, layer.out_features)
+    gx = g.new_zeros(g.shape[0], layer.in_features)
+    for a, w in weight_blocks(layer, g.dtype):
+        gx.addmm_(g[:, a:a + len(w)], w)
+    return gx.reshape(*grad.shape[:-1], layer.in_features).to(dtype)
+
+
+class FrozenLinear(torch.autograd.Function):
+    """y = layer(x) with d(loss)/dx = grad_y @ W and no gradient for the layer; saves no tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return base_output(layer, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return input_grad(ctx.layer, grad, ctx.dtype), None
+
+
+def frozen_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return FrozenLinear.apply(x, layer)
+    with torch.no_grad():
+        return base_output(layer, x)
+
+
+def needs_frozen_path(layer: nn.Module) -> bool:
+    """Quantized layers (their kernels have no autograd) and float layers whose frozen weight is not
+    float32 (autograd would save a cast copy of it)."""
+    if isinstance(layer, QUANTIZED):
+        return True
+    return isinstance(layer, nn.Linear) and not layer.weight.requires_grad and layer.weight.dtype != torch.float32
+
+
+def route_frozen_layers(model: nn.Module, skip=()) -> list[str]:
+    """Send every frozen base layer that needs it (needs_frozen_path) through FrozenLinear, by an
+    instance `forward` (the model file stays as it is); `skip` names modules that do it themselves
+    (LoRA layers). Returns the names."""
+    names = []
+    for name, mod in model.named_modules():
+        if name in skip or not needs_frozen_path(mod):
+            continue
+        mod.forward = types.MethodType(frozen_forward, mod)
+        names.append(name)
+    return names
