@@ -169,3 +169,14 @@ def test_bad_flags_and_paths(tmp_path, model_dir):
     for args, needles, p in procs:
         out, err = p.communicate(timeout=120)
         one_line_error(subprocess.CompletedProcess(args, p.returncode, out, err), *needles)
+
+
+def test_notes_on_the_terminal_are_plain_sentences(model_dir, monkeypatch):
+    """kaki's own notes (here: int8 falling back to fbgemm) print as the message alone, not
+    loguru's `2026-... | INFO | kaki.quant.native:fallback:220 - ...` debug line."""
+    import re
+    monkeypatch.setenv("KAKI_NO_NATIVE", "1")
+    r = run_kaki("generate", "--model", model_dir, "--dtype", "float32", "-n", 2, "--quantize", "int8", "hi")
+    assert r.returncode == 0, r.stderr
+    assert "KAKI_NO_NATIVE is set" in r.stderr
+    assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d|\| INFO|kaki\.quant\.native:", r.stderr), r.stderr

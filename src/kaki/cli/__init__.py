@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from kaki.errors import KakiError
+# kaki's notes on a terminal are sentences for the user, not a debug trace: loguru's default
+# handler (made when loguru is first imported, below this line) prints only the message, not a
+# timestamp and module path. LOGURU_FORMAT/LOGURU_LEVEL set by the user still win.
+os.environ.setdefault("LOGURU_FORMAT", "{message}")
+
+from kaki.errors import KakiError  # noqa: E402
 
 # Modules that define a subcommand; each adds its parser and sets `func`.
 COMMANDS = ["kaki.cli.generate", "kaki.cli.info", "kaki.cli.train_tokenizer", "kaki.cli.train", "kaki.cli.convert",
