@@ -98,6 +98,15 @@ def kaki_run(model, batch: int, prompt: torch.Tensor) -> dict:
             "prefill_s": t_first - t0, "tokens": tokens}
 
 
+def print_small_m(model) -> None:
+    """The small-M products the model's warm-up chose (or read from the cache), once per model."""
+    plan = getattr(model, "_kaki_small_m", None)
+    if plan is not None and not getattr(model, "_bench_plan_shown", False):
+        model._bench_plan_shown = True
+        print(f"small-M plan ({plan.source}): {plan.describe()}; decode steps on one core at rows "
+              f"{sorted(plan.one_thread_rows) or 'none'}")
+
+
 def best(runs: list[dict]) -> dict:
     """Best of several runs per figure: the machine is shared, and contention only ever slows."""
     out = {k: max(r[k] for r in runs) for k in ("e2e_tok_s", "decode_tok_s")}
@@ -183,9 +192,11 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     prompt = torch.randint(3, cfg["vocab_size"], (8, PROMPT))
+    from kaki.cli.info import machine_line
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(machine_line())  # the int8 kernel build, small-M setting and bf16 support this run measured
     bw = read_bandwidth()
     results = {"bandwidth_gb_s": bw, "runs": []}
     print(f"read bandwidth: {bw:.1f} GB/s")
@@ -214,6 +225,7 @@ def main() -> None:
                     hf_runs.append(h)
                     kaki_runs.append(k)
             hf, kk = best(hf_runs), best(kaki_runs)
+            print_small_m(kaki_model)
             same = sum(x == y for x, y in zip(hf["tokens"], kk["tokens"]))
             row = dict(dtype=dname, batch=b, hf=hf, kaki=kk, chain_tok_s=chain, roofline_tok_s=roof * b,
                        same_tokens_rows=same)
