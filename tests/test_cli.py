@@ -150,6 +150,7 @@ def test_bad_flags_and_paths(tmp_path, model_dir):
     cases = [
         (["generate", "--bogus", "x"], ["unrecognized arguments: --bogus"]),
         (["generate", "--model", tmp_path / "nowhere", "x"], ["does not exist"]),
+
         (["generate", "--model", empty, "x"], ["no config.json"]),
         (["generate", "--model", model_dir / "config.json", "x"], ["is a file"]),
         (["generate", "--model", model_dir, "--top-p", "2", "x"], ["top_p", "(0, 1]"]),
@@ -180,3 +181,14 @@ def test_notes_on_the_terminal_are_plain_sentences(model_dir, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert "KAKI_NO_NATIVE is set" in r.stderr
     assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d|\| INFO|kaki\.quant\.native:", r.stderr), r.stderr
+
+
+def test_a_missing_relative_model_path_does_not_exist(tmp_path):
+    """`--model runs/nothere` with a local runs/ folder is a path that is not there, not a hub id to
+    download."""
+    (tmp_path / "runs").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KAKI_MODEL": ""}
+    r = subprocess.run([sys.executable, "-m", "kaki", "generate", "--model", "runs/nothere", "x"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=120)
+    line = one_line_error(r, "does not exist")
+    assert "hf download" not in line
