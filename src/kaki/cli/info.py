@@ -154,8 +154,8 @@ def print_small_m(choices: dict) -> None:
     if not choices["shapes"]:
         print(label + "F.linear: no layer large enough to time")
     for shape, paths in choices["shapes"].items():
-        print(label + f"{shape}: " + (", ".join(f"{rows} rows {p}" for rows, p in paths.items()) if paths
-                                      else "not timed yet on this machine (at first use)"))
+        print(label + (f"{shape} at {'/'.join(paths)} rows: {'/'.join(paths.values())}" if paths
+                       else f"{shape}: not timed yet on this machine (at first use)"))
         label = " " * len(label)
 
 
