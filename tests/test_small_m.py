@@ -212,11 +212,15 @@ def test_kaki_info_names_the_machine_without_a_model(tmp_path):
     assert m["int8_kernel"] == "fbgemm" and m["int8_kernel_why"] == "KAKI_NO_NATIVE is set" and m["small_m"] == "mm"
 
 
-def test_pytest_header_names_the_machine(request):
+def test_pytest_header_names_the_machine(request, monkeypatch):
     from conftest import pytest_report_header
     line = pytest_report_header(request.config)
     assert line.startswith("cpu: ") and str(torch.backends.cpu.get_cpu_capability()) in line
-    assert "int8 kernel" in line and "small-M" in line
+    assert "int8 kernel" in line and "small-M auto" in line
+    monkeypatch.setenv("KAKI_SMALL_M", "mm")
+    assert "small-M mm" in pytest_report_header(request.config)
+    monkeypatch.setenv("KAKI_SMALL_M", "bogus")  # a run that sets a bad value still gets its header
+    assert "small-M invalid (KAKI_SMALL_M must be one of" in pytest_report_header(request.config)
 
 
 def test_bfloat16_on_a_cpu_without_native_bf16_gets_one_note(family_dirs, monkeypatch):

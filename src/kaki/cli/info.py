@@ -37,14 +37,27 @@ def int8_kernel() -> tuple[str, str]:
     return kernel, "kaki's kernel did not build (its log line says why)"
 
 
-def machine() -> dict:
-    """The CPU and what kaki runs on it: the facts `kaki info`, the test header and the benchmarks print."""
+def machine(strict: bool = True) -> dict:
+    """The CPU and what kaki runs on it: the facts `kaki info`, the test header and the benchmarks
+    print. A bad KAKI_* setting raises its KakiError, or with strict=False is reported in place
+    (the test header must not stop a run that sets one on purpose)."""
     import torch
 
     from kaki import cpu, kernels, small_m
+    from kaki.errors import KakiError
 
-    kernel, why = int8_kernel()
-    forced = small_m.forced()
+    try:
+        kernel, why = int8_kernel()
+    except KakiError as e:
+        if strict:
+            raise
+        kernel, why = "none", str(e)
+    try:
+        forced = small_m.forced()
+    except KakiError as e:
+        if strict:
+            raise
+        forced = f"invalid ({e})"
     return {
         "cpu": cpu.model_name(), "capability": cpu.capability(), "flags": cpu.relevant_flags(),
         "threads": torch.get_num_threads(), "int8_kernel": kernel, "int8_kernel_why": why,
@@ -55,7 +68,7 @@ def machine() -> dict:
 
 def machine_line(m: dict | None = None) -> str:
     """One line: what a CI log should show about the machine a test or benchmark ran on."""
-    m = m or machine()
+    m = m or machine(strict=False)
     have = " ".join(f for f, on in m["flags"].items() if on) or "none of " + ", ".join(m["flags"])
     return (f"cpu: {m['cpu']}, torch {m['capability']}, {m['threads']} threads, flags {have}; "
             f"int8 kernel {m['int8_kernel']} ({m['int8_kernel_why']}); small-M {m['small_m']}; "
@@ -167,8 +180,9 @@ def run(args) -> int:
     if info:
         from kaki.config import read_config
         from kaki.llm import resolve_model_path
-        info["small_m"] = small_m_choices(read_config(resolve_model_path(model))) \
-            if info.get("layout") != "megatron-release" else None
+        # A release or a checkpoint stored quantized has no float layers to plan as config.json says.
+        plain = info.get("layout") != "megatron-release" and not info["quantization"]
+        info["small_m"] = small_m_choices(read_config(resolve_model_path(model))) if plain else None
     m = machine()
     if args.json:
         print(json.dumps({"machine": m, **(info or {})}, indent=2))
