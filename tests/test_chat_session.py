@@ -12,9 +12,8 @@ import kaki
 from kaki.chat import ChatSession, Settings
 from kaki.chat.session import Turn
 from kaki.chat_format import get_format, with_context
+from kaki.engine import PrefixCache, RowCache, Scheduler
 from kaki.errors import KakiError
-from kaki.generate import Generation
-from kaki.model import KVCache
 from kaki.sampling import SamplingParams
 
 from helpers import PAD, left_pad, random_prompts
@@ -44,10 +43,21 @@ def hf_greedy(hf, prompt: list[int], n: int):
     return out.sequences[0, ids.shape[1]:].tolist(), comparable
 
 
-def run(gen: Generation) -> list[int]:
-    for _ in gen:
-        pass
-    return gen.rows[0].tokens
+def run(sched: Scheduler, prompt: list[int], sp: SamplingParams) -> tuple[list[int], int, int]:
+    """(tokens, prompt tokens reused from the prefix cache, prompt tokens the model ran)."""
+    seq = sched.sequence(sched.add_request(prompt, sp))
+    before = sched.prefilled_tokens
+    while seq.finish_reason is None:
+        sched.step()
+    return seq.tokens, seq.reused_tokens, sched.prefilled_tokens - before
+
+
+def conversation_engine(llm) -> Scheduler:
+    """What a chat session drives: one row, a prefix cache in one-token blocks (kaki.chat.session)."""
+    model = llm.model
+    budget = llm.context_length * RowCache.bytes_per_token(model.config, model.dtype)
+    return Scheduler(model, llm.eos_ids, max_rows=1,
+                     prefix_cache=PrefixCache(model.config, model.dtype, model.device, budget, block_size=1))
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -58,52 +68,41 @@ def test_reusing_the_cache_gives_transformers_tokens(family_dirs, llms, family):
     """Turn 2 through the cache of turn 1 runs only its new tokens and generates what
     transformers generates from the whole prompt; the cache grew from empty as needed."""
     hf, llm = family_dirs[family][0], llms[family]
-    model, greedy = llm.model, SamplingParams(max_new_tokens=16, ignore_eos=True)
+    greedy = SamplingParams(max_new_tokens=16, ignore_eos=True)
     p1, extra = random_prompts([20, 9], seed=11)
-    cache = KVCache(model.config, 1, 0, model.dtype, model.device)
-    g1 = Generation(model, [p1], [greedy], llm.eos_ids, cache=cache)
-    t1 = run(g1)
-    assert g1.prompt_tokens_processed == 20 and g1.reused_tokens == 0
-    assert cache.length == 20 + 16 - 1  # the last sampled token was never fed back
-    assert cache.capacity >= 36
+    sched = conversation_engine(llm)
+    t1, reused, processed = run(sched, p1, greedy)
+    assert processed == 20 and reused == 0
+    assert sched.prefix.blocks == 20 + 16 - 1  # the last sampled token was never fed back
+    assert sched.cache.capacity >= 36
 
     p2 = p1 + t1 + extra
-    g2 = Generation(model, [p2], [greedy], llm.eos_ids, cache=cache, cached_ids=(p1 + t1)[:cache.length])
-    t2 = run(g2)
-    assert g2.reused_tokens == 35 and g2.prompt_tokens_processed == len(p2) - 35
+    t2, reused, processed = run(sched, p2, greedy)
+    assert reused == 35 and processed == len(p2) - 35
     ref, comparable = hf_greedy(hf, p2, 16)
     assert comparable >= 8
     assert t2[:comparable] == ref[:comparable]
 
     # A prompt that diverges early keeps only the shared part; an identical one still runs its
     # last token (its logits pick the first new token).
-    g3 = Generation(model, [p1[:5] + extra], [greedy], llm.eos_ids, cache=cache, cached_ids=(p2 + t2)[:cache.length])
-    assert run(g3) == run(Generation(model, [p1[:5] + extra], [greedy], llm.eos_ids))
-    assert g3.reused_tokens == 5
-    g4 = Generation(model, [p1[:5] + extra], [greedy], llm.eos_ids, cache=cache,
-                    cached_ids=(p1[:5] + extra + g3.rows[0].tokens)[:cache.length])
-    run(g4)
-    assert g4.prompt_tokens_processed == 1
+    t3, reused, _ = run(sched, p1[:5] + extra, greedy)
+    assert t3 == run(Scheduler(llm.model, llm.eos_ids), p1[:5] + extra, greedy)[0]
+    assert reused == 5
+    _, _, processed = run(sched, p1[:5] + extra, greedy)
+    assert processed == 1
 
 
 def test_kv_cache_reserve_keeps_filled_slots(llms):
     model = llms["llama"].model
-    cache = KVCache(model.config, 1, 8, model.dtype, model.device)
+    cache = RowCache(model.config, 1, 8, model.dtype, model.device)
+    cache.use(0, 1)
     model(torch.tensor([[5, 6, 7, 8, 9]]), cache=cache)
     k, v = cache.k[:, :, :, :5].clone(), cache.v[:, :, :, :5].clone()
-    cache.reserve(4)
+    cache.reserve(1, 4)
     assert cache.capacity == 8
-    cache.reserve(40)
-    assert cache.capacity == 40 and cache.length == 5
+    cache.reserve(1, 40)
+    assert cache.capacity == 40 and cache.lengths == [5]
     assert torch.equal(cache.k[:, :, :, :5], k) and torch.equal(cache.v[:, :, :, :5], v)
-    assert cache.valid[0].tolist() == [True] * 5 + [False] * 35
-
-
-def test_a_callers_cache_takes_one_prompt(llms):
-    llm = llms["llama"]
-    cache = KVCache(llm.config, 1, 0, llm.model.dtype, llm.model.device)
-    with pytest.raises(ValueError, match="one prompt"):
-        Generation(llm.model, [[5, 6], [7, 8]], [SamplingParams()] * 2, llm.eos_ids, cache=cache)
 
 
 # ----------------------------------------------------------------------------- the session
@@ -129,6 +128,30 @@ def test_turns_render_in_the_format_and_reuse_the_cache(text_llm):
     assert (r3.stats.reused_tokens, r3.stats.processed_tokens) == (r3.stats.prompt_tokens - 1, 1)
     assert r3.text == r2.text and len(s.turns) == 4
     assert s.total_processed == sum(r.stats.processed_tokens for r in (r1, r2, r3))
+
+
+def test_a_turn_runs_only_its_new_positions_and_stats_shows_the_prefix_cache(text_llm):
+    """Counted where the tokens reach the model (a forward hook), not only by the engine: turn 2
+    runs its new prompt tokens plus one position per decode step; /stats shows the session's
+    prefix-cache counters, whose hit tokens are the turns' reused tokens."""
+    import re
+    s = session(text_llm, max_new_tokens=8)
+    r1 = s.say("Hello").run()
+    seen = []
+    hook = text_llm.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].numel()))
+    try:
+        r2 = s.say("And then?").run()
+    finally:
+        hook.remove()
+    assert r2.stats.reused_tokens >= r1.stats.prompt_tokens
+    assert sum(seen) == (r2.stats.prompt_tokens - r2.stats.reused_tokens) + r2.stats.new_tokens - 1
+    out, _ = run_shell(s, ["/stats", "/quit"])
+    hits, evictions, kept = (int(x.replace(",", "")) for x in re.search(
+        r"prefix cache: ([\d,]+) hit tokens, ([\d,]+) evictions, ([\d,]+) tokens kept", out).groups())
+    assert hits == r1.stats.reused_tokens + r2.stats.reused_tokens and evictions == 0
+    # Kept: both turns' fed tokens (prompt and all but the last reply token), the shared part once.
+    fed1, fed2 = (r.stats.prompt_tokens + r.stats.new_tokens - 1 for r in (r1, r2))
+    assert kept == fed2 + fed1 - r2.stats.reused_tokens
 
 
 def test_openchatkit_format_and_system_text(family_dirs):

@@ -171,7 +171,7 @@ def _load(shell, arg: str) -> None:
     shell.note(f"loaded {n} messages from {arg}{left_out}")
 
 
-@command("stats", "/stats", "tokens in context, reuse of the KV cache, speed of the last reply")
+@command("stats", "/stats", "tokens in context, reuse of the KV cache, speed of the last reply, the prefix cache")
 def _stats(shell, arg: str) -> None:
     s = shell.session
     r = s.last_reply
@@ -184,6 +184,12 @@ def _stats(shell, arg: str) -> None:
         lines.append(f"last reply: {st.new_tokens:,} tokens in {st.total_s:.2f} s ({st.tokens_per_s:.1f} tokens/s), "
                      f"first token after {st.first_token_s:.3f} s, ended by {r.finish_reason}")
     lines.append(f"prompt tokens processed this session: {s.total_processed:,}")
+    pc = s.prefix_cache
+    if pc is not None:
+        c = pc.counters()
+        lines.append(f"prefix cache: {c['prefix_hit_tokens']:,} hit tokens, {c['prefix_evictions']:,} evictions, "
+                     f"{pc.blocks * pc.block_size:,} tokens kept ({c['prefix_bytes'] / 2**20:.1f} of "
+                     f"{c['prefix_budget_bytes'] / 2**20:.1f} MiB)")
     if s.moderator is not None:
         checks = ", ".join(f"{'message' if where == 'input' else 'reply'} {v.label} {v.score:.2f}"
                            + (" blocked" if v.blocked else "") for where, v in s.last_checks.items())

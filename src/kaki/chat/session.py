@@ -1,10 +1,12 @@
 """A conversation with a model: turns, rendering, context-window trimming and KV prefix reuse.
 
-Text lives here and token ids go to `kaki.generate.Generation`, the one generation loop. Each
+Text lives here and token ids go to the engine (`kaki.engine`): the conversation is one long-lived
+`Scheduler` whose `PrefixCache` keeps the keys and values of every turn's prompt and reply. Each
 turn renders the whole conversation with the chat format and tokenizes it whole (the canonical
-prompt: a greedy reply equals `kaki generate` on the same text); the session's KV cache keeps
-the previous turn's prompt and reply, and Generation reuses the longest token prefix the new
-prompt shares with it, so a turn runs only its new tokens.
+prompt: a greedy reply equals `kaki generate` on the same text); the engine reuses the longest
+token prefix the new prompt shares with what it has cached, so a turn runs only its new tokens.
+The session's prefix cache works in blocks of one token (the exact shared prefix is reused, not
+a multiple of the server's 16-token blocks), within one model context of keys and values.
 
 When history + the new message + the reply budget (`max_new_tokens`) exceed the model's
 context, the oldest messages leave the window the model sees (the system text stays; `/save`
@@ -33,11 +35,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from kaki.chat_format import TemplateTooLarge, normalize_messages, with_context
+from kaki.engine import PrefixCache, RowCache, Scheduler, TextSequence
 from kaki.errors import KakiError, ParamError
-from kaki.generate import Generation
-from kaki.model import KVCache
 from kaki.sampling import SamplingParams
-from kaki.tokenizer import TextStream
 
 
 # /load reads at most this much: the longest conversation worth loading is far smaller, and a
@@ -151,25 +151,28 @@ class ReplyStats:
 class Reply:
     """One reply being generated. Iterate it for text pieces (leading whitespace dropped); then
     `text`, `finish_reason` ("stop", "length" or "interrupted": closed early, e.g. Ctrl-C) and
-    `stats`. `on_done(reply)` runs once it ends, however it ends; `stop()` ends it early."""
+    `stats`. `on_done(reply)` runs once it ends, however it ends; `stop()` ends it early.
+
+    It runs as one sequence of `sched` (the conversation's scheduler, or a fresh one)."""
 
     def __init__(self, llm, prompt_ids: list[int], params: SamplingParams, on_done: Callable,
-                 cache: KVCache | None = None, cached_ids: list[int] = ()):
+                 sched: Scheduler | None = None):
         self.prompt_ids = prompt_ids
-        self.gen = Generation(llm.model, [prompt_ids], [params], llm.eos_ids, llm.context_length,
-                              cache=cache, cached_ids=cached_ids)
-        self.stream = TextStream(llm.tokenizer, prompt_ids, params.stop)
-        self.max_new_tokens = self.gen.rows[0].max_new
+        self.sched = sched or Scheduler(llm.model, llm.eos_ids, max_rows=1, max_len=llm.context_length)
+        self.seq_id = self.sched.add_request(prompt_ids, params)  # a prompt that cannot fit raises here
+        self.seq = self.sched.sequence(self.seq_id)
+        self.out = TextSequence(llm.tokenizer, prompt_ids, params.stop)
+        self.max_new_tokens = self.seq.max_new
         self.text = ""
         self.finish_reason: str | None = None
-        self.stats = ReplyStats(prompt_tokens=len(prompt_ids), reused_tokens=self.gen.reused_tokens)
+        self.stats = ReplyStats(prompt_tokens=len(prompt_ids))
         self._on_done = on_done
         self._pieces: Iterator[str] | None = None
         self.moderation: tuple[str, object] | None = None  # ("output", Verdict) once a moderator checked it
 
     @property
     def token_ids(self) -> list[int]:
-        return self.gen.rows[0].tokens
+        return self.seq.tokens
 
     def __iter__(self) -> Iterator[str]:
         if self._pieces is None:
@@ -182,32 +185,39 @@ class Reply:
             self._pieces.close()
         if self.finish_reason is None:
             self.finish_reason = "interrupted"
+            self.sched.abort(self.seq_id)
             self._on_done(self)
 
     def _generate(self) -> Iterator[str]:
         t0 = time.perf_counter()
+        sched, out = self.sched, self.out
+        prefilled = sched.prefilled_tokens
         try:
-            for steps in self.gen:
-                if not self.stats.first_token_s:
-                    self.stats.first_token_s = time.perf_counter() - t0
-                for t in steps:
-                    piece = self.stream.push(t.id)
-                    if self.gen.rows[0].finish_reason is not None and not self.stream.stopped:
-                        piece += self.stream.finish()
-                    if self.stream.stopped:
-                        self.gen.finish(0)
+            while not out.finished and sched.has_work:
+                for event in sched.step():
+                    if event.seq != self.seq_id:
+                        continue  # the end of an earlier reply, reported late (aborted between steps)
+                    if not self.stats.first_token_s:
+                        self.stats.first_token_s = time.perf_counter() - t0
+                        self.stats.reused_tokens = self.seq.reused_tokens
+                    piece = out.push(event)
+                    if out.error is not None:
+                        raise KakiError(f"generating the reply failed: {out.error}")
+                    if out.stopped and event.finish_reason is None:
+                        sched.abort(self.seq_id, "stop")  # a stop string ended the text
                     if not self.text:
                         piece = piece.lstrip()  # the space after "adept:" is the format's, not the reply's
                     if piece:
                         self.text += piece
                         yield piece
-            self.finish_reason = "stop" if self.stream.stopped else (self.gen.rows[0].finish_reason or "length")
+            self.finish_reason = out.finish_reason or "length"
         finally:
             if self.finish_reason is None:
                 self.finish_reason = "interrupted"
+                sched.abort(self.seq_id)
             self.stats.total_s = time.perf_counter() - t0
             self.stats.new_tokens = len(self.token_ids)
-            self.stats.processed_tokens = self.gen.prompt_tokens_processed
+            self.stats.processed_tokens = sched.prefilled_tokens - prefilled
             self._on_done(self)
 
     def run(self) -> "Reply":
@@ -260,12 +270,31 @@ class ChatSession:
         self.last_prompt: str | None = None  # the exact text of the last conversation prompt
         self.last_reply: Reply | None = None
         self.total_processed = 0  # prompt tokens the model ran, all turns together
-        self._kv: KVCache | None = None
-        self._kv_ids: list[int] = []  # the ids whose keys/values fill self._kv
+        self._sched: Scheduler | None = None  # the conversation's engine, made on the first turn
 
     @property
     def context_length(self) -> int:
         return self.llm.context_length
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The conversation's cached prefixes (None before the first turn, or when the LLM's
+        prefix_cache_bytes turns caching off)."""
+        return self._sched.prefix if self._sched is not None else None
+
+    def _engine(self) -> Scheduler:
+        """The conversation's scheduler. Its prefix cache holds one model context of keys and
+        values (the most one conversation prompt can use; on a CPU the pool's pages cost memory
+        only once written), in one-token blocks so that any shared prefix is reused whole."""
+        if self._sched is None:
+            llm, model = self.llm, self.llm.model
+            prefix = None
+            if llm.prefix_cache_bytes > 0:
+                budget = llm.context_length * RowCache.bytes_per_token(model.config, model.dtype)
+                prefix = PrefixCache(model.config, model.dtype, model.device, budget, block_size=1)
+            self._sched = Scheduler(model, llm.eos_ids, max_rows=1, max_len=llm.context_length,
+                                    prefix_cache=prefix)
+        return self._sched
 
     @property
     def context_tokens(self) -> int:
@@ -380,11 +409,8 @@ class ChatSession:
     def _answer(self, turns: list[Turn], replaced: Turn | None = None) -> Reply:
         text, ids, start = self._fit(turns)
         dropped = start > min(self.window, len(turns) - 1)
-        if self._kv is None:
-            model = self.llm.model
-            self._kv, self._kv_ids = KVCache(model.config, 1, 0, model.dtype, model.device), []
         reply = Reply(self.llm, ids, self.settings.params(self.stop),
-                      on_done=lambda r: self._finish(r, replaced), cache=self._kv, cached_ids=self._kv_ids)
+                      on_done=lambda r: self._finish(r, replaced), sched=self._engine())
         # Committed only now: a prompt that cannot run leaves the conversation as it was.
         self.window, self.turns, self.last_prompt, self.last_reply = start, turns, text, reply
         if dropped and not self.dropped_notice_shown:
@@ -397,10 +423,9 @@ class ChatSession:
     def _finish(self, reply: Reply, replaced: Turn | None) -> None:
         self.total_processed += reply.stats.processed_tokens
         if reply.finish_reason == "interrupted":
-            # Stopped anywhere, even inside a forward pass: start the next turn from a clean cache.
-            self._kv, self._kv_ids = None, []
-        else:
-            self._kv_ids = (reply.prompt_ids + reply.token_ids)[:self._kv.length]
+            # Stopped anywhere, even inside a forward pass or the scheduler's bookkeeping: start
+            # the next turn from a clean engine and cache.
+            self._sched = None
         content = reply.text.strip()
         blocked = bool(content) and self._screen_output(reply)
         if not blocked and (content or reply.finish_reason != "interrupted"):
