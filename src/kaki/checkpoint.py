@@ -384,6 +384,7 @@ def write_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         write(tmp)
+        honour_umask(tmp)
         _fsync_dir(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -397,6 +398,33 @@ def write_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def current_umask() -> int:
+    """The process umask (Linux reads it without changing it; elsewhere set and restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(root: Path) -> None:
+    """Give a freshly written tree the modes a plain write would: mkdtemp makes its directory
+    0700 and some writers make their files 0600, which would leave a saved model readable by its
+    owner only while the user's umask says group and others may read it."""
+    mask = current_umask()
+    for d, dirs, files in os.walk(root):
+        os.chmod(d, 0o777 & ~mask)
+        for name in files:
+            p = os.path.join(d, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
 
 
 def _fsync_dir(path: Path) -> None:
