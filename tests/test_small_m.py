@@ -165,6 +165,24 @@ def test_the_thread_count_is_part_of_the_choice(large_dir, private_cache):
     assert "split" not in one["ms"]["1"]  # nothing to split over with one thread
 
 
+def test_timing_is_capped_per_model_and_resumed_at_a_later_load(tmp_path, spm_dir, private_cache):
+    """A clock that runs out the budget during the first shape: the largest is timed and cached,
+    the other two run F.linear, and the next load times just those two."""
+    _, path = hf_model_dir("persimmon", tmp_path / "m", spm_dir, **{**LARGE, "intermediate_size": 4096})
+    ticks = iter(range(10**6))
+    model = kaki.load(path, dtype="float32", device="cpu").model
+    with torch.inference_mode():
+        plan = small_m.prepare(model, clock=lambda: float(next(ticks)))
+    assert list(plan.paths) == [(16384, 256, torch.float32)] and "2 shape(s) left" in plan.source
+    assert model.model.layers[0].mlp.dense_h_to_4h.small_m is None
+    assert len(json.loads(private_cache.read_text())["entries"]) == 1
+    model = kaki.load(path, dtype="float32", device="cpu").model
+    _logits(model, 1)
+    assert set(model._kaki_small_m.paths) == {(16384, 256, torch.float32), (4096, 256, torch.float32),
+                                             (256, 4096, torch.float32)}
+    assert len(json.loads(private_cache.read_text())["entries"]) == 3
+
+
 def test_bad_small_m_value_is_a_clear_error(family_dirs, monkeypatch):
     monkeypatch.setenv("KAKI_SMALL_M", "fastest")
     model = kaki.load(family_dirs["llama"][1], dtype="float32", device="cpu").model

@@ -21,8 +21,8 @@ distinct weight shape of its kaki Linear layers of at least TUNE_MIN_NUMEL eleme
 and 8 rows: each candidate once to warm up, then ROUNDS rounds that call every candidate once in
 turn (the order rotated each round), and the median per candidate. A candidate replaces F.linear
 only when it is MIN_GAIN faster. Weights over TIME_MAX_BYTES are timed on their first rows (it is
-the cost per row that differs). A model's timing stops after TUNE_BUDGET_S (largest bytes first);
-shapes not timed by then run F.linear and are timed at a later load. Rows 3 take 4's choice, 5-7
+the cost per row that differs). No shape is started after TUNE_BUDGET_S of a model's timing
+(largest bytes first); shapes left run F.linear and are timed at a later load. Rows 3 take 4's choice, 5-7
 take 8's; a row count above 8 is a prompt, and runs F.linear.
 
 Cache: $KAKI_CACHE_DIR (default ~/.cache/kaki)/small_m.json, one entry per CPU model, torch
@@ -225,19 +225,21 @@ def _build(model: nn.Module, threads: int, force: str | None, clock: Callable[[]
     else:
         shapes = groups(layers)
         chosen, new, cached = {}, {}, read_cache() if not retune() else {}
-        start = clock()
+        start, left = clock(), 0
         for (n, k, dtype), members in shapes.items():
             key = cache_key((n, k), dtype, threads)
             if key in cached:
                 entry = cached[key]
-            elif clock() - start < TUNE_BUDGET_S:
+            elif clock() - start < TUNE_BUDGET_S:  # no shape is started after the budget
                 entry = new[key] = choose(members[0].weight, members[0].bias, threads, clock)
             else:
+                left += 1
                 continue
             chosen[(n, k, dtype)] = {int(b): p for b, p in entry["paths"].items()}
         if new:
             write_cache(new)
-        plan.source = (f"timed in {clock() - start:.1f} s" if new else "cached") + f", {cache_file()}"
+        plan.source = ((f"timed in {clock() - start:.1f} s" if new else "cached") + f", {cache_file()}"
+                       + (f"; {left} shape(s) left to time at a later load, F.linear until then" if left else ""))
     for s, per_bucket in chosen.items():
         row_plan = (F.linear, *(products[per_bucket[bucket(r)]] for r in range(1, kernels.SMALL_M_MAX_ROWS + 1)))
         for m in shapes[s]:
