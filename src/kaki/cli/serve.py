@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prompt tokens prefilled per step (default 2048): more admits bursts faster, "
                         "fewer keeps running replies flowing")
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="memory for keys and values of prompt prefixes kept across requests (a shared system "
+                        "prompt, a growing conversation, n > 1 prefill once), in MB (default 1024; 0: off)")
     p.add_argument("--chat-format", default="auto", choices=FORMATS,
                    help="how /v1/chat/completions renders messages (auto: the model's chat_template, "
                         "else by model family)")
@@ -83,7 +86,7 @@ def run(args) -> int:
     moderator = moderator_from_args(args)  # first: a bad --moderation-block fails before the big load
     llm = load_from_args(args)
     config = EngineConfig()
-    for name in ("max_batch_size", "max_seq_len", "max_queue", "max_prefill_tokens"):
+    for name in ("max_batch_size", "max_seq_len", "max_queue", "max_prefill_tokens", "prefix_cache_mb"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     name = args.served_model_name or (Path(llm.path).name if llm.path else "kaki")
