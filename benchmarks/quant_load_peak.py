@@ -169,14 +169,18 @@ LOAD_AND_GENERATE = """
 import json, sys, time
 t0 = time.perf_counter()
 import kaki
-from kaki.generate import Generation
+from kaki.engine import Scheduler
 from kaki.sampling import SamplingParams
 llm = kaki.load(sys.argv[1], dtype="bfloat16", device="cpu", quantize=sys.argv[2] if sys.argv[2] != "none" else None)
 t1 = time.perf_counter()
 # Token ids straight into the engine: a random model's output ids need not exist in the small
 # synthetic tokenizer. Prefill and decode touch every weight.
 ids = [1] + [100 + 7 * i for i in range(15)]
-toks = [t.id for step in Generation(llm.model, [ids], [SamplingParams(max_new_tokens=int(sys.argv[3]))], []) for t in step]
+sched = Scheduler(llm.model, [], max_rows=1)
+seq = sched.sequence(sched.add_request(ids, SamplingParams(max_new_tokens=int(sys.argv[3]))))
+while sched.has_work:
+    sched.step()
+toks = seq.tokens
 t2 = time.perf_counter()
 status = open("/proc/self/status").read()
 kb = lambda k: int(status.split(k + ":")[1].split()[0]) * 1024
@@ -193,7 +197,7 @@ def load_cmd(model_dir: Path, quantize: str | None, tokens: int = 2) -> list[str
 
 def baseline_cmd() -> list[str]:
     """The same interpreter importing what the load imports, loading nothing."""
-    return [sys.executable, "-c", "import torch, kaki, kaki.generate, kaki.quant.load, tokenizers, sentencepiece"]
+    return [sys.executable, "-c", "import torch, kaki, kaki.engine, kaki.quant.load, tokenizers, sentencepiece"]
 
 
 def main() -> None:

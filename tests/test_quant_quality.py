@@ -14,7 +14,7 @@ import torch
 import kaki
 from kaki.chat_format import format_for_llm
 from kaki.evaluate import attach_passages, perplexity, qa_prompt, read_jsonl
-from kaki.generate import Generation
+from kaki.engine import Scheduler
 from kaki.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,11 @@ def models():
 def greedy_ids(llm, prompt_ids: list[int], eos: list[int]) -> list[int]:
     """One prompt alone (batch 1, how `kaki generate` runs it), token ids only."""
     sp = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
-    return [t.id for step in Generation(llm.model, [prompt_ids], [sp], eos) for t in step]
+    sched = Scheduler(llm.model, eos, max_rows=1)
+    seq = sched.sequence(sched.add_request(prompt_ids, sp))
+    while sched.has_work:
+        sched.step()
+    return seq.tokens
 
 
 def test_int8_greedy_answers_match_the_unquantized_model(models):

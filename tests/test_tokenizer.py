@@ -235,3 +235,26 @@ def test_vocab_json_and_merges_equal_transformers_gpt2_tokenizer(bpe_dir, text):
     assert tok.decode(ids) == text.replace("<|endoftext|>", "")
     eot = ref.convert_tokens_to_ids("<|endoftext|>")
     assert tok.eos_ids == [eot] and tok.bos_id == eot and not tok.add_bos
+
+
+# ----------------------------------------------------------------------------- token offsets
+
+def test_encode_with_starts_gives_transformers_offsets_in_bytes(json_tok_dir, spm_tok):
+    """Where each token starts, in UTF-8 bytes: transformers' character offsets converted, for
+    tokenizer.json; for sentencepiece, its own pieces' byte offsets (ids as `encode` gives them)."""
+    import transformers
+
+    _, json_tok_dir = json_tok_dir
+    ref = transformers.AutoTokenizer.from_pretrained(json_tok_dir)
+    tok = Tokenizer.from_dir(json_tok_dir)
+    for text in TEXTS:
+        enc = ref(text, add_special_tokens=False, return_offsets_mapping=True)
+        bytes_before = lambda c: len(text[:c].encode())  # noqa: E731
+        assert tok.encode_with_starts(text) == (enc["input_ids"], [bytes_before(a) for a, _ in enc["offset_mapping"]])
+    for text in TEXTS:
+        ids, starts = spm_tok.encode_with_starts(text)
+        assert ids == spm_tok.encode(text, add_bos=False)
+        assert starts == sorted(starts) and all(0 <= s <= len(text.encode()) for s in starts)
+    text = "naïve 日本"
+    ids, starts = spm_tok.encode_with_starts(text)
+    assert starts[-1] > len(text)  # bytes, not characters

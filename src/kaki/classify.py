@@ -184,11 +184,9 @@ class Classifier:
 def token_spans(tok: Tokenizer, text: str) -> tuple[list[int], list[tuple[int | None, int | None]]]:
     """Token ids as encode() gives them, with each token's character span in `text` ((None, None)
     for the BOS). A token's span runs to where the next one starts."""
-    from kaki.train.data import encode_with_starts
-
     if not isinstance(text, str):
         raise KakiError(f"texts must be strings, got {type(text).__name__}")
-    ids, starts = encode_with_starts(tok, text)
+    ids, starts = tok.encode_with_starts(text)
     byte_to_char = {}
     pos = 0
     for i, ch in enumerate(text):

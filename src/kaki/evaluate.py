@@ -123,10 +123,8 @@ def scored_sequence(llm, rec: dict, fmt) -> tuple[list[int], list[bool]]:
     add_bos = fmt.add_bos if fmt.add_bos is not None else tok.add_bos
     bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
     if "messages" in rec:
-        from kaki.train.data import encode_with_starts
-
         text, spans = fmt.render_with_spans(rec["messages"])
-        ids, starts = encode_with_starts(tok, text)
+        ids, starts = tok.encode_with_starts(text)
         byte_at = [0]
         for c in text:
             byte_at.append(byte_at[-1] + len(c.encode()))

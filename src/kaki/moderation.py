@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from kaki.engine.kv import RowCache
 from kaki.errors import KakiError
 
 # GPT-JT-Moderation-6B's labels, in its prompt's order, and the example its model card gives.
@@ -88,10 +89,11 @@ def label_logprobs(llm, prompt: str, labels: list[str] | tuple[str, ...]) -> lis
     if k == 0:
         raise KakiError("the moderation prompt and its labels share no first token; this tokenizer "
                         "cannot score labels (use a sequence-classification model instead)")
-    from kaki.model import KVCache
-
     device = model.device
-    cache = KVCache(model.config, 1, max(len(f) for f in fulls), model.dtype, device)
+    # One row of the engine's KV cache; each label rewinds it to the shared prefix (the row's
+    # length is where the next keys go, so the label's own keys overwrite the previous label's).
+    cache = RowCache(model.config, 1, max(len(f) for f in fulls), model.dtype, device)
+    cache.use(0, 1)
     # log-softmax in fp32 whatever the weights' dtype: sums of small logprobs are compared.
     first = model(torch.tensor([fulls[0][:k]], device=device), cache=cache, last_only=True)[0, -1]
     first = torch.log_softmax(first.float(), -1)
@@ -100,7 +102,7 @@ def label_logprobs(llm, prompt: str, labels: list[str] | tuple[str, ...]) -> lis
         rest = f[k:]  # at least one token: every label is non-empty text
         total = float(first[rest[0]])
         if len(rest) > 1:
-            cache.truncate(k)
+            cache.lengths[0] = k
             logits = model(torch.tensor([rest[:-1]], device=device), cache=cache)[0].float()  # (n-1, V)
             lp = torch.log_softmax(logits, -1)
             total += float(lp.gather(-1, torch.tensor(rest[1:], device=device)[:, None]).sum())

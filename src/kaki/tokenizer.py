@@ -14,6 +14,7 @@ prepended: with tokenizer.json, whatever its post-processor does (transformers 5
 
 from __future__ import annotations
 
+from itertools import accumulate
 from pathlib import Path
 from typing import Iterable
 
@@ -53,6 +54,18 @@ class Tokenizer:
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
+
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids of `text` (no BOS) and where each token starts, in UTF-8 bytes of `text`
+        (bytes, not characters: sentencepiece reports bytes, and a byte-fallback piece can start
+        inside a character)."""
+        if self.kind == "sentencepiece":
+            proto = self.backend.encode(text, return_type="proto")
+            return [p.id for p in proto.pieces], [p.begin for p in proto.pieces]
+        enc = self.backend.encode(text, add_special_tokens=False)
+        # tokenizers gives character offsets; convert to bytes so both backends answer alike.
+        char_to_byte = list(accumulate((len(c.encode()) for c in text), initial=0))
+        return list(enc.ids), [char_to_byte[s] for s, _ in enc.offsets]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if skip_special_tokens:

@@ -20,7 +20,7 @@ import torch
 
 from kaki.errors import KakiError
 from kaki.heads import SEQUENCE, TOKEN
-from kaki.train.data import BadLines, encode_with_starts, read_records, split_eval
+from kaki.train.data import BadLines, read_records, split_eval
 
 
 @dataclass
@@ -139,7 +139,7 @@ def align_word_labels(tok, words: list[str], word_labels: list[int]) -> tuple[li
         pos += len(w.encode())
         ends.append(pos)
         pos += 1
-    ids, starts = encode_with_starts(tok, text)
+    ids, starts = tok.encode_with_starts(text)
     targets, seen = [], set()
     for s in starts:
         w = bisect.bisect_right(ends, s)  # the word this byte is in, or the next word after a space

@@ -29,11 +29,13 @@ from __future__ import annotations
 import json
 import random
 import re
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+import torch
 
 from kaki.errors import KakiError
 
@@ -60,8 +62,8 @@ def reply_spans(text: str) -> list[tuple[int, int]]:
 
 @dataclass
 class Document:
-    ids: np.ndarray  # (N,) int32 token ids, BOS/EOS included
-    train: np.ndarray  # (N,) bool: token i is a prediction target
+    ids: torch.Tensor  # (N,) int32 token ids, BOS/EOS included
+    train: torch.Tensor  # (N,) bool: token i is a prediction target
 
 
 @dataclass
@@ -149,17 +151,6 @@ def read_records(path: Path, bad: BadLines, strict: bool,
 
 # ----------------------------------------------------------------------------- tokenizing
 
-def encode_with_starts(tok, text: str) -> tuple[list[int], list[int]]:
-    """Token ids of `text` (no BOS) and where each token starts, in UTF-8 bytes of `text`."""
-    if tok.kind == "sentencepiece":
-        proto = tok.backend.encode(text, return_type="proto")
-        return [p.id for p in proto.pieces], [p.begin for p in proto.pieces]
-    enc = tok.backend.encode(text, add_special_tokens=False)
-    # tokenizers gives character offsets; convert to bytes so both backends answer alike.
-    char_to_byte = np.cumsum([0] + [len(c.encode()) for c in text])
-    return list(enc.ids), [int(char_to_byte[s]) for s, _ in enc.offsets]
-
-
 def tokenize_record(rec: dict, tok, eos_id: int, mask_prompt: bool, train_on_prompt: bool,
                     chat=None) -> Document:
     """One record as [BOS] + tokens + [EOS] with its loss mask. `chat`: a kaki.chat_format format
@@ -181,9 +172,9 @@ def tokenize_record(rec: dict, tok, eos_id: int, mask_prompt: bool, train_on_pro
         spans = reply_spans(text) if masked else []
         last_is_reply = bool(spans) and spans[-1][1] == len(text)
     if masked:
-        ids, starts = encode_with_starts(tok, text)
-        byte_at = np.cumsum([0] + [len(c.encode()) for c in text])
-        bspans = [(int(byte_at[a]), int(byte_at[b])) for a, b in spans]
+        ids, starts = tok.encode_with_starts(text)
+        byte_at = list(accumulate((len(c.encode()) for c in text), initial=0))
+        bspans = [(byte_at[a], byte_at[b]) for a, b in spans]
         train = [any(a <= s < b for a, b in bspans) for s in starts]
         eos_trained = last_is_reply
     else:
@@ -195,7 +186,7 @@ def tokenize_record(rec: dict, tok, eos_id: int, mask_prompt: bool, train_on_pro
     all_ids = head + ids + tail
     # BOS after the previous document's EOS is no prediction worth training.
     all_train = [False] * len(head) + train + [eos_trained] * len(tail)
-    return Document(np.asarray(all_ids, dtype=np.int32), np.asarray(all_train, dtype=bool))
+    return Document(torch.tensor(all_ids, dtype=torch.int32), torch.tensor(all_train, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------- sources and packing
@@ -247,11 +238,11 @@ class PackedFile:
             return
         order = list(range(len(self.docs)))
         random.Random(f"{self.seed}:{self.index}:{epoch}").shuffle(order)
-        self._ids = np.concatenate([self.docs[i].ids for i in order])
-        self._train = np.concatenate([self.docs[i].train for i in order])
+        self._ids = torch.cat([self.docs[i].ids for i in order])
+        self._train = torch.cat([self.docs[i].train for i in order])
         self._epoch = epoch
 
-    def window(self, epoch: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def window(self, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._load_epoch(epoch)
         a = k * self.seq_len
         return self._ids[a:a + self.seq_len + 1], self._train[a:a + self.seq_len + 1]
@@ -263,7 +254,7 @@ class Mixture:
     def __init__(self, files: list[PackedFile], weights: list[float], seed: int):
         self.files, self.seed = files, seed
         total = sum(weights)
-        self.cum = np.cumsum([w / total for w in weights])
+        self.cum = list(accumulate(w / total for w in weights))
         self.drawn = 0
         self.cursors = [[0, 0] for _ in files]  # per file: [epoch, next window]
 
@@ -271,9 +262,9 @@ class Mixture:
     def windows_per_epoch(self) -> int:
         return sum(f.windows for f in self.files)
 
-    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         u = random.Random(self.seed * 1_000_003 + self.drawn).random()
-        fi = min(int(np.searchsorted(self.cum, u, side="right")), len(self.files) - 1)
+        fi = min(bisect_right(self.cum, u), len(self.files) - 1)
         self.drawn += 1
         f, cur = self.files[fi], self.cursors[fi]
         ids, train = f.window(cur[0], cur[1])
@@ -294,12 +285,12 @@ class Mixture:
         self.cursors = [list(map(int, c)) for c in state["cursors"]]
 
 
-def eval_windows(docs: list[Document], seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def eval_windows(docs: list[Document], seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Held-out documents packed in order; the last, shorter window is kept (every token counts)."""
     if not docs:
         return []
-    ids = np.concatenate([d.ids for d in docs])
-    train = np.concatenate([d.train for d in docs])
+    ids = torch.cat([d.ids for d in docs])
+    train = torch.cat([d.train for d in docs])
     out = []
     for a in range(0, max(len(ids) - 1, 1), seq_len):
         w = ids[a:a + seq_len + 1]
@@ -311,7 +302,7 @@ def eval_windows(docs: list[Document], seq_len: int) -> list[tuple[np.ndarray, n
 @dataclass
 class Dataset:
     train: Mixture
-    eval: list[tuple[np.ndarray, np.ndarray]]
+    eval: list[tuple[torch.Tensor, torch.Tensor]]
     bad: BadLines
     train_docs: int
     eval_docs: int
@@ -362,16 +353,14 @@ def build_dataset(data: list[DataSpec], tok, eos_id: int, seq_len: int, seed: in
     return Dataset(mixture, eval_windows(eval_docs, seq_len), bad, n_train, len(eval_docs))
 
 
-def collate(samples: list[tuple[np.ndarray, np.ndarray]], pad_id: int):
+def collate(samples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
     """(inputs, targets) LongTensors (B, S); untrained and padded targets are -100 (ignored)."""
-    import torch
-
     S = max(len(ids) for ids, _ in samples) - 1
     inputs = torch.full((len(samples), S), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), S), -100, dtype=torch.long)
     for b, (ids, train) in enumerate(samples):
         n = len(ids) - 1
-        t = torch.from_numpy(ids.astype(np.int64))
+        t = torch.as_tensor(ids, dtype=torch.long)
         inputs[b, :n] = t[:-1]
-        targets[b, :n] = torch.where(torch.from_numpy(train[1:]), t[1:], -100)
+        targets[b, :n] = torch.where(torch.as_tensor(train[1:], dtype=torch.bool), t[1:], -100)
     return inputs, targets
