@@ -109,7 +109,7 @@ def test_decode_steps_give_torch_one_thread_and_the_split_the_rest(tmp_path, spm
     prompt runs as usual; the thread count is restored after each forward and no other thread's
     changes; logits equal transformers'."""
     import kaki
-    from kaki.model import KVCache
+    from kaki.engine import RowCache
 
     from helpers import hf_model_dir
 
@@ -132,7 +132,8 @@ def test_decode_steps_give_torch_one_thread_and_the_split_the_rest(tmp_path, spm
 
     model.model.layers[0].register_forward_hook(hook)
     ids = torch.tensor([[1, 5, 9, 200, 7, 3, 4, 8, 2, 6]])
-    cache = KVCache(model.config, 1, 12, model.dtype, model.device)
+    cache = RowCache(model.config, 1, 12, model.dtype, model.device)
+    cache.use(0, 1)
     with torch.inference_mode():
         prefill = model(ids, torch.arange(10)[None], cache)
         prompt_splits = len(splits)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kaki
-from kaki.model import KVCache
+from kaki.engine import RowCache
 
 from helpers import generate_positions, hf_model_dir, left_pad, random_prompts
 
@@ -73,7 +73,8 @@ def _kaki_steps(model, ids, mask, step_tokens):
     so a near-tie can never make the two walk different paths)."""
     B, S = ids.shape
     pos = generate_positions(mask)
-    cache = KVCache(model.config, B, S + len(step_tokens), model.dtype, model.device)
+    cache = RowCache(model.config, B, S + len(step_tokens), model.dtype, model.device)
+    cache.use(0, B)
     with torch.inference_mode():
         prefill = model(ids, pos, cache, mask.bool())
         last_pos = pos[:, -1:]
@@ -166,7 +167,8 @@ def test_cached_decoding_equals_full_recomputation(family_dirs, family):
     pos = generate_positions(mask)
     extra = torch.tensor(random_prompts([6, 6, 6], seed=4))  # (B, 6) tokens fed one by one
     B, S = ids.shape
-    cache = KVCache(model.config, B, S + extra.shape[1], model.dtype, "cpu")
+    cache = RowCache(model.config, B, S + extra.shape[1], model.dtype, "cpu")
+    cache.use(0, B)
     with torch.inference_mode():
         prefill = model(ids, pos, cache, mask.bool())
         steps = [model(extra[:, i:i + 1], pos[:, -1:] + 1 + i, cache)[:, -1] for i in range(extra.shape[1])]
@@ -177,7 +179,8 @@ def test_cached_decoding_equals_full_recomputation(family_dirs, family):
     torch.testing.assert_close(prefill[mask.bool()], full[:, :S][mask.bool()], atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.stack(steps, 1), full[:, S:], atol=1e-5, rtol=0)
     # The comparison is not vacuous: a cache that forgot the prompt would change these logits.
-    fresh = KVCache(model.config, B, extra.shape[1], model.dtype, "cpu")
+    fresh = RowCache(model.config, B, extra.shape[1], model.dtype, "cpu")
+    fresh.use(0, B)
     with torch.inference_mode():
         forgetful = model(extra[:, :1], pos[:, -1:] + 1, fresh)[:, -1]
     assert (forgetful - steps[0]).abs().max() > 1e-2

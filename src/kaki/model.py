@@ -107,8 +107,8 @@ class SlotTimeline:
     (L, B, KV, T, D), `valid` (B, T) True where a slot holds a real token, `length` slots filled
     (every row writes its new tokens at the same slots), `padded` once any filled slot of a row is
     a pad (then masks are needed). A left-padded batch is a matter of `valid`, not of ragged
-    storage. Subclasses provide the attributes (`KVCache`; the server's `SlotCache` and `RowsView`
-    reach it through `as_attention_cache` until the server moves to kaki.engine, issue #18)."""
+    storage. The server's `SlotCache` and `RowsView` reach it through `as_attention_cache` until
+    the server moves to kaki.engine (issue #18); kaki.engine.kv.RowCache is everyone else's cache."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -171,53 +171,6 @@ def as_attention_cache(cache) -> AttentionCache | None:
     return _Borrowed(cache)
 
 
-class KVCache(SlotTimeline):
-    """Preallocated keys and values for every layer on one shared slot timeline (SlotTimeline):
-    what `kaki.generate.Generation` and the chat session decode with."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.length = 0
-        self.padded = False
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    def select_rows(self, rows: torch.Tensor | list[int]) -> None:
-        """Keep only `rows` (finished sequences leave the batch)."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)  # [] would be float
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
-        self.valid = self.valid.index_select(0, rows)
-
-    def truncate(self, length: int) -> None:
-        """Forget everything after `length` slots (chat: keep a shared prefix)."""
-        self.valid[:, length:] = False
-        self.length = min(self.length, length)
-
-    def reserve(self, max_len: int) -> None:
-        """Grow to `max_len` slots, keeping the filled ones (a chat's cache grows with the talk)."""
-        if max_len <= self.capacity:
-            return
-        L, B, KV, _, D = self.k.shape
-        k = self.k.new_zeros(L, B, KV, max_len, D)
-        v = self.v.new_zeros(L, B, KV, max_len, D)
-        valid = self.valid.new_zeros(B, max_len)
-        k[:, :, :, :self.length] = self.k[:, :, :, :self.length]
-        v[:, :, :, :self.length] = self.v[:, :, :, :self.length]
-        valid[:, :self.length] = self.valid[:, :self.length]
-        self.k, self.v, self.valid = k, v, valid
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -240,7 +193,7 @@ class Attention(nn.Module):
         self.rotate = rotate_every_two if cfg.rotary_interleaved else rotate_half
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask, causal: bool):
+    def forward(self, x, cos, sin, layer: int, cache: AttentionCache | None, mask, causal: bool):
         B, S, _ = x.shape
         if self.fused:
             # qkv rows are head-major: [q_h, k_h, v_h] per head (Persimmon and NeoX alike).
