@@ -267,3 +267,76 @@ def test_a_stream_closed_early_gives_its_blocks_back(llms):
     assert held  # the running sequence holds its prompt's blocks
     pieces.close()
     assert not [b for b in llm.prefix_cache._table.values() if b.refs]
+
+
+def test_a_failed_forward_pass_fails_only_its_sequences(llms, monkeypatch):
+    """A forward pass that raises ends the sequences it carried with "error"; a prefill's failure
+    leaves the running rows alone (they finish with their normal tokens), a decode step's fails
+    the rows it decoded, and the scheduler serves the next requests normally."""
+    llm = llms["llama"]
+    model = llm.model
+    prompts = random_prompts([6, 9, 13, 7], seed=40)
+    sp = params(GREEDY, 10)
+    real = type(model).forward
+    poison = {"len": 13, "decode": False}
+
+    def faulty(self, input_ids, *args, **kwargs):
+        if input_ids.shape[1] == poison["len"] or (poison["decode"] and input_ids.shape[1] == 1):
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", faulty)
+    sched = Scheduler(model, llm.eos_ids, max_rows=4)
+    a, b = sched.add_request(prompts[0], sp), sched.add_request(prompts[1], sp)
+    events = sched.step() + sched.step()  # a and b decode
+    c = sched.add_request(prompts[2], sp)  # its prefill (13 columns) fails
+    events += sched.step()
+    assert [(e.finish_reason, e.error) for e in events if e.seq == c] == [("error", "RuntimeError: CUDA out of memory (injected)")]
+    assert sched.error.startswith("RuntimeError") and len(sched.running) == 2
+    while sched.has_work:
+        events += sched.step()
+    for seq, p in ((a, prompts[0]), (b, prompts[1])):
+        assert [e.token for e in events if e.seq == seq and e.token is not None] == alone(llm, p, sp)[0]
+
+    poison.update(len=None, decode=True)
+    d, e_ = sched.add_request(prompts[0], sp), sched.add_request(prompts[3], sp)
+    events = sched.step() + sched.step()  # prefilled, then the decode step fails both
+    assert {(e.seq, e.finish_reason) for e in events if e.finish_reason} == {(d, "error"), (e_, "error")}
+    assert not sched.running and not sched.has_work
+    poison.update(decode=False)
+    got = drive(sched, {0: [(prompts[3], sp)]})[(0, 0)]
+    assert got[0] == alone(llm, prompts[3], sp)[0]
+
+
+def test_poisoned_sampling_values_are_safe_and_leave_the_others_alone(llms):
+    """Values validation accepts but fp32 cannot carry (temperature 1e-300, repetition_penalty
+    1e-308 or 1e300 with sampling) sample without NaN: a vanishing temperature is greedy, and
+    the rows beside them give what they give alone."""
+    llm = llms["persimmon"]
+    prompts = random_prompts([7, 12, 9, 5], seed=41)
+    sps = [params(SEEDED, 12, seed=1), params(dict(temperature=1e-300, ignore_eos=True), 12),
+           params(dict(temperature=0.7, repetition_penalty=1e-308, ignore_eos=True), 12, seed=2),
+           params(dict(temperature=1e-300, repetition_penalty=1e300, top_p=0.5, ignore_eos=True), 12, seed=3)]
+    got = drive(Scheduler(llm.model, llm.eos_ids), {0: list(zip(prompts, sps))})
+    assert all(r == "length" for _, _, r in got.values())
+    assert got[(0, 1)][0] == alone(llm, prompts[1], params(GREEDY, 12))[0]
+    assert_same({k: got[(0, k)] for k in (0, 2, 3)}, {k: alone(llm, prompts[k], sps[k]) for k in (0, 2, 3)})
+
+
+def test_n_copies_of_a_prompt_prefill_it_once(llms):
+    """Sequences admitted together that share a prompt (n > 1) or its first blocks run the shared
+    blocks once (counted at model.forward), with the outputs each gets alone."""
+    llm = llms["llama"]
+    prompt, other = random_prompts([50, 10], seed=42)
+    reqs = [(prompt, params(SEEDED, 6, seed=s)) for s in range(3)] + [(prompt[:40] + other, params(GREEDY, 6))]
+    counter = PositionCounter(llm.model)
+    try:
+        pc = prefix_cache(llm)
+        got = drive(Scheduler(llm.model, llm.eos_ids, max_rows=4, prefix_cache=pc), {0: reqs})
+        # The first copy prefills 50; the others load its 3 blocks (48 tokens) and run 2, the
+        # fourth loads 2 blocks (32) and runs 18; then 5 decode steps of 4 rows.
+        assert counter.n == 50 + 2 + 2 + 18 + 5 * 4
+    finally:
+        counter.close()
+    assert pc.stats.hit_tokens == 48 + 48 + 32
+    assert_same(got, {(0, i): alone(llm, p, sp) for i, (p, sp) in enumerate(reqs)})

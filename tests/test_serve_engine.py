@@ -1,7 +1,7 @@
 """The serving engine without HTTP: sequences that join and leave a running batch get the tokens
-they get alone (`kaki.LLM.generate`, itself checked against transformers), the slot cache's
-joins, leaves, right-shifts and compactions keep every row's keys intact, and the limits (queue,
-KV-cache budget, max_seq_len) give clear errors."""
+they get alone (`kaki.LLM.generate`, itself checked against transformers), the row cache's
+joins, leaves (a row moved into the hole) and prefix-cache loads keep every row's keys intact,
+and the limits (queue, KV-cache budget, max_seq_len) give clear errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import kaki
 from kaki.errors import KakiError, ParamError
 from kaki.sampling import SamplingParams
-from kaki.serve import cache as cache_mod
+from kaki.engine.kv import RowCache, kv_cache_bytes
 from kaki.serve.engine import Engine, EngineConfig, QueueFull, SeqRequest
 
 from helpers import copy_tokenizer, make_hf_model, prefer_text_pieces
@@ -55,22 +55,24 @@ def collect(handle):
 
 def test_staggered_sequences_match_running_alone(llm, monkeypatch):
     """60 sequences arriving at random times into 5 rows of a 64-slot cache: greedy, seeded
-    sampling and stop strings give exactly what each gives alone, and the test sees the cache both
-    move running rows right (a longer newcomer) and compact (the timeline ran out)."""
-    moves = {"right": 0, "left": 0}
-    shift = cache_mod.SlotCache.shift
+    sampling and stop strings give exactly what each gives alone, and the test sees the cache
+    move running rows (a sequence left from the middle) and the prefix cache serve prompts."""
+    moves = {"rows": 0}
+    move = RowCache.move
 
-    def counting_shift(self, delta):
-        moves["right" if delta > 0 else "left"] += 1
-        return shift(self, delta)
+    def counting_move(self, src, dst):
+        moves["rows"] += 1
+        return move(self, src, dst)
 
-    monkeypatch.setattr(cache_mod.SlotCache, "shift", counting_shift)
+    monkeypatch.setattr(RowCache, "move", counting_move)
     engine = Engine(llm, EngineConfig(max_batch_size=5, max_seq_len=64, max_prefill_tokens=48))
     engine.start()
     rng = random.Random(1)
     reqs = []
+    shared = llm.encode_prompt(" ".join(WORDS))[:20]  # every sixth prompt starts with it: prefix-cache loads
     for i in range(60):
-        ids = llm.encode_prompt(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 18))))
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 18)))
+        ids = shared + llm.encode_prompt(words, add_bos=False)[:10] if i % 6 == 5 else llm.encode_prompt(words)
         sp = SamplingParams(max_new_tokens=rng.randint(1, 60), temperature=0.0 if i % 2 == 0 else 0.9,
                             top_p=0.8 if i % 3 == 0 else 1.0, seed=i, stop=[" the"] if i % 5 == 0 else [],
                             ignore_eos=i % 7 == 0)
@@ -92,8 +94,9 @@ def test_staggered_sequences_match_running_alone(llm, monkeypatch):
     for r, (tokens, text, reason) in zip(reqs, got):
         ref = llm.generate([r.prompt_ids], params=r.params)[0]
         assert (tokens, text, reason) == (ref.token_ids, ref.text, ref.finish_reason)
-    assert moves["right"] > 0 and moves["left"] > 0
+    assert moves["rows"] > 0
     assert engine.metrics.max_batch._value.get() == 5
+    assert engine.stats()["prefix_hit_tokens"] >= 16
 
 
 def test_prompt_logprobs_and_scoring_only(llm):
@@ -173,10 +176,14 @@ def test_limits_give_clear_errors(llm):
 
 def test_kv_budget_counts_what_is_allocated(llm):
     cfg = llm.config
-    want = cache_mod.kv_cache_bytes(cfg, 3, 40, torch.float32)
-    c = cache_mod.SlotCache(cfg, 3, 40, torch.float32, "cpu")
-    got = c._k.numel() * 4 + c._v.numel() * 4 + c._valid.numel()
+    want = kv_cache_bytes(cfg, 3, 40, torch.float32)
+    c = RowCache(cfg, 3, 40, torch.float32, "cpu")
+    got = c.k.numel() * 4 + c.v.numel() * 4
     assert want == got
+    engine = Engine(llm, EngineConfig(max_batch_size=3, max_seq_len=40))
+    engine.start()  # the server's cache is allocated whole at start-up
+    assert engine.scheduler.cache.k.numel() * 4 * 2 == want
+    engine.shutdown()
 
 
 def test_a_burst_is_prefilled_within_the_token_budget_per_step(llm, monkeypatch):
@@ -184,9 +191,10 @@ def test_a_burst_is_prefilled_within_the_token_budget_per_step(llm, monkeypatch)
     the admitted ones in between, and everyone still gets the answer it gets alone."""
     engine = Engine(llm, EngineConfig(max_batch_size=8, max_seq_len=64, max_prefill_tokens=20))
     calls = []
-    prefill, decode = engine._prefill, engine._decode_step
-    monkeypatch.setattr(engine, "_prefill", lambda seqs, full: (calls.append(len(seqs)), prefill(seqs, full)))
-    monkeypatch.setattr(engine, "_decode_step", lambda: (calls.append("decode"), decode()))
+    sched = engine.scheduler
+    prefill, decode = sched._prefill, sched._decode
+    monkeypatch.setattr(sched, "_prefill", lambda seqs, full: (calls.append(len(seqs)), prefill(seqs, full))[1])
+    monkeypatch.setattr(sched, "_decode", lambda: (calls.append("decode"), decode())[1])
     ids = [llm.encode_prompt(" ".join(WORDS[i:i + 10]))[:10] for i in range(6)]
     reqs = [SeqRequest(p, SamplingParams(max_new_tokens=4)) for p in ids]
     handles = [engine.submit([r]) for r in reqs]  # all queued before the worker starts

@@ -85,12 +85,19 @@ def _is_number(x) -> bool:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' rule: divide positive logits of seen tokens by `penalty`, multiply negatives."""
+    """transformers' rule: divide positive logits of seen tokens by `penalty`, multiply negatives.
+
+    Safe for any penalty > 0: one that the logits' dtype cannot hold (1e-308 is 0 in fp32, 0 / 0
+    is NaN) is applied in float64, and results beyond the dtype's range stay at its largest
+    finite value (two infinite logits would make NaN in softmax)."""
     if penalty == 1.0 or seen.numel() == 0:
         return logits
     picked = logits.gather(-1, seen)
+    finfo = torch.finfo(logits.dtype)
+    if not finfo.tiny <= penalty <= finfo.max or not finfo.tiny <= 1 / penalty <= finfo.max:
+        picked = picked.double()
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return logits.scatter(-1, seen, picked)
+    return logits.scatter(-1, seen, picked.clamp(-finfo.max, finfo.max).to(logits.dtype))
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,7 +127,15 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # Shifted so the largest logit is 0 before dividing: no temperature > 0 can then overflow to
+    # inf (1e-300 would, and inf - inf is NaN in softmax); a vanishing one leaves the argmax alone.
+    # The floor keeps -inf out of the division (-inf / inf is NaN), and a temperature the dtype
+    # cannot hold (1e-300 is 0 in fp32: 0 / 0) divides in float64.
+    finfo = torch.finfo(logits.dtype)
+    shifted = (logits - logits.max()).clamp(min=-finfo.max)
+    if params.temperature < finfo.tiny:
+        shifted = shifted.double()
+    logits = shifted / params.temperature
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     probs = torch.softmax(logits, dim=-1)

@@ -14,6 +14,12 @@ from kaki.config import ModelConfig
 from kaki.model import attention_mask
 
 
+def kv_cache_bytes(cfg: ModelConfig, rows: int, capacity: int, dtype: torch.dtype) -> int:
+    """Bytes a RowCache of `rows` rows holding `capacity` tokens each allocates (keys and values,
+    with the spare slot per row)."""
+    return rows * (capacity + 1) * RowCache.bytes_per_token(cfg, dtype)
+
+
 class RowCache:
     """Keys and values (L, rows, KV, capacity + 1, D). A forward pass runs on the rows [lo, hi)
     chosen by `use`, and implements `kaki.model.AttentionCache` for them: each row's new tokens

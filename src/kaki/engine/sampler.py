@@ -51,7 +51,9 @@ def pick_tokens(logits: torch.Tensor, rows: list[Row]) -> list[Pick | Exception]
             if r.params.logprobs or r.params.top_logprobs:
                 _add_logprobs(out[b], logits[b], r.params.top_logprobs)
         except Exception as e:  # this row's request, not the batch: the others go on
-            out[b] = e
+            # Without its traceback: the frames it holds (this one's `rows` and `out` among them)
+            # would keep every sequence of the batch alive until a full garbage collection.
+            out[b] = e.with_traceback(None)
     return out
 
 

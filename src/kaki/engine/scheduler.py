@@ -6,7 +6,7 @@ up with waiting sequences (continuous batching): their prompts are prefilled tog
 whatever prefix the `PrefixCache` already holds, and their first tokens sampled. Every token,
 and every end, comes out as an `Event`; each sequence's last event has its finish reason:
 "stop" (an eos or stop id, or the caller's stop string), "length", "abort" or "error" (its own
-sampling failed; the others go on).
+sampling failed, or the forward pass it was in; the other sequences go on).
 
 No text, no threads, no HTTP: front ends turn events into text (kaki.engine.text) and drive
 `step()` from wherever they run.
@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from loguru import logger
 
 from kaki.engine.kv import RowCache
 from kaki.engine.prefix import Block, PrefixCache
@@ -41,14 +42,26 @@ class Event:
     error: str | None = None
 
 
-def check_prompt_fits(n_prompt: int, max_new: int, context: int) -> int:
-    """The number of new tokens that fit; a clear error if the prompt alone does not."""
+def check_prompt_fits(n_prompt: int, max_new: int | None, limit: int, *, cap: bool = True,
+                      field: str = "max_new_tokens", prompt_field: str = "prompt", limit_text: str | None = None) -> int:
+    """The prompt-fits rule, for every caller: how many new tokens a prompt of `n_prompt` tokens
+    may have within `limit` tokens per sequence (prompt + reply). `max_new` None: as many as fit;
+    more than fit: cut to what fits (`cap`) or a ParamError naming `field`. A prompt that does not
+    fit at all is a ParamError naming `prompt_field`; `limit_text` says what the limit is
+    (default: the model's context)."""
+    limit_text = limit_text or f"the model's context is {limit:,}"
     if n_prompt == 0:
-        raise ParamError("prompt", "is empty (no tokens); give some text or enable the BOS token")
-    if n_prompt > context or (n_prompt == context and max_new > 0):
-        raise ParamError("prompt", f"is {n_prompt:,} tokens but the model's context is {context:,}; "
-                         "shorten it (or lower the prompt's history) to leave room for the reply")
-    return min(max_new, context - n_prompt)
+        raise ParamError(prompt_field, "is empty (no tokens); give some text or enable the BOS token")
+    if n_prompt > limit or (n_prompt == limit and max_new != 0):
+        raise ParamError(prompt_field, f"is {n_prompt:,} tokens but {limit_text}; shorten it (or lower "
+                         "the prompt's history) to leave room for the reply")
+    room = limit - n_prompt
+    if max_new is None:
+        return room
+    if max_new > room and not cap:
+        raise ParamError(field, f"asks for {max_new:,} tokens but the prompt's {n_prompt:,} tokens leave room "
+                         f"for {room:,} (the limit is {limit:,} per sequence); lower {field}")
+    return min(max_new, room)
 
 
 @dataclass(eq=False)
@@ -89,13 +102,17 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, model: CausalLM, eos_ids, *, max_rows: int = DEFAULT_MAX_ROWS, max_len: int | None = None,
-                 prefix_cache: PrefixCache | None = None, max_prefill_tokens: int | None = None):
+                 prefix_cache: PrefixCache | None = None, max_prefill_tokens: int | None = None,
+                 limit_text: str | None = None):
         """max_len: prompt + new tokens per sequence (default the model's context);
         max_prefill_tokens: padded prompt tokens prefilled in one step (None: every free row's
-        newcomer at once), so a burst of prompts does not stall the running sequences."""
+        newcomer at once), so a burst of prompts does not stall the running sequences;
+        limit_text: what a prompt that does not fit is told the limit is (see `fit`)."""
         self.model = model
         context = model.config.max_position_embeddings
         self.max_len = max_len or context
+        self.limit_text = limit_text or (f"the model's context is {context:,}" if self.max_len == context
+                                         else f"the limit is {self.max_len:,} tokens per sequence (prompt + reply)")
         if self.max_len > context:
             raise KakiError(f"max_len {self.max_len:,} is longer than the model's context ({context:,} tokens)")
         if max_rows < 1:
@@ -112,6 +129,7 @@ class Scheduler:
         self._next_id = 0
         self.prompt_tokens = 0  # prompt tokens of admitted sequences
         self.prefilled_tokens = 0  # of those, the ones the model ran (the rest came from the prefix cache)
+        self.error: str | None = None  # the last forward pass that failed (its sequences ended with "error")
 
     # ------------------------------------------------------------------------ callers
 
@@ -119,14 +137,24 @@ class Scheduler:
         """Queue a sequence; returns its id. max_new defaults to params.max_new_tokens; either is
         cut to what fits in max_len (a ParamError when the prompt alone does not fit)."""
         prompt = list(prompt_ids)
-        max_new = check_prompt_fits(len(prompt), params.max_new_tokens if max_new is None else max_new,
-                                    self.max_len)
+        max_new = self.fit(len(prompt), params.max_new_tokens if max_new is None else max_new)
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)
         seq = Sequence(self._next_id, prompt, params, max_new, params.make_generator(self.model.device), stop)
         self._next_id += 1
         self._seqs[seq.id] = seq
         self.waiting.append(seq)
         return seq.id
+
+    def fit(self, n_prompt: int, max_new: int | None, *, cap: bool = True, field: str = "max_new_tokens",
+            prompt_field: str = "prompt") -> int:
+        """`check_prompt_fits` within this scheduler's max_len (thread-safe: it reads no state)."""
+        return check_prompt_fits(n_prompt, max_new, self.max_len, cap=cap, field=field, prompt_field=prompt_field,
+                                 limit_text=self.limit_text)
+
+    def allocate(self) -> None:
+        """The whole KV cache now, max_rows x max_len, as a server wants it (its memory known at
+        start-up, never a reallocation while serving); otherwise it grows to what sequences need."""
+        self._reserve_cache(self.max_rows, self.max_len)
 
     def sequence(self, seq_id: int) -> Sequence | None:
         """A sequence not yet finished (keep the object to read it afterwards)."""
@@ -138,7 +166,7 @@ class Scheduler:
         seq = self._seqs.get(seq_id)
         if seq is None:
             return
-        if seq.row is None:
+        if seq.row is None and seq in self.waiting:
             self.waiting.remove(seq)
         self._ended.append(Event(seq.id, finish_reason=reason))
         with torch.inference_mode():  # a row may move, and the cache holds inference tensors
@@ -173,7 +201,10 @@ class Scheduler:
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # (B, 1)
         positions = torch.tensor([[len(s.prompt) + len(s.tokens) - 1] for s in seqs], device=dev)
         self.cache.use(0, len(seqs))
-        logits = self.model(ids, positions, self.cache, last_only=True)
+        try:
+            logits = self.model(ids, positions, self.cache, last_only=True)
+        except Exception as e:  # noqa: BLE001 (every row of the pass is lost, the scheduler is not)
+            return self._fail(seqs, e)
         self._store_blocks(seqs)
         return self._sample(seqs, logits[:, -1].float())
 
@@ -196,14 +227,38 @@ class Scheduler:
         self._end(idle, ["length"] * len(idle))
         newcomers = [s for s in newcomers if s not in idle]
         if newcomers:
-            self._reserve(newcomers)
+            try:
+                self._reserve(newcomers)
+            except Exception as e:  # noqa: BLE001 (out of memory growing the cache: these fail, the running go on)
+                return events + self._fail(newcomers, e)
         # Prompt logprobs need logits at every position (and the whole prompt run); the rest only
-        # the last position's.
-        for full in (False, True):
-            group = [s for s in newcomers if bool(s.params.prompt_logprobs) == full]
+        # the last position's. A newcomer whose prompt shares blocks not yet cached with an earlier
+        # newcomer's (n > 1, or one system prompt) is prefilled right after it, from the blocks it
+        # stored: the shared part runs once.
+        plain = [s for s in newcomers if not s.params.prompt_logprobs]
+        leaders, followers = self._split_shared(plain)
+        for group, full in ((leaders, False), (followers, False),
+                            ([s for s in newcomers if s.params.prompt_logprobs], True)):
             if group:
                 events += self._prefill(group, full)
         return events
+
+    def _split_shared(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+        """(leaders, followers): a follower's prompt has a full block past what the prefix cache
+        holds now in common with a leader's (only with a prefix cache)."""
+        if self.prefix is None or len(seqs) < 2:
+            return seqs, []
+        bs = self.prefix.block_size
+        leaders, followers = [], []
+        for s in seqs:
+            # The first block this prompt would prefill: shared with a leader, it is worth waiting for.
+            upto = (len(self.prefix.match(s.prompt[:-1])) + 1) * bs
+            if upto <= len(s.prompt) - 1 and any(upto <= len(x.prompt) - 1 and x.prompt[:upto] == s.prompt[:upto]
+                                                 for x in leaders):
+                followers.append(s)
+            else:
+                leaders.append(s)
+        return leaders, followers
 
     def _prefill(self, seqs: list[Sequence], full: bool) -> list[Event]:
         lo = len(self.running)
@@ -229,7 +284,11 @@ class Scheduler:
         reused = torch.tensor([s.reused_tokens for s in seqs], device=dev)[:, None]
         positions = reused + (valid.long().cumsum(-1) - 1).clamp(min=0)  # each row from its own start
         self.cache.use(lo, lo + B)
-        logits = self.model(ids, positions, self.cache, None if bool(valid.all()) else valid, last_only=not full)
+        try:
+            logits = self.model(ids, positions, self.cache, None if bool(valid.all()) else valid,
+                                last_only=not full)
+        except Exception as e:  # noqa: BLE001 (these newcomers fail; the running rows were not written)
+            return self._fail(seqs, e)
         self.prompt_tokens += sum(len(s.prompt) for s in seqs)
         self.prefilled_tokens += sum(len(x) for x in suffixes)
         if full:
@@ -237,6 +296,15 @@ class Scheduler:
                 s.prompt_logprobs = lp
         self._store_blocks(seqs)
         return self._sample(seqs, logits[:, -1].float())
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> list[Event]:
+        """A forward pass (or the memory for it) failed: its sequences end with "error", every
+        other sequence goes on (a pass writes only its own rows' slots past their lengths, and
+        lengths move only once it has finished)."""
+        self.error = f"{type(exc).__name__}: {exc}"
+        logger.opt(exception=exc).error("engine: a forward pass over {} sequences failed", len(seqs))
+        self._end(seqs, ["error"] * len(seqs))
+        return [Event(s.id, finish_reason="error", error=self.error) for s in seqs]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
         """Each sequence's next token from its row of fp32 logits (B, V); the finished leave."""
@@ -295,12 +363,16 @@ class Scheduler:
         known = self.running + newcomers + list(self.waiting)
         rows = min(self.max_rows, len(known))
         slots = min(self.max_len, max(len(s.prompt) + s.max_new for s in known))
+        if self.cache is not None and (rows > self.cache.rows or slots > self.cache.capacity):
+            rows, slots = max(rows, 2 * self.cache.rows), max(slots, 2 * self.cache.capacity)
+        self._reserve_cache(min(self.max_rows, rows), min(self.max_len, slots))
+
+    def _reserve_cache(self, rows: int, slots: int) -> None:
         model = self.model
         if self.cache is None:
             self.cache = RowCache(model.config, rows, slots, model.dtype, model.device)
-        elif rows > self.cache.rows or slots > self.cache.capacity:
-            self.cache.reserve(min(self.max_rows, max(rows, 2 * self.cache.rows)),
-                               min(self.max_len, max(slots, 2 * self.cache.capacity)))
+        else:
+            self.cache.reserve(rows, slots)
 
     def _store_blocks(self, seqs: list[Sequence]) -> None:
         """Put each sequence's newly completed blocks of keys and values in the prefix cache."""

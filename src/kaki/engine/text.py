@@ -46,7 +46,10 @@ class TextSequence:
                 self.logprobs.append(event.logprob)
             if event.top is not None:
                 self.top_logprobs.append(event.top)
-            piece = self.stream.push(event.token)
+            # A token that ends its sequence as "stop" is an eos or stop id: kept in the ids, not
+            # shown in the text (as OpenAI's and vLLM's servers do).
+            if event.finish_reason != "stop":
+                piece = self.stream.push(event.token)
         if event.finish_reason is not None:
             self.finish_reason, self.error = event.finish_reason, event.error
             piece += self.stream.finish()

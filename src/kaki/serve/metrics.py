@@ -26,7 +26,13 @@ class Metrics:
                                 ["route", "status"], registry=r)
         self.rejected = Counter("kaki_sequences_rejected", "sequences refused because the queue was full",
                                 registry=r)
-        self.prompt_tokens = Counter("kaki_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("kaki_prompt_tokens", "prompt tokens of admitted sequences", registry=r)
+        self.prefix_hit_tokens = Counter("kaki_prefix_cache_hit_tokens", "prompt tokens whose keys and values "
+                                         "came from the prefix cache (not prefilled)", registry=r)
+        self.prefix_evictions = Counter("kaki_prefix_cache_evictions", "prefix-cache blocks evicted to make room",
+                                        registry=r)
+        self.prefix_bytes = Gauge("kaki_prefix_cache_bytes", "bytes of prefix-cache blocks held now (at most "
+                                  "--prefix-cache-mb)", registry=r)
         self.generation_tokens = Counter("kaki_generation_tokens", "tokens generated", registry=r)
         self.finished = Counter("kaki_sequences_finished", "sequences finished, by reason "
                                 "(stop, length, abort, error)", ["reason"], registry=r)
