@@ -259,3 +259,46 @@ def test_memory_stays_flat_over_300_requests_with_long_stop_lists(model_dir):
     assert sent[0] >= 300
     print(f"RSS after 50 requests {after_50 / 2**20:.0f} MB, after 300 {after_300 / 2**20:.0f} MB")
     assert after_300 <= after_50 + 100 * 2**20
+
+
+# ----------------------------------------------------------------------------- the prefix cache in /metrics
+
+
+def metric(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def test_prefix_cache_hits_and_evictions_show_in_metrics(model_dir, ref):
+    """--prefix-cache-mb sized for 8 blocks of 16 tokens: a prompt sent again with more words
+    after it loads its blocks (hit tokens in /metrics), a stream of other long prompts evicts
+    (evictions in /metrics, bytes within the budget), and every answer is the one given alone.
+    0 turns the cache off."""
+    block_bytes = 16 * ref.model.config.num_hidden_layers * 2 * ref.model.config.num_key_value_heads \
+        * ref.model.config.head_dim * 4
+    s = start(model_dir, max_batch_size=4, prefix_cache_mb=8 * block_bytes / 2**20)
+    words = "the man of the world was in a house by the river and he had a".split()
+    prompts = [" ".join(words[k:] + words[:k]) * 3 for k in range(8)]
+    try:
+        def ask(prompt):
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0},
+                           timeout=60)
+            assert r.json()["choices"][0]["text"] == ref.generate(prompt, max_new_tokens=5, temperature=0.0)[0].text
+        ask(prompts[0])
+        assert metric(s.url, "kaki_prefix_cache_hit_tokens_total") == 0
+        ask(prompts[0] + " and it was")
+        hits = metric(s.url, "kaki_prefix_cache_hit_tokens_total")
+        assert hits >= 32 and hits % 16 == 0
+        for p in prompts[1:]:
+            ask(p)
+        assert metric(s.url, "kaki_prefix_cache_evictions_total") > 0
+        assert 0 < metric(s.url, "kaki_prefix_cache_bytes") <= 8 * block_bytes
+    finally:
+        s.stop()
+    off = Engine(ref, EngineConfig(max_batch_size=1, prefix_cache_mb=0))
+    assert off.scheduler.prefix is None and "prefix_hit_tokens" not in off.stats()
