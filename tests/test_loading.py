@@ -339,18 +339,18 @@ def test_hub_id_resolves_from_local_cache(tmp_path, family_dirs):
     ("float16", "cuda", False, 1 << 40, torch.float16),
 ])
 def test_auto_dtype(monkeypatch, family_dirs, stored, device, fast_bf16, memory, expected):
-    import kaki.llm
+    import kaki.device
 
-    monkeypatch.setattr(kaki.llm, "cpu_has_fast_bf16", lambda: fast_bf16)
-    monkeypatch.setattr(kaki.llm, "available_memory", lambda: memory)
+    monkeypatch.setattr(kaki.device, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(kaki.device, "available_memory", lambda: memory)
     cfg = read_config(family_dirs["persimmon"][1]).replace(torch_dtype=stored)
-    assert kaki.llm.pick_dtype("auto", cfg, torch.device(device)) == expected
+    assert kaki.device.pick_dtype("auto", cfg, torch.device(device)) == expected
 
 
 def test_auto_dtype_loads_a_bf16_checkpoint_as_float32_on_a_cpu_without_bf16(monkeypatch, tmp_path, spm_dir):
-    import kaki.llm
+    import kaki.device
 
-    monkeypatch.setattr(kaki.llm, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(kaki.device, "cpu_has_fast_bf16", lambda: False)
     hf, src = hf_model_dir("persimmon", tmp_path / "src", spm_dir)
     d = bin_dir(hf, src, tmp_path / "bf16", 2, dtype=torch.bfloat16)
     cfg = json.loads((d / "config.json").read_text())

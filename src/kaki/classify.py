@@ -18,8 +18,11 @@ import torch
 
 from kaki.checkpoint import TensorSource, assign_weights, renamed_sources, tensor_sources, validate
 from kaki.config import ModelConfig, read_config
+from kaki.device import pick_device, pick_dtype
 from kaki.errors import CheckpointError, KakiError
 from kaki.heads import SEQUENCE, TOKEN, ClassifierModel, architecture, head_renames, task_of
+from kaki.loading import resolve_model_path
+from kaki.saving import save_model_dir
 from kaki.tokenizer import Tokenizer
 
 BATCH = 16  # texts per forward pass in classify()
@@ -206,8 +209,6 @@ def token_spans(tok: Tokenizer, text: str) -> tuple[list[int], list[tuple[int | 
 
 def save_classifier(model: ClassifierModel, cfg: ModelConfig, out_dir: str | os.PathLike,
                     tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None) -> Path:
-    from kaki.llm import save_model_dir
-
     return save_model_dir(model, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, config=cfg,
                           rename_key=head_renames(cfg.model_type, model.task, to_checkpoint=True))
 
@@ -244,8 +245,6 @@ def _new_head_tensors(model: ClassifierModel, std: float, seed: int) -> dict[str
 def load_classifier(path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                     device: str = "auto") -> Classifier:
     """Load a sequence- or token-classification directory with its tokenizer."""
-    from kaki.llm import pick_device, pick_dtype, resolve_model_path
-
     model_dir = resolve_model_path(path)
     cfg = read_config(model_dir)
     task = task_of(cfg.extra.get("architectures"))

@@ -28,8 +28,12 @@ from typing import Callable
 
 import torch
 
+from kaki.classify import is_classifier_dir, load_classifier, output_kind
 from kaki.engine.kv import RowCache
 from kaki.errors import KakiError
+from kaki.heads import SEQUENCE
+from kaki.llm import load
+from kaki.loading import resolve_model_path
 
 # GPT-JT-Moderation-6B's labels, in its prompt's order, and the example its model card gives.
 FEW_SHOT_LABELS = ("casual", "needs caution", "needs intervention", "possibly needs caution",
@@ -142,9 +146,6 @@ class ClassifierScorer:
     context is cut into pieces that fit (the classifier alone would read only the first ones)."""
 
     def __init__(self, classifier):
-        from kaki.classify import output_kind
-        from kaki.heads import SEQUENCE
-
         if classifier.task != SEQUENCE:
             raise KakiError(f"{classifier.path} is a token classifier; moderation needs a sequence classifier "
                             "(config.json architectures *ForSequenceClassification) or a causal LM")
@@ -263,14 +264,10 @@ def load_moderator(path: str | os.PathLike, *, block=None, threshold: float | No
                    dtype: str = "auto", device: str = "auto", refusal: str = REFUSAL) -> Moderator:
     """A Moderator from a sequence classifier or a causal LM directory (see the module docstring).
     `block`: labels that block, a list or a comma-separated string (default: see above)."""
-    from kaki.classify import is_classifier_dir, load_classifier
-    from kaki.llm import resolve_model_path
-
     model_dir = resolve_model_path(path)
     if is_classifier_dir(model_dir):
         scorer = ClassifierScorer(load_classifier(model_dir, dtype=dtype, device=device))
     else:
-        import kaki
-        scorer = FewShotScorer(kaki.load(model_dir, dtype=dtype, device=device))
+        scorer = FewShotScorer(load(model_dir, dtype=dtype, device=device))
     return Moderator(scorer, scorer.labels, block, threshold, scorer.multi_label, source=str(model_dir),
                      refusal=refusal)

@@ -16,19 +16,25 @@ import json
 import shutil
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
+from tqdm import tqdm
 
 from kaki.adept import keys
-from kaki.adept.bundle import Bundle
+from kaki.adept.bundle import Bundle, tokenizer_files
 from kaki.adept.release import EOD_PIECE, TRACKER, VOCAB_MODEL, VOCAB_TEXT, is_release_dir, read_release
 from kaki.adept.unpickle import save_checkpoint_file
 from kaki.adept.vocab_trim import VOCAB_MAP_FILE, read_vocab_map, vocab_map_json
-from kaki.checkpoint import DTYPES, MAX_SHARD_BYTES, TensorSource, write_atomically, write_files
+from kaki.checkpoint import (DTYPES, MAX_SHARD_BYTES, TensorSource, renamed_sources, tensor_sources, validate,
+                             write_atomically, write_files)
+from kaki.config import read_config
 from kaki.errors import CheckpointError, KakiError
+from kaki.loading import resolve_model_path
+from kaki.model import CausalLM
+from kaki.tokenizer import Tokenizer
 
 
 def _bar(total: int, progress: bool):
-    from tqdm import tqdm
     return tqdm(total=total, desc="converting", unit="tensor", disable=not progress)
 
 
@@ -36,8 +42,6 @@ def _bar(total: int, progress: bool):
 
 def read_source(src: str | Path) -> Bundle:
     """A release directory or a transformers Persimmon directory."""
-    from kaki.llm import resolve_model_path
-
     d = resolve_model_path(src)
     if is_release_dir(d):
         return read_release(d)
@@ -45,10 +49,6 @@ def read_source(src: str | Path) -> Bundle:
 
 
 def read_transformers(d: Path) -> Bundle:
-    from kaki.checkpoint import renamed_sources, tensor_sources
-    from kaki.config import read_config
-    from kaki.tokenizer import Tokenizer
-
     cfg = read_config(d)
     if cfg.model_type != "persimmon":
         raise KakiError(f"{d} holds a {cfg.model_type} model; kaki convert handles Persimmon checkpoints")
@@ -82,9 +82,6 @@ def _materialize(src: TensorSource, dtype: torch.dtype | None) -> torch.Tensor:
 
 def check(bundle: Bundle) -> None:
     """Every tensor the config implies, with its shape, before a byte is written."""
-    from kaki.checkpoint import validate
-    from kaki.model import CausalLM
-
     with torch.device("meta"):
         model = CausalLM(bundle.cfg)
     validate(model, bundle.sources, bundle.origin)
@@ -149,60 +146,6 @@ def _shards(plan, max_bytes: int):
         size += n
     shards.append(current)
     return shards
-
-
-# Tokenizer files of a transformers source, copied as they are while the vocabulary is unchanged.
-_KEPT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                         "generation_config.json", "added_tokens.json")
-
-
-def _tokenizer_files(bundle: Bundle) -> dict[str, str | Path]:
-    """File name -> text to write, or a source file to copy. Generated files follow Persimmon's hub
-    layout (LlamaTokenizer over tokenizer.model) with Adept's |ENDOFTEXT| as BOS, EOS and pad, and
-    no BOS prepended by default, as Adept's server does not."""
-    import sentencepiece as spm
-
-    src = bundle.tokenizer_dir
-    if src is not None and not bundle.tokenizer_changed:
-        return {name: src / name for name in _KEPT_TOKENIZER_FILES if (src / name).is_file()}
-    if bundle.spm is None:
-        return {}
-    sp = spm.SentencePieceProcessor(model_proto=bundle.spm)
-
-    def piece(i):
-        return sp.id_to_piece(i) if i is not None and 0 <= i < sp.get_piece_size() else None
-
-    eos = bundle.eos_ids[0] if bundle.eos_ids else None
-    special = {"bos_token": piece(bundle.bos_id), "eos_token": piece(eos), "unk_token": piece(sp.unk_id()),
-               "pad_token": piece(bundle.pad_id)}
-    tok_cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": bundle.add_bos, "add_eos_token": False,
-               **special, "clean_up_tokenization_spaces": False, "legacy": True,
-               "model_max_length": bundle.cfg.max_position_embeddings}
-    gen = {"bos_token_id": bundle.bos_id, "eos_token_id": eos, "pad_token_id": bundle.pad_id}
-    if src is not None:
-        # A trimmed transformers source: its other settings (chat template, sampling defaults)
-        # carry over; anything holding token ids is rebuilt above.
-        old_tok = _read_json(src / "tokenizer_config.json")
-        if old_tok.get("chat_template"):
-            tok_cfg["chat_template"] = old_tok["chat_template"]
-        gen = {**_read_json(src / "generation_config.json"), **gen}
-    return {"tokenizer_config.json": json.dumps(tok_cfg, indent=2) + "\n",
-            "special_tokens_map.json": json.dumps({k: v for k, v in special.items() if v}, indent=2) + "\n",
-            "generation_config.json": json.dumps(gen, indent=2) + "\n"}
-
-
-def tokenizer_files(bundle: Bundle) -> dict[str, str | bytes | Path]:
-    """Every tokenizer file of a converted directory: tokenizer.model (the release's sentencepiece
-    model) and the transformers files around it. `LLM.save` after loading a release writes these too."""
-    files: dict[str, str | bytes | Path] = {"tokenizer.model": bundle.spm} if bundle.spm is not None else {}
-    return {**files, **_tokenizer_files(bundle)}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
 def write_transformers(bundle: Bundle, out: str | Path, dtype: torch.dtype | None = None,
@@ -299,8 +242,6 @@ def _file_backed(src: TensorSource, dtype: torch.dtype | None, scratch: Path) ->
 
 def _vocab_text(spm_bytes: bytes) -> str:
     """adept_vocab.vocab: `piece<TAB>score` per line, as spm_train writes it for browsing."""
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_proto=spm_bytes)
     return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
 
@@ -311,7 +252,6 @@ def write_release(bundle: Bundle, out: str | Path, dtype: torch.dtype | None = N
     check(bundle)
     if bundle.spm is None:
         raise KakiError(f"a release needs a sentencepiece tokenizer; {bundle.origin} has no tokenizer.model")
-    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_proto=bundle.spm)
     eod = sp.piece_to_id(EOD_PIECE)
     if sp.id_to_piece(eod) != EOD_PIECE and sp.eos_id() < 0:

@@ -17,15 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
 import torch
 
-from kaki.adept.bundle import Bundle
+from kaki.adept.bundle import Bundle, tokenizer_files
 from kaki.adept.keys import INV_FREQ, TreeTooLarge, flatten, to_kaki
 from kaki.adept.unpickle import load_checkpoint_file, plain
 from kaki.adept.vocab_trim import VOCAB_MAP_FILE, read_vocab_map
 from kaki.checkpoint import TensorSource
 from kaki.config import ModelConfig, check_value
+from kaki.device import pick_device, pick_dtype
 from kaki.errors import CheckpointError
+from kaki.loading import build_model
+from kaki.model import CausalLM
+from kaki.tokenizer import Tokenizer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 VOCAB_MODEL = "adept_vocab.model"
@@ -190,8 +195,6 @@ def config_from_args(args: argparse.Namespace, sources: dict[str, TensorSource],
 
 def _eod_id(spm_bytes: bytes, path: Path) -> int:
     """Adept's server scans the pieces for |ENDOFTEXT| and falls back to sentencepiece's eos."""
-    import sentencepiece as spm
-
     try:
         sp = spm.SentencePieceProcessor(model_proto=spm_bytes)
     except Exception as e:
@@ -262,10 +265,9 @@ def read_release(d: str | Path) -> Bundle:
 
 
 def load_release(d: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-                 progress: bool = False):
-    """`kaki.load` for a release directory: an LLM, like any transformers directory gives."""
-    from kaki.llm import LLM, build_model, pick_device, pick_dtype
-
+                 progress: bool = False) -> tuple[CausalLM, Tokenizer, dict]:
+    """What `kaki.load` needs of a release directory: (model, tokenizer, the tokenizer files
+    `LLM.save` writes for it)."""
     bundle = read_release(d)
     dev = pick_device(device)
     dt = pick_dtype(dtype, bundle.cfg, dev)
@@ -275,5 +277,4 @@ def load_release(d: str | Path, *, dtype: str | torch.dtype = "auto", device: st
         # The shared validation speaks of config.json; a release's config is its stored args.
         message = str(e).replace("Check that config.json belongs", "Check that the stored args belong")
         raise CheckpointError(message.replace("config.json", "stored args")) from None
-    from kaki.adept.convert import tokenizer_files
-    return LLM(model, bundle.tokenizer(), str(d), tokenizer_files=tokenizer_files(bundle))
+    return model, bundle.tokenizer(), tokenizer_files(bundle)

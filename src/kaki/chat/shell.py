@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TextIO
 
+from kaki.chat.commands import run_command
 from kaki.chat.session import ChatSession, Refusal, Reply
 from kaki.errors import KakiError
 
@@ -79,8 +80,6 @@ class ChatShell:
 
     def handle(self, line: str) -> bool:
         """Act on one input line; True means quit."""
-        from kaki.chat.commands import run_command
-
         if not line.strip():
             return False  # an empty line sends nothing
         if line.startswith("/") and not line.startswith("//"):

@@ -10,6 +10,7 @@ docs/quantization.md has the formats, the kernels chosen per device and the meas
 
 from __future__ import annotations
 
+from kaki.checkpoint import renamer
 from kaki.quant.spec import DEFAULT_INT4_GROUP, FORMATS, INT4_GROUP_SIZES, QuantSpec, as_spec
 
 __all__ = ["QuantSpec", "as_spec", "FORMATS", "INT4_GROUP_SIZES", "DEFAULT_INT4_GROUP", "exact_keys",
@@ -28,7 +29,6 @@ def is_quantized(model) -> bool:
 
 def exact_keys(model) -> set[str]:
     """Checkpoint keys that a save must write in their own dtype (quantization scales and zeros)."""
-    from kaki.checkpoint import renamer
     from kaki.quant.load import QuantLinear
 
     rename = renamer(model.config.model_type, to_checkpoint=True)

@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
+from kaki.adept.release import is_release_dir
 from kaki.checkpoint import DTYPES
+from kaki.config import read_config
 from kaki.errors import KakiError
+from kaki.loading import load_model, resolve_model_path
 from kaki.quant.spec import QuantSpec
+from kaki.saving import save_model_dir
 
 
 def write_quantized(src: str | os.PathLike, dst: str | os.PathLike, spec: QuantSpec, dtype: str | None = None,
                     progress: bool = False) -> Path:
     """Quantize the transformers directory `src` into `dst` (replaced atomically). Floats that stay
     floats (embedding, norms, biases) are written in `dtype`, default as stored in `src`."""
-    from kaki import adept
-    from kaki.config import read_config
-    from kaki.llm import load_model, resolve_model_path, save_model_dir
-
     src_dir = resolve_model_path(src)
-    if adept.is_release_dir(src_dir):
+    if is_release_dir(src_dir):
         raise KakiError(f"{src_dir} is an Adept release; convert it to transformers first "
                         "(kaki convert SRC TMP --to hf), then quantize TMP")
     cfg = read_config(src_dir)

@@ -37,6 +37,7 @@ from typing import Callable
 
 import torch
 
+from kaki.chat_format import check_text, normalize_messages
 from kaki.errors import KakiError
 
 # ----------------------------------------------------------------------------- chat rendering
@@ -93,8 +94,6 @@ class BadLines:
 
 def check_record(rec) -> str | None:
     """Why a parsed record cannot be used, or None."""
-    from kaki.chat_format import check_text, normalize_messages
-
     if not isinstance(rec, dict):
         return "not a JSON object"
     if "messages" in rec:
