@@ -163,6 +163,10 @@ def test_limits_give_clear_errors(llm):
         Engine(llm, EngineConfig(max_batch_size=10**9, max_seq_len=512))
     with pytest.raises(KakiError, match="longer than the model's context"):
         Engine(llm, EngineConfig(max_seq_len=1024))
+    with pytest.raises(KakiError, match="--prefix-cache-mb must be >= 0, got -1"):
+        Engine(llm, EngineConfig(prefix_cache_mb=-1))
+    with pytest.raises(KakiError, match=r"needs .* GiB .* \(or --prefix-cache-mb\)"):
+        Engine(llm, EngineConfig(max_batch_size=1, max_seq_len=16, prefix_cache_mb=2**40))
     engine = Engine(llm, EngineConfig(max_batch_size=2, max_seq_len=32))
     with pytest.raises(ParamError, match="at most 32 tokens") as e:
         engine.fit(40, 1)

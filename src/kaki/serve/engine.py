@@ -82,8 +82,10 @@ class Engine:
         if self.max_seq_len > context:
             raise KakiError(f"--max-seq-len {self.max_seq_len:,} is longer than the model's context "
                             f"({context:,} tokens); use at most {context:,}")
-        if cfg.max_batch_size < 1 or cfg.max_queue < 0 or cfg.prefix_cache_mb < 0:
-            raise KakiError("--max-batch-size must be >= 1, --max-queue >= 0 and --prefix-cache-mb >= 0")
+        for flag, value, least in (("--max-batch-size", cfg.max_batch_size, 1), ("--max-queue", cfg.max_queue, 0),
+                                   ("--prefix-cache-mb", cfg.prefix_cache_mb, 0)):
+            if not value >= least:
+                raise KakiError(f"{flag} must be >= {least}, got {value}")
         prefix_bytes = int(cfg.prefix_cache_mb * 2**20)
         check_kv_budget(self.model.config, cfg.max_batch_size, self.max_seq_len, self.model.dtype,
                         self.model.device, prefix_bytes)
