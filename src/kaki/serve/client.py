@@ -14,6 +14,8 @@ from typing import Protocol
 
 from kaki.errors import KakiError
 from kaki.sampling import SamplingParams
+from kaki.serve.metrics import Metrics
+from kaki.tokenizer import Tokenizer
 
 
 class QueueFull(KakiError):
@@ -102,10 +104,22 @@ class Handle:
 
 
 class EngineClient(Protocol):
-    """The engine as the routes see it."""
+    """The engine as the routes and the app see it."""
 
     model_name: str
     max_seq_len: int  # prompt + reply tokens per sequence
+    tokenizer: Tokenizer  # for the text of ids (echo, logprob tokens); prompts go through `encode`
+    metrics: Metrics
+    error: str | None  # the last engine failure, for /health
+
+    @property
+    def running(self) -> bool:
+        """Taking and serving work (for /health)."""
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop taking work; what is unfinished ends with "error"."""
 
     def submit(self, requests: list[SeqRequest], loop: asyncio.AbstractEventLoop | None = None,
                field: str = "n") -> Handle:
