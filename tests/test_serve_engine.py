@@ -208,3 +208,29 @@ def test_a_burst_is_prefilled_within_the_token_budget_per_step(llm, monkeypatch)
     assert calls[:6] == [2, "decode", 2, "decode", 2, "decode"]
     for r, tokens in zip(reqs, got):
         assert tokens == llm.generate([r.prompt_ids], params=r.params)[0].token_ids
+
+
+def test_a_bug_in_the_loop_fails_what_is_in_flight_and_the_engine_goes_on(llm, monkeypatch):
+    """An exception outside the scheduler's own isolation (here: delivering an output) ends the
+    sequences in flight with "error"; the engine starts over with a fresh scheduler and the next
+    request gets the answer it gets alone."""
+    engine = Engine(llm, EngineConfig(max_batch_size=2, max_seq_len=64))
+    deliver, calls = engine._deliver, []
+
+    def broken(event, now):
+        calls.append(event)
+        if len(calls) == 3:
+            raise RuntimeError("a bug")
+        deliver(event, now)
+
+    monkeypatch.setattr(engine, "_deliver", broken)
+    engine.start()
+    ids = llm.encode_prompt("the man of the world")
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    first = engine.submit([SeqRequest(ids, sp), SeqRequest(ids, sp)])
+    outs = [out for _, out in first]
+    assert [o.error for o in outs if o.finish_reason] == ["RuntimeError: a bug"] * 2
+    assert engine.error == "RuntimeError: a bug" and engine.running
+    tokens, _, reason = collect(engine.submit([SeqRequest(ids, sp)]))
+    engine.shutdown()
+    assert (tokens, reason) == (llm.generate([ids], params=sp)[0].token_ids, "length")

@@ -86,16 +86,9 @@ class Engine:
                                    ("--prefix-cache-mb", cfg.prefix_cache_mb, 0)):
             if not value >= least:
                 raise KakiError(f"{flag} must be >= {least}, got {value}")
-        prefix_bytes = int(cfg.prefix_cache_mb * 2**20)
         check_kv_budget(self.model.config, cfg.max_batch_size, self.max_seq_len, self.model.dtype,
-                        self.model.device, prefix_bytes)
-        prefix = PrefixCache(self.model.config, self.model.dtype, self.model.device, prefix_bytes) \
-            if prefix_bytes else None
-        self.scheduler = Scheduler(
-            self.model, llm.eos_ids, max_rows=cfg.max_batch_size, max_len=self.max_seq_len, prefix_cache=prefix,
-            max_prefill_tokens=cfg.max_prefill_tokens,
-            limit_text=f"this server takes at most {self.max_seq_len:,} tokens per sequence (prompt + reply; "
-                       "`kaki serve --max-seq-len`)")
+                        self.model.device, int(cfg.prefix_cache_mb * 2**20))
+        self.scheduler = self._new_scheduler()
         self._cv = threading.Condition()
         # Guarded by _cv: submitted but not yet handed to the scheduler, handles to abort, and
         # sequences not finished (the queue bound), the scheduler's stats as of the last step.
@@ -105,10 +98,20 @@ class Engine:
         self._stats = self.scheduler.stats()
         # The worker's own: records of unfinished sequences by scheduler id.
         self._live: dict[int, _Live] = {}
-        self._counted = {"prompt_tokens": 0, "prefix_hit_tokens": 0, "prefix_evictions": 0}
+        self._counted = dict.fromkeys(("prompt_tokens", "prefix_hit_tokens", "prefix_evictions"), 0)
         self._state = "new"  # new -> running -> stopped
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # the last step failure, for /health
+
+    def _new_scheduler(self) -> Scheduler:
+        cfg, model = self.config, self.model
+        prefix_bytes = int(cfg.prefix_cache_mb * 2**20)
+        prefix = PrefixCache(model.config, model.dtype, model.device, prefix_bytes) if prefix_bytes else None
+        return Scheduler(
+            model, self.llm.eos_ids, max_rows=cfg.max_batch_size, max_len=self.max_seq_len, prefix_cache=prefix,
+            max_prefill_tokens=cfg.max_prefill_tokens,
+            limit_text=f"this server takes at most {self.max_seq_len:,} tokens per sequence (prompt + reply; "
+                       "`kaki serve --max-seq-len`)")
 
     # ------------------------------------------------------------------------------ client side
 
@@ -237,9 +240,10 @@ class Engine:
         except Exception as e:  # a bug in this loop: fail what is in flight, keep serving
             logger.exception("engine step failed")
             self.error = f"{type(e).__name__}: {e}"
+            sched = None
             self._reset(self.error)
-        if sched.error is not None:
-            self.error = sched.error
+        if self.scheduler.error is not None:
+            self.error = self.scheduler.error
         self._note_stats()  # stop strings may have ended sequences
 
     def _deliver(self, event: Event, now: float) -> None:
@@ -293,10 +297,13 @@ class Engine:
             self.metrics.prefix_bytes.set(stats["prefix_bytes"])
 
     def _reset(self, why: str) -> None:
-        """Fail every sequence the scheduler holds (after a bug in the loop around it)."""
+        """After a bug (the scheduler's state is not to be trusted): every unfinished sequence
+        ends with "error" and a fresh scheduler (caches included) serves what comes next."""
         for seq_id in list(self._live):
-            self.scheduler.abort(seq_id)  # reported by the next step, to nobody
             self._fail(seq_id, why)
+        self.scheduler = None  # the old caches go first
+        self.scheduler = self._new_scheduler()  # its cache grows within the limits checked at start
+        self._counted = dict.fromkeys(self._counted, 0)
 
     def _fail(self, seq_id: int, why: str) -> None:
         live = self._live.get(seq_id)
