@@ -21,7 +21,6 @@ the reply, case-insensitively.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -32,6 +31,7 @@ import torch
 
 from kaki.chat_format import fit_passages, format_for_llm, with_context
 from kaki.errors import KakiError
+from kaki.files import jsonl_lines
 
 
 # ----------------------------------------------------------------------------- reading
@@ -41,13 +41,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise KakiError(f"{p} does not exist; --data takes a JSONL file")
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KakiError(f"{p}:{n} is not valid JSON ({e})")
+    for n, rec, problem in jsonl_lines(p):
+        if problem is not None:
+            raise KakiError(f"{p}:{n}: {problem}")
         if not isinstance(rec, dict) or not ({"text", "messages", "question"} & rec.keys()):
             raise KakiError(f"{p}:{n} has none of `text`, `messages` or `question`")
         if "question" in rec and "key_terms" in rec:  # a user question (kaki.usefulness)
@@ -97,7 +93,13 @@ def attach_passages(questions: list[dict], passages_path: str | Path | None) -> 
 
 
 def read_jsonl_any(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every record of a JSONL file, whatever its fields (a passages file)."""
+    out = []
+    for n, rec, problem in jsonl_lines(path):
+        if problem is not None:
+            raise KakiError(f"{path}:{n}: {problem}")
+        out.append(rec)
+    return out
 
 
 # ----------------------------------------------------------------------------- perplexity

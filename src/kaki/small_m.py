@@ -19,11 +19,13 @@ Candidates (PATHS; the products are kaki.kernels.products):
 When: at a model's first inference forward on a CPU (CausalLM.forward calls `step`), for each
 distinct weight shape of its kaki Linear layers of at least TUNE_MIN_NUMEL elements, at 1, 2, 4
 and 8 rows: each candidate once to warm up, then ROUNDS rounds that call every candidate once in
-turn (the order rotated each round), and the median per candidate. A candidate replaces F.linear
-only when it is MIN_GAIN faster. Weights over TIME_MAX_BYTES are timed on their first rows (it is
-the cost per row that differs). No shape is started after TUNE_BUDGET_S of a model's timing
-(largest bytes first); shapes left run F.linear and are timed at a later load. Rows 3 take 4's choice, 5-7
-take 8's; a row count above 8 is a prompt, and runs F.linear.
+turn (the order rotated each round), and the median per candidate. A candidate replaces the
+baseline only when it is MIN_GAIN faster: F.linear, or split for 1-4 rows of fp32 weights of
+16 MB or more (`baseline`: its gain is in whole steps, which timing one layer does not see).
+Weights over TIME_MAX_BYTES are timed on their first rows (it is the cost per row that differs).
+No shape is started after TUNE_BUDGET_S of a model's timing (largest bytes first); shapes left
+run F.linear and are timed at a later load. Rows 3 take 4's choice, 5-7 take 8's; a row count
+above 8 is a prompt, and runs F.linear.
 
 Cache: $KAKI_CACHE_DIR (default ~/.cache/kaki)/small_m.json, one entry per CPU model, torch
 dispatch level and version, dtype, thread count and weight shape, rewritten atomically. It holds
@@ -39,7 +41,6 @@ import functools
 import json
 import os
 import statistics
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from torch import nn
 
 from kaki import cpu, kernels
 from kaki.errors import KakiError
+from kaki.files import write_file_atomically
 from kaki.quant import native
 
 PATHS = ("linear", "mm", "split")
@@ -62,9 +64,11 @@ TUNE_MIN_NUMEL = 1 << 20  # 4 MB in fp32: under it a product is microseconds and
 TIME_MAX_BYTES = 64 << 20
 TUNE_BUDGET_S = 4.0
 ROUNDS = 3
-MIN_GAIN = 1.05  # ties and noise keep F.linear
+MIN_GAIN = 1.05  # ties and noise keep the baseline
+SPLIT_BASELINE_ROWS = 4  # the rows and sizes split was measured to pay at in whole decode steps
+SPLIT_BASELINE_NUMEL = 1 << 22
 CACHE_NAME = "small_m.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: choices made against `baseline`
 MAX_CACHE_BYTES = 1 << 20
 
 
@@ -103,6 +107,17 @@ def measure(calls: dict[str, Callable[[], object]], clock: Callable[[], float] =
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def baseline(weight: torch.Tensor, rows: int, parts: int) -> str:
+    """The path a product keeps unless another is MIN_GAIN faster: for 1-4 rows of a large fp32
+    weight with 2+ threads, split (with its one-core step), else F.linear. Split's gain is in
+    whole decode steps: timed alone it can look no faster than F.linear, while a ~1B model's
+    batch-1 decode ran at 6.1 tok/s with it against 4.3 without (BENCHMARKS.md; 5.5-6.8 against
+    2.6 on two loaded cores, 2026-12-03), because it also keeps torch's other ops off the second
+    core. So timing one layer replaces it only when it is clearly slower."""
+    large = weight.dtype == torch.float32 and weight.numel() >= SPLIT_BASELINE_NUMEL
+    return "split" if rows <= SPLIT_BASELINE_ROWS and parts > 1 and large else "linear"
+
+
 def choose(weight: torch.Tensor, bias: torch.Tensor | None, parts: int,
            clock: Callable[[], float] = time.perf_counter, candidates: dict[str, Callable] | None = None) -> dict:
     """Time `candidates` (default: kernels.products(parts), split only with 2+ threads) for
@@ -119,8 +134,10 @@ def choose(weight: torch.Tensor, bias: torch.Tensor | None, parts: int,
             x = torch.randn(m, K, generator=g).to(weight.dtype)
             med = measure({name: functools.partial(f, x, w, b) for name, f in candidates.items()}, clock)
             best = min(med, key=lambda name: (med[name], list(candidates).index(name)))
-            if "linear" in med and med["linear"] <= MIN_GAIN * med[best]:
-                best = "linear"
+            keep = baseline(weight, m, parts)
+            keep = keep if keep in med else "linear"
+            if keep in med and med[keep] <= MIN_GAIN * med[best]:
+                best = keep
             paths[str(m)], ms[str(m)] = best, {name: round(t * 1e3, 3) for name, t in med.items()}
     return {"paths": paths, "ms": ms}
 
@@ -165,14 +182,8 @@ def write_cache(new: dict[str, dict]) -> None:
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         entries = {**read_cache(), **new}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".small_m-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_file_atomically(path, json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1,
+                                               sort_keys=True), fsync=False)
     except OSError as e:
         logger.warning("could not write {} ({}): small-M products will be timed again next time", path, e)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import stat
 import time
 from dataclasses import dataclass, field, fields
@@ -37,6 +36,7 @@ from typing import Callable, Iterator
 from kaki.chat_format import TemplateTooLarge, normalize_messages, with_context
 from kaki.engine import PrefixCache, RowCache, Scheduler, TextSequence
 from kaki.errors import KakiError, ParamError
+from kaki.files import write_file_atomically
 from kaki.sampling import SamplingParams
 
 
@@ -352,7 +352,7 @@ class ChatSession:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path).expanduser()
-        write_text_atomically(path, json.dumps(self.messages(), indent=2, ensure_ascii=False) + "\n")
+        write_file_atomically(path, json.dumps(self.messages(), indent=2, ensure_ascii=False) + "\n")
         return path
 
     def load(self, path: str | os.PathLike) -> int:
@@ -518,26 +518,3 @@ def read_json_file(path: Path, limit: int):
         raise KakiError(f"{path} is not a JSON conversation ({e})") from None
     except RecursionError:
         raise KakiError(f"{path} is not a JSON conversation (nested too deeply)") from None
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a file that appears whole or not at all (a crash never leaves half a conversation).
-    A file that exists keeps its permissions; a new one gets the umask's (created 0666 & ~umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        keep = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        keep = None
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if keep is None else 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            if keep is not None:
-                os.fchmod(f.fileno(), keep)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -11,13 +11,14 @@ is ignored with a note. The file is a plain .npz read with allow_pickle=False.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from kaki.errors import KakiError
+from kaki.files import write_file_atomically
 from kaki.retrieval.embed import EmbedderSpec
 
 FORMAT = "kaki-passage-vectors/1"
@@ -52,14 +53,10 @@ def save(path: str | Path, spec: EmbedderSpec, texts: list[str], vectors: np.nda
     keys = np.frombuffer(b"".join(text_key(t) for t in texts), dtype=np.uint8).reshape(len(texts), KEY_BYTES)
     header = {"format": FORMAT, "embedder": json.loads(spec.to_json()), "count": len(texts),
               "corpus_sha256": corpus_hash(texts)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), keys=keys,
-                     vectors=np.asarray(vectors, dtype=np.float16))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), keys=keys,
+             vectors=np.asarray(vectors, dtype=np.float16))
+    write_file_atomically(path, buf.getvalue())
 
 
 class VectorFile:

@@ -26,7 +26,6 @@ position is those integers, so a resumed run draws exactly the samples it would 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from bisect import bisect_right
@@ -39,6 +38,7 @@ import torch
 
 from kaki.chat_format import check_text, normalize_messages
 from kaki.errors import KakiError
+from kaki.files import jsonl_lines
 
 # ----------------------------------------------------------------------------- chat rendering
 # `messages` records are rendered by kaki.chat_format (the one module chat, serve and training
@@ -128,23 +128,16 @@ def read_records(path: Path, bad: BadLines, strict: bool,
     if not path.is_file():
         raise KakiError(f"data file {path} does not exist")
     out = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+    for lineno, rec, problem in jsonl_lines(path):
+        if problem is None:
             try:
-                rec = json.loads(raw.decode("utf-8"))
                 problem = check(rec)
-            except UnicodeDecodeError as e:
-                problem = f"not UTF-8 (byte {e.start + 1} of the line is {raw[e.start]:#04x})"
-            except json.JSONDecodeError as e:
-                problem = f"invalid JSON ({e.msg} at column {e.colno})"
             except RecursionError:
                 problem = "invalid JSON (nested too deeply)"
-            if problem is not None:
-                bad.add(path, lineno, problem, strict)
-                continue
-            out.append((lineno, rec))
+        if problem is not None:
+            bad.add(path, lineno, problem, strict)
+            continue
+        out.append((lineno, rec))
     return out
 
 

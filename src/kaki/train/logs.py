@@ -8,11 +8,12 @@ step range and the loss range in a tiny built-in digit font.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 import zlib
 from pathlib import Path
+
+from kaki.files import write_file_atomically
 
 METRICS = "metrics.jsonl"
 LOG = "train.log"
@@ -52,9 +53,7 @@ class Metrics:
                     continue  # a line cut by the kill
                 if row.get("step", 0) <= resume_step:
                     self.rows.append(row)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.path)
+        write_file_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.wandb = wandb_run
 
     def log(self, row: dict) -> None:
@@ -150,7 +149,5 @@ def write_loss_png(path: Path, train: list[tuple[int, float]], evals: list[tuple
         c.text(2, y0 - 10, _fmt(lmin))
         c.text(x0, y0 + 8, str(smin))
         c.text(x1 - 4 * 2 * len(str(smax)), y0 + 8, str(smax))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(c.png())
-    os.replace(tmp, path)
+    write_file_atomically(path, c.png())
     return path
