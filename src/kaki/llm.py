@@ -22,14 +22,14 @@ from kaki.errors import KakiError, ParamError
 from kaki.loading import generation_defaults, load_model, resolve_model_path
 from kaki.model import CausalLM
 from kaki.quant import as_spec
-from kaki.sampling import SamplingParams
+from kaki.sampling import SamplingParams, speculative_k
 from kaki.saving import save_model_dir
 from kaki.tokenizer import Tokenizer
 
-# Moved to kaki.device, kaki.loading and kaki.saving (issue #18); files other work is editing right
-# now still import them from here: serve/engine.py (available_memory), train/loop.py and
-# train/memory.py (available_memory, pick_device, resolve_model_path, load_model, save_model_dir).
-# Delete this re-export once those import from the new modules.
+# Moved to kaki.device, kaki.loading and kaki.saving (issue #18); train/loop.py and train/memory.py,
+# which other work is editing right now, still import available_memory, pick_device,
+# resolve_model_path, load_model and save_model_dir from here. Delete this re-export (the others
+# are names this module uses) once they import from the new modules.
 from kaki.device import available_memory  # noqa: E402,F401
 
 
@@ -47,9 +47,13 @@ class Completion:
 
 class LLM:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, path: str | None = None,
-                 generation_defaults: dict | None = None, tokenizer_files: dict | None = None):
+                 generation_defaults: dict | None = None, tokenizer_files: dict | None = None,
+                 speculative: str | None = None):
         """tokenizer_files: what `save` writes for the tokenizer (name -> text, bytes or a file to
-        copy) where `path` does not hold transformers' tokenizer files (Adept's release)."""
+        copy) where `path` does not hold transformers' tokenizer files (Adept's release);
+        speculative: "ngram[:K]" or None, for requests whose params do not say (kaki.engine.speculative)."""
+        speculative_k(speculative)
+        self.speculative = speculative
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
@@ -119,7 +123,7 @@ class LLM:
         finally ([], completions)."""
         ids = [self.encode_prompt(p, add_bos) for p in prompts]
         sched = Scheduler(self.model, self.eos_ids, max_rows=self.max_batch_size, max_len=self.context_length,
-                          prefix_cache=self.prefix_cache)
+                          prefix_cache=self.prefix_cache, speculative=self.speculative)
         index = {sched.add_request(p, sp): i for i, (p, sp) in enumerate(zip(ids, params))}
         seqs = [sched.sequence(seq_id) for seq_id in index]
         texts = [TextSequence(self.tokenizer, p, sp.stop) for p, sp in zip(ids, params)]
@@ -141,7 +145,8 @@ class LLM:
         out = []
         for p, seq, text, sp, prompt_ids in zip(prompts, seqs, texts, params, ids):
             out.append(Completion(
-                prompt=p if isinstance(p, str) else None, text=text.text, token_ids=list(seq.tokens),
+                # The text's ids: with speculation the sequence may hold drafts past a stop string.
+                prompt=p if isinstance(p, str) else None, text=text.text, token_ids=list(text.token_ids),
                 finish_reason=text.finish_reason or "length", prompt_token_ids=prompt_ids,
                 logprobs=text.logprobs if sp.logprobs else None,
                 top_logprobs=text.top_logprobs if sp.top_logprobs else None,
@@ -158,13 +163,14 @@ class LLM:
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-         progress: bool = False, quantize=None, quantize_head: bool = True) -> LLM:
+         progress: bool = False, quantize=None, quantize_head: bool = True, speculative: str | None = None) -> LLM:
     """Load a model directory (transformers layout, or Adept's Megatron release) with its
     tokenizer, ready to generate.
 
     quantize: "int8" or "int4" (or "int4:GROUP", or a kaki.quant.QuantSpec) quantizes the linear
     layers tensor by tensor while loading (the lm_head too unless quantize_head=False); a
-    checkpoint saved quantized loads as it is stored without it."""
+    checkpoint saved quantized loads as it is stored without it. speculative: "ngram[:K]" turns
+    prompt-lookup speculative decoding on for every request that does not say (LLM.speculative)."""
     spec = as_spec(quantize, quantize_head)
     model_dir = resolve_model_path(path_or_id)
     if is_release_dir(model_dir):
@@ -172,10 +178,10 @@ def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype = "auto", de
             raise KakiError("--quantize does not apply to Adept's release layout directly; convert it "
                             "first (kaki convert SRC DST --to hf --quantize int8) and load DST")
         model, tokenizer, files = load_release(model_dir, dtype=dtype, device=device, progress=progress)
-        return LLM(model, tokenizer, str(model_dir), tokenizer_files=files)
+        return LLM(model, tokenizer, str(model_dir), tokenizer_files=files, speculative=speculative)
     cfg = read_config(model_dir)
     dev = pick_device(device)
     dt = pick_dtype(dtype, cfg, dev)
     model = load_model(model_dir, cfg, dt, dev, progress, quantize=spec)
     tokenizer = Tokenizer.from_dir(model_dir, cfg)
-    return LLM(model, tokenizer, str(model_dir), generation_defaults(model_dir))
+    return LLM(model, tokenizer, str(model_dir), generation_defaults(model_dir), speculative=speculative)

@@ -8,7 +8,7 @@ small name tables in `kaki.checkpoint`. The KV cache is passed to `forward` expl
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,6 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     return RMSNorm(dim, cfg.layer_norm_eps) if cfg.rms_norm else nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
 
 
-@runtime_checkable
 class AttentionCache(Protocol):
     """What `CausalLM.forward` reads and writes of a KV cache; nothing else of it is touched.
 
@@ -75,7 +74,7 @@ class AttentionCache(Protocol):
 
     Rotary positions are baked into the keys when they are stored, so where a token sits in the
     cache never changes its math; only the mask says which slots each query sees.
-    `kaki.engine.kv.RowCache` (rows of their own lengths) and `SlotTimeline` below implement it.
+    `kaki.engine.kv.RowCache` (rows of their own lengths) implements it.
     """
 
     def begin(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
@@ -100,75 +99,6 @@ def attention_mask(B: int, S: int, start: int, key_valid: torch.Tensor | None,
     # False (SDPA would return NaN there). Pad rows' outputs are never read.
     mask = mask | (k_idx == q_idx)
     return mask.reshape(-1, 1, S, T).expand(B, 1, S, T)
-
-
-class SlotTimeline:
-    """An AttentionCache whose rows share one slot timeline: keys and values `k`, `v` of shape
-    (L, B, KV, T, D), `valid` (B, T) True where a slot holds a real token, `length` slots filled
-    (every row writes its new tokens at the same slots), `padded` once any filled slot of a row is
-    a pad (then masks are needed). A left-padded batch is a matter of `valid`, not of ragged
-    storage. The server's `SlotCache` and `RowsView` reach it through `as_attention_cache` until
-    the server moves to kaki.engine (issue #18); kaki.engine.kv.RowCache is everyone else's cache."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    valid: torch.Tensor
-    length: int
-    padded: bool
-    capacity: int
-
-    def begin(self, input_ids, positions, valid):
-        B, S = input_ids.shape
-        start, device = self.length, input_ids.device
-        if start + S > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} tokens; {start + S} requested")
-        if positions is None:
-            positions = torch.arange(start, start + S, device=device).expand(B, S)
-        if valid is None:
-            valid = torch.ones(B, S, dtype=torch.bool, device=device)
-        self.valid[:, start:start + S] = valid
-        if not bool(valid.all()):
-            self.padded = True
-        self._adding = S
-        # With no padding anywhere, a prefill from slot 0 uses SDPA's own causal path and a
-        # one-token step needs no mask at all (both faster, and what transformers does).
-        if not self.padded:
-            if start == 0:
-                return positions, None, S > 1
-            if S == 1:
-                return positions, None, False
-        return positions, attention_mask(B, S, start, self.valid[:, :start + S], device), False
-
-    def update(self, layer, k, v):
-        start, S = self.length, k.shape[2]
-        self.k[layer, :, :, start:start + S] = k
-        self.v[layer, :, :, start:start + S] = v
-        return self.k[layer, :, :, :start + S], self.v[layer, :, :, :start + S]  # (B, KV, T, D)
-
-    def end(self) -> None:
-        self.length += self._adding
-
-
-class _Borrowed(SlotTimeline):
-    """A SlotTimeline over another object's attributes (the server's SlotCache and RowsView)."""
-
-    def __init__(self, store):
-        self.store = store
-
-    k = property(lambda self: self.store.k)
-    v = property(lambda self: self.store.v)
-    valid = property(lambda self: self.store.valid)
-    capacity = property(lambda self: self.store.capacity)
-    length = property(lambda self: self.store.length, lambda self, n: setattr(self.store, "length", n))
-    padded = property(lambda self: self.store.padded, lambda self, p: setattr(self.store, "padded", p))
-
-
-def as_attention_cache(cache) -> AttentionCache | None:
-    """`cache` itself, or a SlotTimeline over an object with its attributes (k, v, valid, length,
-    padded, capacity) that does not implement AttentionCache itself."""
-    if cache is None or isinstance(cache, AttentionCache):
-        return cache
-    return _Borrowed(cache)
 
 
 class Attention(nn.Module):
@@ -336,7 +266,6 @@ class CausalLM(nn.Module):
         valid: (B, S) True for real tokens, False for padding; None means all real.
         With a cache, the tokens are appended to what its rows hold (see AttentionCache).
         """
-        cache = as_attention_cache(cache)
         if cache is not None:
             positions, mask, causal = cache.begin(input_ids, positions, valid)
         else:

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import torch
 from loguru import logger
 
+from kaki.device import available_memory
+from kaki.chat_format import format_for_llm
 from kaki.engine import PrefixCache, Scheduler, Sequence, TextSequence
 from kaki.engine.kv import kv_cache_bytes
 from kaki.engine.scheduler import Event
 from kaki.errors import KakiError, ParamError
-from kaki.llm import available_memory
-from kaki.serve.client import EngineStopped, Handle, Output, QueueFull, SeqRequest
+from kaki.serve.client import EngineStopped, Handle, Output, QueueFull, SeqRequest, token_text
 from kaki.serve.metrics import Metrics
 
 __all__ = ["Engine", "EngineConfig", "EngineStopped", "Handle", "Output", "QueueFull", "SeqRequest",
@@ -77,7 +78,7 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         self.metrics = metrics or Metrics()
         self.model_name = model_name or "kaki"
-        context = llm.context_length
+        self.context_length = context = llm.context_length
         self.max_seq_len = cfg.max_seq_len or context
         if self.max_seq_len > context:
             raise KakiError(f"--max-seq-len {self.max_seq_len:,} is longer than the model's context "
@@ -121,6 +122,9 @@ class Engine:
 
     def encode(self, prompt: str | list[int], add_bos: bool | None = None) -> list[int]:
         return self.llm.encode_prompt(prompt, add_bos=add_bos)
+
+    def chat_format(self, name: str = "auto"):
+        return format_for_llm(self.llm, name)
 
     def fit(self, n_prompt: int, max_new: int | None, *, field: str = "max_tokens", cap: bool = False,
             prompt_field: str = "prompt") -> int:
@@ -322,16 +326,6 @@ class Engine:
                 with self._cv:
                     self._unfinished -= 1
                 handle.put(i, Output(finish_reason="error", error=why))
-
-
-def token_text(tokenizer, context: list[int], token: int) -> str:
-    """The text `token` adds after `context` (its leading space included, which decoding it
-    alone would drop under sentencepiece's rules)."""
-    before = tokenizer.decode(context, skip_special_tokens=False)
-    after = tokenizer.decode(context + [token], skip_special_tokens=False)
-    if after.startswith(before):
-        return after[len(before):]
-    return tokenizer.decode([token], skip_special_tokens=False)
 
 
 def free_memory(device: torch.device) -> int:
