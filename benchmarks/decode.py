@@ -162,7 +162,7 @@ def peak_load_rss(path: Path, dtype: str) -> dict:
 import resource, torch, json
 from pathlib import Path
 from kaki.config import read_config
-from kaki.llm import load_model
+from kaki.loading import load_model
 def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
 base = rss()
 m = load_model(Path({str(path)!r}), read_config({str(path)!r}), torch.{dtype}, torch.device('cpu'))
@@ -214,7 +214,7 @@ def main() -> None:
               f"({rss['ratio']:.2f}x)")
         import transformers as T
 
-        from kaki.llm import load_model
+        from kaki.loading import load_model
         hf_model = T.PersimmonForCausalLM.from_pretrained(path, dtype=dtype).eval()
         kaki_model = load_model(path, c, dtype, torch.device("cpu"))
         for b in [int(x) for x in args.batches.split(",")]:
@@ -251,7 +251,7 @@ def load_format(path: Path, fmt: str):
     """kaki's model quantized while loading, as kaki.load(path, quantize=FORMAT) builds it (the
     random checkpoint has no tokenizer); "int8@KERNEL" picks an int8 kernel (KAKI_INT8_KERNEL)."""
     from kaki.config import read_config
-    from kaki.llm import load_model
+    from kaki.loading import load_model
     from kaki.quant import as_spec, int8
 
     fmt, _, kernel = fmt.partition("@")

@@ -51,7 +51,7 @@ def main() -> None:
     import transformers as T
 
     from kaki.config import read_config
-    from kaki.llm import load_model
+    from kaki.loading import load_model
     from kaki.train.loop import token_loss_sum
 
     dev = torch.device(args.device)

@@ -19,7 +19,7 @@ import torch
 import kaki
 from kaki.checkpoint import renamer
 from kaki.config import read_config
-from kaki.llm import load_model
+from kaki.loading import load_model
 from kaki.model import apply_rotary, rotate_every_two, rotate_half
 
 from helpers import PAD, generate_positions, hf_model_dir, left_pad, random_prompts
