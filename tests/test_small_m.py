@@ -93,6 +93,20 @@ def test_tuner_keeps_f_linear_unless_clearly_faster():
     assert set(entry["paths"].values()) == {"linear"}  # a tie, and a gain under MIN_GAIN
 
 
+def test_large_fp32_decode_products_keep_split_unless_clearly_slower():
+    """1-4 rows of a 16 MB fp32 weight keep split (its whole-step gain is not in one layer's
+    time) unless F.linear or mm is MIN_GAIN faster; 8 rows start from F.linear."""
+    w = torch.zeros(16384, 256)
+    candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.03})
+    assert small_m.choose(w, None, 2, clock, candidates)["paths"] == {"1": "split", "2": "split", "4": "split",
+                                                                     "8": "linear"}
+    candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.2})
+    assert set(small_m.choose(w, None, 2, clock, candidates)["paths"].values()) == {"linear"}
+    candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.03})
+    assert set(small_m.choose(w, None, 1, clock, candidates)["paths"].values()) == {"linear"}  # one thread
+    assert set(small_m.choose(w.bfloat16(), None, 2, clock, candidates)["paths"].values()) == {"linear"}
+
+
 def test_measure_takes_the_median_of_interleaved_runs():
     costs = iter([5, 5, 1, 9, 2, 3, 7, 4])  # warm-ups a, b; then a 1, b 9, b 2, a 3, a 7, b 4
     now, calls = [0.0], {}
