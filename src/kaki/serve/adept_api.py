@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 
 from kaki.errors import ParamError
 from kaki.sampling import SamplingParams
-from kaki.serve.engine import SeqRequest, token_text
+from kaki.serve.client import SeqRequest, token_text
 from kaki.serve.results import collect
 from kaki.serve.schemas import AdeptRequest, AdeptResponse
 from kaki.serve.screen import CONTENT_FILTER, Screen

@@ -1,4 +1,5 @@
-"""`create_app(engine)`: the FastAPI app around an Engine. Thin: routes live in adept_api and
+"""`create_app(engine)`: the FastAPI app around an engine client (kaki.serve.client.EngineClient:
+the real kaki.serve.engine.Engine, or a test's fake). Thin: routes live in adept_api and
 openai_api, bodies in schemas; this module wires them up and maps errors to HTTP.
 
 Errors: every answer that is not a 200 has `{"error": {"message", "type", "param", "code"}}`, on
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from kaki.errors import KakiError, ParamError
 from kaki.serve import adept_api, openai_api, page
-from kaki.serve.engine import Engine, EngineStopped, QueueFull
+from kaki.serve.client import EngineClient, EngineStopped, QueueFull
 from kaki.serve.metrics import CONTENT_TYPE_LATEST
 from kaki.serve.results import ClientGone, EngineFailure
 from kaki.serve.schemas import error_body, json_error
@@ -32,14 +33,12 @@ OPEN_ROUTES = ("/health", "/healthz", *page.OPEN_PATHS)  # no API key needed (lo
 DEFAULT_MAX_BODY_MB = 16
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, chat_format: str = "auto",
+def create_app(engine: EngineClient, *, api_key: str | None = None, chat_format: str = "auto",
                retriever=None, retrieval_k: int = 3, moderator=None,
                max_body_mb: float = DEFAULT_MAX_BODY_MB) -> FastAPI:
     """moderator: a kaki.moderation.Moderator that screens prompts and replies (kaki.serve.screen);
     max_body_mb: the largest request body accepted (`kaki serve --max-body-mb`)."""
-    from kaki.chat_format import format_for_llm
-
-    fmt = format_for_llm(engine.llm, chat_format)  # a bad --chat-format fails here, at start-up
+    fmt = engine.chat_format(chat_format)  # a bad --chat-format fails here, at start-up
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

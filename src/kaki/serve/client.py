@@ -2,7 +2,9 @@
 
 The routes submit `SeqRequest`s and read `Output`s from a `Handle`; they never touch tensors or
 the model. `kaki.serve.engine.Engine` (kaki.engine's scheduler behind a worker thread) is the real
-one; a test can put a fake behind the same interface to check the HTTP contract alone.
+one; a test can put a fake behind the same interface to check the HTTP contract alone
+(tests/test_serve_contract.py). Text comes in through `encode` and goes out through `tokenizer`
+(decoding ids, `token_text`), so a route needs no model at all.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import queue
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kaki.errors import KakiError
 from kaki.sampling import SamplingParams
 from kaki.serve.metrics import Metrics
 from kaki.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kaki.chat_format import ChatFormat, TemplateFormat
 
 
 class QueueFull(KakiError):
@@ -107,7 +112,8 @@ class EngineClient(Protocol):
     """The engine as the routes and the app see it."""
 
     model_name: str
-    max_seq_len: int  # prompt + reply tokens per sequence
+    max_seq_len: int  # prompt + reply tokens per sequence on this server
+    context_length: int  # the model's own context (max_seq_len is at most this)
     tokenizer: Tokenizer  # for the text of ids (echo, logprob tokens); prompts go through `encode`
     metrics: Metrics
     error: str | None  # the last engine failure, for /health
@@ -143,3 +149,17 @@ class EngineClient(Protocol):
     @property
     def defaults(self) -> dict:
         """The model's generation defaults (generation_config.json), under SamplingParams' names."""
+
+    def chat_format(self, name: str = "auto") -> "ChatFormat | TemplateFormat":
+        """The chat format `name` for this model (`--chat-format`; "auto": the model's own), or a
+        KakiError naming the choices."""
+
+
+def token_text(tokenizer: Tokenizer, context: list[int], token: int) -> str:
+    """The text `token` adds after `context` (its leading space included, which decoding it
+    alone would drop under sentencepiece's rules)."""
+    before = tokenizer.decode(context, skip_special_tokens=False)
+    after = tokenizer.decode(context + [token], skip_special_tokens=False)
+    if after.startswith(before):
+        return after[len(before):]
+    return tokenizer.decode([token], skip_special_tokens=False)

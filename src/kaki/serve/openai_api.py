@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from kaki.errors import KakiError, ParamError
 from kaki.sampling import SamplingParams
 from kaki.serve import schemas as S
-from kaki.serve.engine import Engine, Output, SeqRequest
+from kaki.serve.client import EngineClient, Output, SeqRequest
 from kaki.serve.results import SSE_DONE, SeqResult, collect, sse
 from kaki.serve.screen import CONTENT_FILTER, Screen
 
@@ -39,16 +39,16 @@ class ModelNotFound(KakiError):
     pass
 
 
-def _check_model(engine: Engine, name: str | None) -> None:
+def _check_model(engine: EngineClient, name: str | None) -> None:
     if name and name != engine.model_name:
         shown = name if len(name) <= 200 else name[:200] + "..."  # a 16 MB name is not echoed back
         raise ModelNotFound(f"The model `{shown}` does not exist; this server serves `{engine.model_name}` "
                             "(see GET /v1/models)")
 
 
-def _sampling(body, engine: Engine, max_new: int, seed: int | None, **extra) -> SamplingParams:
+def _sampling(body, engine: EngineClient, max_new: int, seed: int | None, **extra) -> SamplingParams:
     """Request fields over the model's generation_config.json defaults over OpenAI's defaults."""
-    defaults = engine.llm.generation_defaults
+    defaults = engine.defaults
     pick = lambda value, key, default: value if value is not None else defaults.get(key, default)  # noqa: E731
     top_k = pick(body.top_k, "top_k", 0)
     return SamplingParams(
@@ -65,8 +65,8 @@ def _seed(body, j: int) -> int | None:
     return None if body.seed is None else (body.seed + j) % (S.MAX_SEED + 1)
 
 
-def _ids(engine: Engine, prompt, add_bos=None) -> list[int]:
-    return engine.llm.encode_prompt(prompt, add_bos=add_bos)
+def _ids(engine: EngineClient, prompt, add_bos=None) -> list[int]:
+    return engine.encode(prompt, add_bos=add_bos)
 
 
 def _usage(prompt_lens: list[int], completion: int) -> S.Usage:
@@ -82,7 +82,7 @@ def _new_id(prefix: str) -> str:
 
 @router.post("/completions", response_model=S.CompletionResponse)
 async def completions(body: S.CompletionRequest, request: Request):
-    engine: Engine = request.app.state.engine
+    engine: EngineClient = request.app.state.engine
     _check_model(engine, body.model)
     prompts = body.prompts()
 
@@ -168,7 +168,7 @@ async def _completion_chunks(outputs, screen, rid, created, model, body, echo, l
 
 @router.post("/chat/completions", response_model=S.ChatCompletionResponse)
 async def chat_completions(body: S.ChatCompletionRequest, request: Request):
-    engine: Engine = request.app.state.engine
+    engine: EngineClient = request.app.state.engine
     _check_model(engine, body.model)
     fmt = request.app.state.chat_format
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -214,7 +214,7 @@ async def chat_completions(body: S.ChatCompletionRequest, request: Request):
                                     sources=sources)
 
 
-def _render(engine: Engine, fmt, messages: list[dict]) -> list[int]:
+def _render(engine: EngineClient, fmt, messages: list[dict]) -> list[int]:
     """The prompt's token ids (run in a worker thread: templates and tokenizing take time)."""
     try:
         text = fmt.render(messages, add_generation_prompt=True)
@@ -223,11 +223,11 @@ def _render(engine: Engine, fmt, messages: list[dict]) -> list[int]:
     return _ids(engine, text, add_bos=fmt.add_bos)
 
 
-def _ground(app, engine: Engine, fmt, messages: list[dict], max_new: int | None) -> tuple[list[dict], list[dict]]:
+def _ground(app, engine: EngineClient, fmt, messages: list[dict], max_new: int | None) -> tuple[list[dict], list[dict]]:
     """The messages with retrieved passages in the last user turn, and those passages: as many
     as fit beside the reply (`max_tokens`, else RETRIEVAL_REPLY_TOKENS kept for it)."""
     from kaki.retrieval import ground
-    tok = engine.llm.tokenizer
+    tok = engine.tokenizer
     reserve = max_new if max_new is not None else min(RETRIEVAL_REPLY_TOKENS, engine.max_seq_len // 2)
     try:
         g = ground(app.state.retriever, messages, fmt=fmt, count_tokens=lambda s: len(tok.encode(s, add_bos=False)),
@@ -304,6 +304,6 @@ def _stream(handle, events) -> StreamingResponse:
 
 @router.get("/models", response_model=S.ModelList)
 async def models(request: Request) -> S.ModelList:
-    engine: Engine = request.app.state.engine
+    engine: EngineClient = request.app.state.engine
     return S.ModelList(data=[S.ModelCard(id=engine.model_name, created=request.app.state.started,
                                          max_model_len=engine.max_seq_len)])

@@ -51,13 +51,13 @@ async def static(name: str) -> FileResponse:
 async def info(request: Request) -> dict:
     """The model's name and context, the sampling defaults a chat request gets, and which of
     retrieval and moderation are on."""
-    engine = request.app.state.engine  # kaki.serve.engine.Engine
-    gen = engine.llm.generation_defaults
+    engine = request.app.state.engine  # a kaki.serve.client.EngineClient
+    gen = engine.defaults
     state = request.app.state
     return {
         "model": engine.model_name,
         "context_length": engine.max_seq_len,  # prompt + reply tokens per request on this server
-        "model_context_length": engine.llm.context_length,
+        "model_context_length": engine.context_length,
         "chat_format": state.chat_format.name,
         # max_tokens: the model's suggested reply length (generation_config.json max_new_tokens),
         # which the page sends when its field is empty, as `kaki chat` uses it; a request without

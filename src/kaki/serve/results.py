@@ -7,7 +7,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
-from kaki.serve.engine import Handle, Output
+from kaki.serve.client import Handle, Output
 
 
 class EngineFailure(Exception):

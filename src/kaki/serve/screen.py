@@ -18,7 +18,7 @@ import asyncio
 from dataclasses import replace
 from typing import AsyncIterator, Iterable
 
-from kaki.serve.engine import Output
+from kaki.serve.client import Output
 from kaki.serve.results import SeqResult
 from kaki.serve.schemas import Moderation
 
