@@ -29,6 +29,9 @@ class SamplingParams:
     logprobs: bool = False  # logprob of each generated token
     top_logprobs: int = 0  # and of this many most likely alternatives
     prompt_logprobs: bool = False  # logprob of each prompt token given the ones before it
+    # Speculative decoding (kaki.engine.speculative): "ngram" or "ngram:K" (K drafted tokens at most
+    # per step), "off", or None for the engine's default.
+    speculative: str | None = None
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -61,6 +64,8 @@ class SamplingParams:
             bad("stop_token_ids", "must be a list of token ids")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
             bad("top_logprobs", f"must be a whole number from 0 to 20, got {self.top_logprobs!r}")
+        if self.speculative is not None:
+            speculative_k(self.speculative)
 
     @property
     def greedy(self) -> bool:
@@ -78,6 +83,23 @@ class SamplingParams:
         g = torch.Generator(device=device)
         g.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
         return g
+
+
+MAX_DRAFT = 16  # drafted tokens per step at most: a verify pass over more rarely pays on a CPU
+DEFAULT_DRAFT = 4
+
+
+def speculative_k(value: str | None, field: str = "speculative") -> int:
+    """Drafted tokens per step for a `speculative` setting: 0 for "off" or None, K for "ngram"
+    (DEFAULT_DRAFT) or "ngram:K"; anything else is a ParamError naming `field`."""
+    if value is None or value == "off":
+        return 0
+    kind, _, k = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if kind == "ngram" and not k:
+        return DEFAULT_DRAFT
+    if kind == "ngram" and k.isdigit() and 1 <= int(k) <= MAX_DRAFT:
+        return int(k)
+    raise ParamError(field, f"must be 'off', 'ngram' or 'ngram:K' with K from 1 to {MAX_DRAFT}, got {value!r}")
 
 
 def _is_number(x) -> bool:
@@ -127,6 +149,13 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(target_probs(logits, params), 1, generator=generator))
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled token is drawn from, given one row of fp32 logits (V,) with the
+    repetition penalty already applied: temperature (> 0), top-k and top-p. Speculative decoding
+    accepts drafts against this same distribution."""
     # Shifted so the largest logit is 0 before dividing: no temperature > 0 can then overflow to
     # inf (1e-300 would, and inf - inf is NaN in softmax); a vanishing one leaves the argmax alone.
     # The floor keeps -inf out of the division (-inf / inf is NaN), and a temperature the dtype
@@ -138,5 +167,4 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     logits = shifted / params.temperature
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(logits, dim=-1)

@@ -49,7 +49,7 @@ def pick_tokens(logits: torch.Tensor, rows: list[Row]) -> list[Pick | Exception]
                 seen = r.seen_ids() if r.params.repetition_penalty != 1.0 else None
                 out[b] = Pick(sampling.sample_token(logits[b], r.params, r.generator, seen))
             if r.params.logprobs or r.params.top_logprobs:
-                _add_logprobs(out[b], logits[b], r.params.top_logprobs)
+                add_logprobs(out[b], logits[b], r.params.top_logprobs)
         except Exception as e:  # this row's request, not the batch: the others go on
             # Without its traceback: the frames it holds (this one's `rows` and `out` among them)
             # would keep every sequence of the batch alive until a full garbage collection.
@@ -57,7 +57,8 @@ def pick_tokens(logits: torch.Tensor, rows: list[Row]) -> list[Pick | Exception]
     return out
 
 
-def _add_logprobs(pick: Pick, logits: torch.Tensor, top: int) -> None:
+def add_logprobs(pick: Pick, logits: torch.Tensor, top: int) -> None:
+    """Fill `pick`'s logprob (and `top` alternatives) from its row of raw fp32 logits (V,)."""
     lp = torch.log_softmax(logits, dim=-1)
     pick.logprob = float(lp[pick.token])
     if top:

@@ -22,10 +22,11 @@ from loguru import logger
 
 from kaki.engine.kv import RowCache
 from kaki.engine.prefix import Block, PrefixCache
-from kaki.engine.sampler import pick_tokens, prompt_logprobs
+from kaki.engine.sampler import Pick, pick_tokens, prompt_logprobs
+from kaki.engine.speculative import NgramDrafter, SpecCounters, verify
 from kaki.errors import KakiError, ParamError
 from kaki.model import CausalLM
-from kaki.sampling import SamplingParams
+from kaki.sampling import SamplingParams, speculative_k
 
 DEFAULT_MAX_ROWS = 32
 
@@ -79,6 +80,7 @@ class Sequence:
     reused_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     row: int | None = None  # in the RowCache while running
     blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks held, from the first
+    drafter: NgramDrafter | None = None  # with speculative decoding
     _seen: torch.Tensor | None = None
 
     def seen_ids(self) -> torch.Tensor:
@@ -103,11 +105,13 @@ class Sequence:
 class Scheduler:
     def __init__(self, model: CausalLM, eos_ids, *, max_rows: int = DEFAULT_MAX_ROWS, max_len: int | None = None,
                  prefix_cache: PrefixCache | None = None, max_prefill_tokens: int | None = None,
-                 limit_text: str | None = None):
+                 limit_text: str | None = None, speculative: str | None = None):
         """max_len: prompt + new tokens per sequence (default the model's context);
         max_prefill_tokens: padded prompt tokens prefilled in one step (None: every free row's
         newcomer at once), so a burst of prompts does not stall the running sequences;
-        limit_text: what a prompt that does not fit is told the limit is (see `fit`)."""
+        limit_text: what a prompt that does not fit is told the limit is (see `fit`);
+        speculative: "ngram[:K]" or "off"/None, for sequences whose params do not say
+        (kaki.engine.speculative)."""
         self.model = model
         context = model.config.max_position_embeddings
         self.max_len = max_len or context
@@ -121,6 +125,9 @@ class Scheduler:
         self.eos = frozenset(eos_ids)
         self.prefix = prefix_cache
         self.max_prefill_tokens = max_prefill_tokens
+        speculative_k(speculative)  # a bad setting fails here, not at the first step
+        self.speculative = speculative
+        self.spec = SpecCounters()
         self.cache: RowCache | None = None  # allocated (and grown) to what the sequences need
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] is in row i
@@ -178,7 +185,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         out = {"running": len(self.running), "waiting": len(self.waiting), "max_rows": self.max_rows,
-               "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens}
+               "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens,
+               **self.spec.as_stats()}
         if self.prefix is not None:
             out.update(self.prefix.counters())
         return out
@@ -197,6 +205,14 @@ class Scheduler:
 
     def _decode(self) -> list[Event]:
         seqs = list(self.running)
+        drafts = [self._draft(s) for s in seqs]
+        events = self._verify(seqs, drafts) if any(drafts) else self._decode_one(seqs)
+        self.spec.decode_steps += len(seqs)
+        self.spec.decode_tokens += sum(e.token is not None for e in events)
+        return events
+
+    def _decode_one(self, seqs: list[Sequence]) -> list[Event]:
+        """One token for every sequence."""
         dev = self.model.device
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # (B, 1)
         positions = torch.tensor([[len(s.prompt) + len(s.tokens) - 1] for s in seqs], device=dev)
@@ -207,6 +223,57 @@ class Scheduler:
             return self._fail(seqs, e)
         self._store_blocks(seqs)
         return self._sample(seqs, logits[:, -1].float())
+
+    def _draft(self, s: Sequence) -> list[int]:
+        """The tokens speculated to follow `s` ([] without speculation or a match)."""
+        setting = s.params.speculative if s.params.speculative is not None else self.speculative
+        if s.drafter is None:
+            k = speculative_k(setting)
+            if k == 0:
+                return []
+            s.drafter = NgramDrafter(s.prompt, k)
+        # One token comes from the target after the drafts: within max_new, the cache has room.
+        return s.drafter.propose(s.tokens, s.max_new - len(s.tokens) - 1)
+
+    def _verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Event]:
+        """One target pass over each row's [last token, drafts] (right-padded), the drafts
+        accepted or not (kaki.engine.speculative.verify), and the rejected positions dropped from
+        the cache."""
+        rows = [[s.tokens[-1]] + d for s, d in zip(seqs, drafts)]
+        B, S = len(rows), max(map(len, rows))
+        ids = torch.zeros(B, S, dtype=torch.long)
+        valid = torch.zeros(B, S, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            valid[b, :len(r)] = True
+        dev = self.model.device
+        ids, valid = ids.to(dev), valid.to(dev)
+        starts = [self.cache.lengths[s.row] for s in seqs]
+        self.cache.use(0, B)
+        try:
+            # Positions come from the cache: slot i holds rotary position i in every row.
+            logits = self.model(ids, None, self.cache, None if bool(valid.all()) else valid)  # (B, S, V)
+        except Exception as e:  # noqa: BLE001 (every row of the pass is lost, the scheduler is not)
+            return self._fail(seqs, e)
+        logits = logits.float()
+        picks: list[list[Pick] | Exception | None] = []
+        for b, (s, d) in enumerate(zip(seqs, drafts)):
+            try:
+                verdict = verify(logits[b, :len(d) + 1], s, d)
+            except Exception as e:  # noqa: BLE001 (this row's request alone fails, as in pick_tokens)
+                picks.append(e.with_traceback(None))
+                continue
+            # The cache keeps the last token and the kept drafts; the target's own pick is fed next step.
+            self.cache.lengths[s.row] = starts[b] + 1 + verdict.accepted
+            if d:
+                s.drafter.feedback(len(d), verdict.accepted)
+                self.spec.draft_tokens += len(d)
+                self.spec.accepted_tokens += verdict.accepted
+            picks.append(verdict.picks)
+        events = self._emit(seqs, picks)
+        # Once the kept drafts are in the sequences' ids (the blocks are keyed by them).
+        self._store_blocks([s for s in seqs if s.row is not None])
+        return events
 
     def _admit(self) -> list[Event]:
         free = self.max_rows - len(self.running)
@@ -312,22 +379,29 @@ class Scheduler:
         if len(live) < len(seqs):
             logits = logits[live]
         picks = dict(zip(live, pick_tokens(logits, [seqs[b] for b in live]))) if live else {}
+        return self._emit(seqs, [[p] if isinstance(p, Pick) else p for p in map(picks.get, range(len(seqs)))])
+
+    def _emit(self, seqs: list[Sequence], picks: list[list[Pick] | Exception | None]) -> list[Event]:
+        """An event per picked token of each sequence (None: it ends with "length" without one);
+        a sequence that ends, at a stop id or its token limit, drops the picks after that token."""
         events, ended, reasons = [], [], []
-        for b, s in enumerate(seqs):
-            pick = picks.get(b)
-            if pick is None:
-                event = Event(s.id, finish_reason="length")
-            elif isinstance(pick, Exception):
-                event = Event(s.id, finish_reason="error", error=f"{type(pick).__name__}: {pick}")
+        for s, row in zip(seqs, picks):
+            if row is None:
+                events.append(Event(s.id, finish_reason="length"))
+            elif isinstance(row, Exception):
+                events.append(Event(s.id, finish_reason="error", error=f"{type(row).__name__}: {row}"))
             else:
-                s.append(pick.token)
-                reason = None
-                if pick.token in s.stop_ids:
-                    reason = "stop"
-                elif len(s.tokens) >= s.max_new:
-                    reason = "length"
-                event = Event(s.id, pick.token, pick.logprob, pick.top, reason)
-            events.append(event)
+                for pick in row:
+                    s.append(pick.token)
+                    reason = None
+                    if pick.token in s.stop_ids:
+                        reason = "stop"
+                    elif len(s.tokens) >= s.max_new:
+                        reason = "length"
+                    events.append(Event(s.id, pick.token, pick.logprob, pick.top, reason))
+                    if reason is not None:
+                        break
+            event = events[-1]
             if event.finish_reason is not None:
                 s.error = event.error
                 ended.append(s)
