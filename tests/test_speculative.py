@@ -7,11 +7,16 @@ does; the cache after a rollback holds what a fresh prefill of the same ids give
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import kaki
-from kaki.engine import Scheduler
+from kaki.engine import RowCache, Scheduler
 from kaki.engine.speculative import NgramDrafter, verify
 from kaki.errors import ParamError
 from kaki.paths import bundled_model
@@ -239,3 +244,30 @@ def test_drafter_proposes_what_followed_the_latest_match():
 def test_bad_setting_names_the_field(bad):
     with pytest.raises(ParamError, match="speculative"):
         SamplingParams(speculative=bad)
+
+
+def test_row_cache_trim(llms):
+    cache = RowCache(llms["llama"].config, 2, 8, torch.float32, "cpu")
+    cache.lengths[1] = 5
+    cache.trim(1, 2)
+    assert cache.lengths == [0, 3]
+    with pytest.raises(ValueError, match="cannot drop 4"):
+        cache.trim(1, 4)
+
+
+def kaki_cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KAKI_MODEL": ""}
+    return subprocess.run([sys.executable, "-m", "kaki", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_flag(text_model_dir):
+    path = text_model_dir[1]
+    common = ["generate", "--model", path, "-t", "0", "-n", "24", "--json", "the cat sat on the mat and the cat"]
+    plain = kaki_cli(*common)
+    spec = kaki_cli(*common, "--speculative", "ngram:6", "--verbose")
+    assert plain.returncode == spec.returncode == 0, (plain.stderr, spec.stderr)
+    assert json.loads(spec.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    assert "per step" in spec.stderr and "drafted tokens accepted" in spec.stderr
+    bad = kaki_cli("generate", "--model", path, "--speculative", "ngram:0", "x")
+    assert bad.returncode == 2 and "--speculative" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -24,12 +25,44 @@ def register(sub) -> None:
     p.add_argument("--no-prompt", dest="echo", action="store_false",
                    help="print only the generated text (default: each prompt followed by its completion)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_speculative_arg(p)
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print what decoding did to stderr (tokens per target pass, drafts accepted)")
     p.set_defaults(func=run)
+
+
+def speculative_arg(value: str) -> str:
+    """--speculative's type: 'off', 'ngram' or 'ngram:K', checked before the model loads."""
+    from kaki.errors import ParamError
+    from kaki.sampling import speculative_k
+    try:
+        speculative_k(value)
+    except ParamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", type=speculative_arg, default=None, metavar="ngram[:K]|off",
+                   help="prompt-lookup speculative decoding: draft up to K tokens (default 4) that followed "
+                        "an earlier match of the last few tokens, verify them in one pass; greedy output is "
+                        "unchanged, copying replies come faster (default: off)")
 
 
 # Escapes a user types in a shell argument for the characters a chat prompt needs ("human: hi\n\nadept:").
 ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 SEPARATOR = "\n---\n"  # between the results of several prompts
+
+
+def decode_summary(stats: dict) -> str:
+    """One line for --verbose: tokens per target pass per sequence, and the drafts' fate."""
+    steps, tokens = stats["decode_steps"], stats["decode_tokens"]
+    line = f"kaki generate: {tokens} tokens decoded in {steps} steps (a sequence in a target pass): " \
+           f"{tokens / max(steps, 1):.2f} per step"
+    drafted, kept = stats["spec_draft_tokens"], stats["spec_accepted_tokens"]
+    if drafted:
+        line += f"; speculative: {kept} of {drafted} drafted tokens accepted ({kept / drafted:.0%})"
+    return line
 
 
 def unescape(text: str) -> str:
@@ -55,6 +88,8 @@ def run(args) -> int:
         raise KakiError("--stream takes exactly one prompt")
     llm = load_from_args(args)
     kw = sampling_kwargs(args)
+    if args.speculative is not None:
+        llm.speculative = args.speculative
     # One form for every mode: the prompt (unless --no-prompt), then its completion, one newline;
     # several prompts' results are separated by a line of three dashes.
     if args.stream:
@@ -64,8 +99,12 @@ def run(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if args.verbose:
+            print(decode_summary(llm.last_stats), file=sys.stderr)
         return 0
     results = llm.generate(prompts, add_bos=args.add_bos, **kw)
+    if args.verbose:
+        print(decode_summary(llm.last_stats), file=sys.stderr)
     if args.json:
         for c in results:
             print(json.dumps({"prompt": c.prompt, "text": c.text, "token_ids": c.token_ids,

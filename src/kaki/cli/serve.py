@@ -7,6 +7,7 @@ import os
 import sys
 
 from kaki.cli.common import add_model_args, add_moderation_args, load_from_args, moderator_from_args
+from kaki.cli.generate import add_speculative_arg
 
 
 def register(sub) -> None:
@@ -55,6 +56,7 @@ def register(sub) -> None:
                    help="passages retrieved per request, best first (default: the model's "
                         "generation_config.json retrieval_k, else 3)")
     add_moderation_args(p)
+    add_speculative_arg(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -85,6 +87,7 @@ def run(args) -> int:
         raise KakiError(f"--port must be 1-65535, got {args.port}")
     moderator = moderator_from_args(args)  # first: a bad --moderation-block fails before the big load
     llm = load_from_args(args)
+    llm.speculative = args.speculative  # every request's default (the engine's scheduler reads it)
     config = EngineConfig()
     for name in ("max_batch_size", "max_seq_len", "max_queue", "max_prefill_tokens", "prefix_cache_mb"):
         if getattr(args, name) is not None:

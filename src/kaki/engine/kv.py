@@ -79,6 +79,13 @@ class RowCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
+    def trim(self, row: int, n: int) -> None:
+        """Drop row `row`'s last `n` tokens (drafts a speculative step rejected): the slots stay
+        as they are, but no query reads past a row's length and the next pass writes over them."""
+        if not 0 <= n <= self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} tokens; cannot drop {n}")
+        self.lengths[row] -= n
+
     def read(self, row: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of row `row`'s slots [start, start + n): (L, KV, n, D) each."""
         return self.k[:, row, :, start:start + n], self.v[:, row, :, start:start + n]

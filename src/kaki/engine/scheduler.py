@@ -248,7 +248,6 @@ class Scheduler:
             valid[b, :len(r)] = True
         dev = self.model.device
         ids, valid = ids.to(dev), valid.to(dev)
-        starts = [self.cache.lengths[s.row] for s in seqs]
         self.cache.use(0, B)
         try:
             # Positions come from the cache: slot i holds rotary position i in every row.
@@ -264,7 +263,7 @@ class Scheduler:
                 picks.append(e.with_traceback(None))
                 continue
             # The cache keeps the last token and the kept drafts; the target's own pick is fed next step.
-            self.cache.lengths[s.row] = starts[b] + 1 + verdict.accepted
+            self.cache.trim(s.row, len(d) - verdict.accepted)
             if d:
                 s.drafter.feedback(len(d), verdict.accepted)
                 self.spec.draft_tokens += len(d)

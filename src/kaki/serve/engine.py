@@ -110,7 +110,7 @@ class Engine:
         prefix = PrefixCache(model.config, model.dtype, model.device, prefix_bytes) if prefix_bytes else None
         return Scheduler(
             model, self.llm.eos_ids, max_rows=cfg.max_batch_size, max_len=self.max_seq_len, prefix_cache=prefix,
-            max_prefill_tokens=cfg.max_prefill_tokens,
+            max_prefill_tokens=cfg.max_prefill_tokens, speculative=self.llm.speculative,
             limit_text=f"this server takes at most {self.max_seq_len:,} tokens per sequence (prompt + reply; "
                        "`kaki serve --max-seq-len`)")
 
