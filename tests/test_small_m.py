@@ -97,14 +97,23 @@ def test_large_fp32_decode_products_keep_split_unless_clearly_slower():
     """1-4 rows of a 16 MB fp32 weight keep split (its whole-step gain is not in one layer's
     time) unless F.linear or mm is MIN_GAIN faster; 8 rows start from F.linear."""
     w = torch.zeros(16384, 256)
+    one_core = small_m.one_core_buckets({(16384, 256, torch.float32): 1, (256, 256, torch.float32): 4}, 2)
+    assert one_core == {1, 2, 4}
     candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.03})
-    assert small_m.choose(w, None, 2, clock, candidates)["paths"] == {"1": "split", "2": "split", "4": "split",
-                                                                     "8": "linear"}
+    assert small_m.choose(w, None, 2, clock, candidates, one_core)["paths"] == \
+        {"1": "split", "2": "split", "4": "split", "8": "linear"}
     candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.2})
-    assert set(small_m.choose(w, None, 2, clock, candidates)["paths"].values()) == {"linear"}
+    assert set(small_m.choose(w, None, 2, clock, candidates, one_core)["paths"].values()) == {"linear"}
     candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.03})
-    assert set(small_m.choose(w, None, 1, clock, candidates)["paths"].values()) == {"linear"}  # one thread
-    assert set(small_m.choose(w.bfloat16(), None, 2, clock, candidates)["paths"].values()) == {"linear"}
+    assert set(small_m.choose(w, None, 2, clock, candidates)["paths"].values()) == {"linear"}  # not one-core
+    assert set(small_m.choose(w.bfloat16(), None, 2, clock, candidates, one_core)["paths"].values()) == {"linear"}
+    # One-core steps only where large fp32 weights are most of the bytes, with 2+ threads, and
+    # with KAKI_SMALL_M=split or auto.
+    assert small_m.one_core_buckets({(16384, 256, torch.float32): 1}, 1) == set()
+    assert small_m.one_core_buckets({(16384, 256, torch.bfloat16): 1}, 2) == set()
+    assert small_m.one_core_buckets({(16384, 256, torch.float32): 1, (4096, 512, torch.float32): 3}, 2) == set()
+    assert small_m.one_core_buckets({(256, 256, torch.float32): 1}, 2, "split") == {1, 2, 4}
+    assert small_m.one_core_buckets({(16384, 256, torch.float32): 1}, 2, "mm") == set()
 
 
 def test_measure_takes_the_median_of_interleaved_runs():
@@ -128,7 +137,7 @@ def test_cache_written_reused_and_retuned(large_dir, private_cache, monkeypatch)
     _logits(model, 1)
     assert (16384, 256) in timed
     raw = json.loads(private_cache.read_text())
-    key = small_m.cache_key((16384, 256), torch.float32, torch.get_num_threads())
+    key = next(k for k in raw["entries"] if "16384x256" in k)
     assert raw["version"] == small_m.CACHE_VERSION and key in raw["entries"]
     assert set(raw["entries"][key]["paths"]) == {"1", "2", "4", "8"}
     assert not [p for p in private_cache.parent.iterdir() if p.name != small_m.CACHE_NAME]  # no temporaries left
@@ -153,7 +162,8 @@ def test_cache_written_reused_and_retuned(large_dir, private_cache, monkeypatch)
 
 def test_a_damaged_cache_is_timed_again(large_dir, private_cache):
     private_cache.parent.mkdir(parents=True)
-    key = small_m.cache_key((16384, 256), torch.float32, torch.get_num_threads())
+    key = small_m.cache_key((16384, 256), torch.float32, torch.get_num_threads(),
+                            small_m.one_core_buckets({(16384, 256, torch.float32): 1}, torch.get_num_threads()))
     for bad in ("{not json", json.dumps({"version": 1, "entries": {key: {"paths": {"1": "os.system"}}}}),
                 json.dumps([1, 2])):
         private_cache.write_text(bad)

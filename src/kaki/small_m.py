@@ -10,11 +10,12 @@ Candidates (PATHS; the products are kaki.kernels.products):
 - "linear": F.linear.
 - "mm": (W @ x.T).T, a GEMM whose long side is the weight's rows.
 - "split": the weight's rows split over torch's threads, concurrently (MKL's GEMV uses one core).
-  Where split carries most of the timed weight bytes at a row count, the whole forward pass at
-  that row count runs this thread's torch ops on one core (kernels.one_thread_here): between
-  layers torch's own OpenMP worker would otherwise spin on a core the split needs (a decode step
-  went from 6.1 to 4.0 tok/s with it spinning, BENCHMARKS.md). That setting is per thread and
-  per forward: other threads, and other models in the process, keep their thread counts.
+One-core steps: at 1-4 rows, where fp32 weights of 16 MB or more are most of a model's timed
+bytes (and there are 2+ threads), the whole forward pass runs this thread's torch ops on one core
+(kernels.one_thread_here), and every candidate is timed that way: between layers torch's own
+OpenMP worker would otherwise spin on a core the split needs (a decode step went from 6.1 to 4.0
+tok/s with it spinning, BENCHMARKS.md), and timing single layers does not show that. That setting
+is per thread and per forward: other threads, and other models in the process, keep theirs.
 
 When: at a model's first inference forward on a CPU (CausalLM.forward calls `step`), for each
 distinct weight shape of its kaki Linear layers of at least TUNE_MIN_NUMEL elements, at 1, 2, 4
@@ -28,7 +29,8 @@ run F.linear and are timed at a later load. Rows 3 take 4's choice, 5-7 take 8's
 above 8 is a prompt, and runs F.linear.
 
 Cache: $KAKI_CACHE_DIR (default ~/.cache/kaki)/small_m.json, one entry per CPU model, torch
-dispatch level and version, dtype, thread count and weight shape, rewritten atomically. It holds
+dispatch level and version, dtype, thread count, weight shape and one-core buckets, rewritten
+atomically. It holds
 only names from PATHS: anything else in it is ignored. KAKI_SMALL_M_RETUNE=1 times every shape
 again and overwrites its entries; KAKI_SMALL_M=linear|mm|split uses one path for every layer,
 whatever its size, without timing (auto, the default, times).
@@ -68,7 +70,7 @@ MIN_GAIN = 1.05  # ties and noise keep the baseline
 SPLIT_BASELINE_ROWS = 4  # the rows and sizes split was measured to pay at in whole decode steps
 SPLIT_BASELINE_NUMEL = 1 << 22
 CACHE_NAME = "small_m.json"
-CACHE_VERSION = 2  # 2: choices made against `baseline`
+CACHE_VERSION = 3  # 2: choices made against `baseline`; 3: one-core buckets in the key
 MAX_CACHE_BYTES = 1 << 20
 
 
@@ -118,10 +120,28 @@ def baseline(weight: torch.Tensor, rows: int, parts: int) -> str:
     return "split" if rows <= SPLIT_BASELINE_ROWS and parts > 1 and large else "linear"
 
 
+def one_core_buckets(shapes: dict[tuple, int], threads: int, force: str | None = None) -> frozenset[int]:
+    """The row buckets whose forward passes run this thread on one core (module docstring), for
+    a model with `shapes` {(N, K, dtype): layer count}: those split is the baseline for, where
+    large fp32 weights are most of the model's timed bytes (or all of them with KAKI_SMALL_M=split;
+    none with another forced path). Decided by the model, before any timing, so that every
+    candidate is timed as it will run."""
+    if threads < 2 or force not in (None, "split"):
+        return frozenset()
+    small = [b for b in BUCKETS if b <= SPLIT_BASELINE_ROWS]
+    if force == "split":
+        return frozenset(small)
+    size = {s: s[0] * s[1] * n for s, n in shapes.items()}
+    large = sum(v for s, v in size.items() if s[2] == torch.float32 and s[0] * s[1] >= SPLIT_BASELINE_NUMEL)
+    return frozenset(small) if 2 * large > sum(size.values()) else frozenset()
+
+
 def choose(weight: torch.Tensor, bias: torch.Tensor | None, parts: int,
-           clock: Callable[[], float] = time.perf_counter, candidates: dict[str, Callable] | None = None) -> dict:
+           clock: Callable[[], float] = time.perf_counter, candidates: dict[str, Callable] | None = None,
+           one_core: frozenset[int] = frozenset()) -> dict:
     """Time `candidates` (default: kernels.products(parts), split only with 2+ threads) for
-    `weight` at each of BUCKETS rows. Returns {"paths": {"1": name, ...}, "ms": {"1": {name: ms}}}."""
+    `weight` at each of BUCKETS rows, those in `one_core` with this thread on one core (as such
+    steps run). Returns {"paths": {"1": name, ...}, "ms": {"1": {name: ms}}}."""
     if candidates is None:
         candidates = {n: f for n, f in kernels.products(parts).items() if n != "split" or parts > 1}
     K = weight.shape[1]
@@ -132,9 +152,10 @@ def choose(weight: torch.Tensor, bias: torch.Tensor | None, parts: int,
     with torch.inference_mode():
         for m in BUCKETS:
             x = torch.randn(m, K, generator=g).to(weight.dtype)
-            med = measure({name: functools.partial(f, x, w, b) for name, f in candidates.items()}, clock)
+            with kernels.one_thread_here() if m in one_core else contextlib.nullcontext():
+                med = measure({name: functools.partial(f, x, w, b) for name, f in candidates.items()}, clock)
             best = min(med, key=lambda name: (med[name], list(candidates).index(name)))
-            keep = baseline(weight, m, parts)
+            keep = baseline(weight, m, parts) if m in one_core else "linear"
             keep = keep if keep in med else "linear"
             if keep in med and med[keep] <= MIN_GAIN * med[best]:
                 best = keep
@@ -149,9 +170,10 @@ def cache_file() -> Path:
     return native.cache_dir().parent / CACHE_NAME
 
 
-def cache_key(shape: tuple[int, int], dtype: torch.dtype, threads: int) -> str:
+def cache_key(shape: tuple[int, int], dtype: torch.dtype, threads: int, one_core: frozenset[int] = frozenset()) -> str:
     return " | ".join([cpu.model_name(), cpu.capability(), f"torch {torch.__version__}",
-                       str(dtype).removeprefix("torch."), f"{threads} threads", f"{shape[0]}x{shape[1]}"])
+                       str(dtype).removeprefix("torch."), f"{threads} threads", f"{shape[0]}x{shape[1]}",
+                       "one-core rows " + (",".join(map(str, sorted(one_core))) or "none")])
 
 
 def _valid(entry) -> bool:
@@ -229,6 +251,7 @@ def _build(model: nn.Module, threads: int, force: str | None, clock: Callable[[]
     if not layers or layers[0].weight.device.type != "cpu":
         return plan
     products = kernels.products(threads)
+    one_core = one_core_buckets({s: len(ms) for s, ms in groups(layers).items()}, threads, force)
     if force is not None:
         shapes = groups(layers, 0)
         chosen = {s: {b: force for b in BUCKETS} for s in shapes}
@@ -238,11 +261,11 @@ def _build(model: nn.Module, threads: int, force: str | None, clock: Callable[[]
         chosen, new, cached = {}, {}, read_cache() if not retune() else {}
         start, left = clock(), 0
         for (n, k, dtype), members in shapes.items():
-            key = cache_key((n, k), dtype, threads)
+            key = cache_key((n, k), dtype, threads, one_core)
             if key in cached:
                 entry = cached[key]
             elif clock() - start < TUNE_BUDGET_S:  # no shape is started after the budget
-                entry = new[key] = choose(members[0].weight, members[0].bias, threads, clock)
+                entry = new[key] = choose(members[0].weight, members[0].bias, threads, clock, one_core=one_core)
             else:
                 left += 1
                 continue
@@ -256,11 +279,7 @@ def _build(model: nn.Module, threads: int, force: str | None, clock: Callable[[]
         for m in shapes[s]:
             m.small_m = row_plan
     plan.paths = chosen
-    if threads > 1:
-        size = {s: s[0] * s[1] * len(shapes[s]) for s in chosen}
-        plan.one_thread_rows = frozenset(
-            r for r in range(1, kernels.SMALL_M_MAX_ROWS + 1)
-            if 2 * sum(size[s] for s, pb in chosen.items() if pb[bucket(r)] == "split") > sum(size.values()))
+    plan.one_thread_rows = frozenset(r for r in range(1, kernels.SMALL_M_MAX_ROWS + 1) if bucket(r) in one_core)
     return plan
 
 

@@ -88,9 +88,11 @@ def small_m_choices(cfg) -> dict:
         layers = [m for m in CausalLM(cfg).modules() if isinstance(m, kernels.Linear)]
     dtype, threads = pick_dtype("auto", cfg, torch.device("cpu")), torch.get_num_threads()
     cached = small_m.read_cache()
+    counts = {(n, k, dtype): len(ms) for (n, k, _), ms in small_m.groups(layers).items()}
+    one_core = small_m.one_core_buckets(counts, threads, small_m.forced())
     shapes = {}
-    for n, k, _ in small_m.groups(layers):
-        entry = cached.get(small_m.cache_key((n, k), dtype, threads))
+    for n, k, _ in counts:
+        entry = cached.get(small_m.cache_key((n, k), dtype, threads, one_core))
         shapes[f"{n}x{k}"] = entry["paths"] if entry else None
     return {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "shapes": shapes}
 
