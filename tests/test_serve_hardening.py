@@ -284,7 +284,15 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "tools", "retrieval", "prompts", "tokens_to_generate", "add_BOS", "random_seed", "no_log", "max_len",
           "role", "content", "include_usage", "type", "text"]
 INTS = [0, 1, 2, 3, -1, 5, 17, 129, 2**31, 2**63, 2**64, -2**64, 10**30]
-FLOATS = [0.0, 0.5, 1.0, 1.5, -0.5, 2.5, 1e-9, 1e300, float("inf"), float("nan")]
+# 1e-300, 1e-308 and 5e-324 are #17's poison values: as a temperature, top_p or repetition_penalty
+# they overflow fp32 logits (inf/nan probabilities) unless sampling is made safe for them.
+FLOATS = [0.0, 0.5, 1.0, 1.5, -0.5, 2.5, 1e-9, 1e300, float("inf"), float("nan"), 1e-300, 1e-308, 5e-324, -1e300]
+# Sampling fields set to the poison values above (and huge logit biases) on purpose: left to the
+# random field picks, a poison value reaches a sampling field in very few of the requests.
+POISON = [(field, value) for field in ("temperature", "top_p", "repetition_penalty")
+          for value in (1e-300, 1e-308, 5e-324)] + [
+    ("logit_bias", {"5": 1e300}), ("logit_bias", {"5": -1e300}), ("logit_bias", {"1": 1e308, "2": -1e308}),
+    ("logit_bias", {"5": float("inf")}), ("logit_bias", {str(2**40): 1e300})]
 STRINGS = ["", "a", "the dog", "\udfff", "\ud800x", "human:", "日本語 ✓", "x" * 2000, "\n\n", "<s>", "user", "text",
            "gpt-4", MODEL, "assistant", "system"]
 
@@ -323,6 +331,10 @@ def fuzz_body(rng: random.Random, path: str) -> tuple[bytes, str | None]:
                 body.pop(key, None)
             else:
                 body[key] = fuzz_value(rng)
+        if path in VALID and rng.random() < 0.5:
+            key, value = rng.choice(POISON)
+            # Every route: PUT /api takes temperature and top_p under the same names.
+            body[key] = value
     return json.dumps(body).encode(), "application/json"
 
 
