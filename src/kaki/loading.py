@@ -26,13 +26,15 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
     if p.exists():
         raise CheckpointError(f"{p} is a file; --model takes the model's directory")
     text = str(path_or_id)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    # `owner/name` may be a hub id, unless its first part is a local folder (`runs/nothere`):
+    # then it is a path, and the answer is that it does not exist, not how to download it.
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not p.parent.is_dir():
         try:
             return Path(snapshot_download(text, local_files_only=True))
         except Exception:
             raise CheckpointError(
-                f"{text} is neither a directory nor in the local Hugging Face cache; kaki never "
-                f"downloads at run time: fetch it once with `hf download {text}` (or "
+                f"{text} is neither a directory here nor a model in the local Hugging Face cache; if it is "
+                f"a hub id, kaki never downloads at run time: fetch it once with `hf download {text}` (or "
                 f"`huggingface-cli download {text}`) and run again") from None
     raise CheckpointError(f"model directory {p} does not exist")
 
