@@ -9,6 +9,9 @@ examples:
   kaki train --model DIR --data chat.jsonl --out runs/ft --max-steps 500
   kaki train --init-from-config config.json --tokenizer tok/ --data a.jsonl:3,b.jsonl:1 --out runs/pt
   kaki train --config train.yaml --resume
+  kaki train --model DIR --data d.jsonl --out runs/qlora --lora --quantize int4 --activation-checkpointing
+  kaki train --model benchmarks/persimmon-8b --lora --quantize int4 --seq-len 2048 --batch-size 1 \
+      --activation-checkpointing --dry-run          # the memory table, from config.json alone
   torchrun --nproc-per-node 2 -m kaki train --model DIR --data d.jsonl --out runs/ddp [--fsdp]
 multi-node: torchrun --nnodes N --node-rank I --rdzv-endpoint HOST:PORT --nproc-per-node G -m kaki train ...
   kaki train --task sequence-classification --model DIR --data labelled.jsonl --out runs/clf [--lora]
@@ -40,5 +43,10 @@ def run(args) -> int:
 
     cli = {k: v for k, v in vars(args).items() if k in FIELDS}
     options = from_sources(cli, getattr(args, "config", None))
+    if options.dry_run:
+        from kaki.train.memory import dry_run
+        p = dry_run(options)
+        print(p.table())
+        return 0
     train(options)
     return 0

@@ -56,14 +56,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# Quantized layers whose own forward makes a whole dequantized copy of the weight per call.
+WHOLE_COPY_KERNELS = ("dequantize", "weight-only")
+
+
 def base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The frozen layer's output as inference computes it: a quantized layer's own kernels; a float
-    weight stored in another dtype than the compute's is cast one block of rows at a time (one
-    fp32 copy of Persimmon-8B's bf16 lm_head would be 4.3 GB)."""
-    if isinstance(layer, QUANTIZED):
+    """The frozen layer's output: a quantized layer's own kernel where it has one; otherwise (a
+    float weight stored in another dtype than the compute's, or a quantized layer without a
+    kernel) the weight is cast or dequantized one block of rows at a time (one fp32 copy of
+    Persimmon-8B's bf16 lm_head would be 4.3 GB)."""
+    if isinstance(layer, QUANTIZED) and layer.kernel not in WHOLE_COPY_KERNELS:
         return type(layer).forward(layer, x)
     dtype = _compute_dtype(x)
-    if layer.weight.dtype == dtype:
+    if not isinstance(layer, QUANTIZED) and layer.weight.dtype == dtype:
         return F.linear(x.to(dtype), layer.weight, layer.bias)
     y = x.new_empty(*x.shape[:-1], layer.out_features, dtype=dtype)
     xd = x.to(dtype)

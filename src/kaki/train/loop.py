@@ -129,6 +129,8 @@ class Trainer:
             if getattr(o, name) < 1:
                 raise KakiError(f"--{name.replace('_', '-')} must be >= 1")
         check_base_options(o)
+        from kaki.train.memory import return_large_frees_to_os
+        return_large_frees_to_os()
         if o.threads:
             torch.set_num_threads(o.threads)
         self.d: Dist = setup(o.device)
@@ -187,7 +189,7 @@ class Trainer:
             ckpt.remove_partial(self.out)
 
         self.seq_len = seq_len_for(o, cfg)
-        self.memory_plan()
+        self.plan = self.memory_plan()
         self.build_model(cfg)
         eos = self.tok.eos_ids[0] if self.tok.eos_ids else None
         if eos is None:
@@ -245,8 +247,12 @@ class Trainer:
             init_weights(model, cfg.initializer_range)
             model = model.to(d.device)
         else:
-            # The frozen base loads as inference loads it: streamed, quantized while loading.
-            model = load_model(self.model_dir, cfg, self.base_dtype, d.device, quantize=self.spec)
+            # The frozen base loads as inference loads it: streamed, quantized while loading. On
+            # CUDA quantized layers keep only their plain codes: tinygemm's packed copy is a kernel
+            # for a few rows (decoding), while training's thousands of rows run as fast through
+            # dequantized blocks and a bf16 GEMM, and the copy would cost 0.5 byte per weight.
+            model = load_model(self.model_dir, cfg, self.base_dtype, d.device, quantize=self.spec,
+                               keep_plain=self.spec is not None and d.device.type == "cuda")
         self.adapt(model)
 
     def adapt(self, model) -> None:
@@ -272,7 +278,8 @@ class Trainer:
         self.model = model
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         n_train = sum(p.numel() for _, p in self.named)
-        n_all = sum(p.numel() for p in model.parameters())
+        n_all = sum(p.numel() for p in model.parameters()) + sum(
+            m.out_features * m.in_features for m in model.modules() if hasattr(m, "weight_scale"))
         self.log.info(f"model {cfg.model_type}: {n_all:,} parameters, {n_train:,} trained "
                       f"({'LoRA' if o.lora else 'full'}), device {d.device}, precision {self.precision}, "
                       f"{d.world} process(es)")

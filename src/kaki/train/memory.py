@@ -35,7 +35,7 @@ class Plan:
     optimizer_bytes: int
     optimizer: str
     activation_bytes: int
-    free_bytes: int
+    free_bytes: int | None  # None: the device is not on this machine (a dry run for another one)
     device: str
     fixes: list[str] = field(default_factory=list)  # options that would make a run that does not fit fit
 
@@ -45,7 +45,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.free_bytes
+        return self.free_bytes is None or self.total <= self.free_bytes
 
     def table(self) -> str:
         rows = [
@@ -56,7 +56,8 @@ class Plan:
             ("gradients (fp32)", _gb(self.grad_bytes)),
             ("activations (estimate)", _gb(self.activation_bytes)),
             ("total", _gb(self.total)),
-            (f"free on {self.device}", f"{_gb(self.free_bytes)}: {'fits' if self.fits else 'does NOT fit'}"),
+            (f"free on {self.device}", "unknown (no such device here)" if self.free_bytes is None
+             else f"{_gb(self.free_bytes)}: {'fits' if self.fits else 'does NOT fit'}"),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"memory: {self.what}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
@@ -96,7 +97,8 @@ def build_meta(cfg, *, lora: bool, lora_r: int = 8, lora_targets: str = "all-lin
 
 
 def quant_layer_bytes(layer: nn.Module, device: torch.device) -> int:
-    """Bytes an int8/int4 layer holds once loaded on `device`, for the kernel its `start` picks."""
+    """Bytes an int8/int4 layer holds once loaded for training on `device`: on CPU for the kernel
+    its `start` picks, on CUDA its plain codes only (the trainer loads with keep_plain there)."""
     N, K = layer.out_features, layer.in_features
     bias = layer.bias.numel() * layer.bias.element_size() if layer.bias is not None else 0
     if isinstance(layer, int8.Int8Linear):
@@ -107,8 +109,6 @@ def quant_layer_bytes(layer: nn.Module, device: torch.device) -> int:
         return N * K + 4 * N + rowsum + bias  # fbgemm's packed blocks: counted as their int8 codes
     G = K // layer.group
     tables = 2 * 2 * N * G  # bf16 scale and zero
-    if device.type == "cuda" and K % 128 == 0 and N % 8 == 0:  # tinygemm: plain + packed + table
-        return N * K + 2 * tables + bias
     if device.type == "cpu" and int4.cpu_kernel_ok(N, K, layer.group):
         plain = 0 if int4.cpu_layout_known() else N * K // 2
         return N * K // 2 + plain + 2 * tables + bias
@@ -209,8 +209,10 @@ def activation_bytes(cfg, seq_len: int, batch: int, checkpointing: bool, act_byt
     return layers + loss
 
 
-def free_memory(device: torch.device) -> int:
+def free_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
         return torch.cuda.mem_get_info(device)[0]
     from kaki.llm import available_memory
     return available_memory()
@@ -242,7 +244,8 @@ def plan(cfg, o, device: torch.device, seq_len: int, dtype: torch.dtype, spec, p
              optimizer=o.optimizer,
              activation_bytes=activation_bytes(cfg, seq_len, o.batch_size, o.activation_checkpointing, act,
                                                chunked_loss=not (o.fsdp and world > 1)),
-             free_bytes=free_memory(device), device=str(device))
+             free_bytes=int(o.memory_budget * GB) if o.memory_budget else free_memory(device),
+             device=f"{device} (--memory-budget)" if o.memory_budget else str(device))
     if with_fixes and not p.fits:
         p.fixes = fixes(cfg, o, device, seq_len, dtype, spec, precision, world)
     return p
@@ -277,8 +280,69 @@ def fixes(cfg, o, device, seq_len, dtype, spec, precision, world) -> list[str]:
         o2 = dataclasses.replace(o, batch_size=1, activation_checkpointing=True, lora=True)
         dt = torch.bfloat16 if dtype == torch.float32 else dtype
         if plan(cfg, o2, device, seq_len, dt, as_spec("int4"), precision, world, with_fixes=False).fits:
-            found.append("--batch-size 1 --activation-checkpointing --lora --quantize int4 together")
+            flags = [f for f, on in (("--batch-size 1", o.batch_size > 1),
+                                     ("--activation-checkpointing", not o.activation_checkpointing),
+                                     ("--lora", not o.lora), ("--quantize int4", True)) if on]
+            found.append(" ".join(flags) + " together")
         else:
             found.append("none of batch 1, activation checkpointing, --lora and --quantize int4: a "
                          "shorter --seq-len, or a device with more memory")
     return found
+
+
+def dry_run(o) -> Plan:
+    """`kaki train --dry-run`: the table from config.json alone (--model DIR needs no weights nor
+    tokenizer, --init-from-config a config file), for this machine's device."""
+    import json
+    import os
+    from pathlib import Path
+
+    from kaki.config import ModelConfig, read_config
+    from kaki.errors import KakiError
+    from kaki.llm import pick_device, resolve_model_path
+    from kaki.train.loop import base_format, check_base_options, seq_len_for
+
+    check_base_options(o)
+    if bool(o.model) == bool(o.init_from_config):
+        raise KakiError("--dry-run needs --model DIR (its config.json is enough) or --init-from-config CONFIG.json")
+    if o.model:
+        cfg = read_config(resolve_model_path(o.model))
+    else:
+        try:
+            cfg = ModelConfig.from_dict(json.loads(Path(o.init_from_config).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise KakiError(f"--init-from-config {o.init_from_config} could not be read as JSON ({e})") from None
+    # A dry run may describe a device this machine lacks (--device cuda on a laptop).
+    device = torch.device(o.device) if o.device.startswith("cuda") else pick_device(o.device)
+    precision = o.precision if o.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype, spec = base_format(o)
+    return plan(cfg, o, device, seq_len_for(o, cfg), dtype, spec, precision, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def return_large_frees_to_os() -> None:
+    """Allocations of 128 KB and up get their own pages, handed back to the OS when freed (glibc's
+    mallopt M_MMAP_THRESHOLD; elsewhere nothing). glibc otherwise raises that threshold as large
+    blocks are freed, up to 32 MB, and blocks under it then stay in the heap, fragmented between
+    forward and backward: measured on a 224 MB model (LoRA, int8 base, checkpointing), peak RSS
+    over the pre-load baseline was 364 MB at 256 tokens and 732 MB at 1024 with glibc's default,
+    233 and 350 MB with this, which the memory table (whose activation figure counts live tensors)
+    can then predict."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD at its default start
+    except (OSError, AttributeError):
+        pass
+
+
+def rss_bytes(peak: bool = False) -> int:
+    """This process's resident set (VmRSS), or its peak so far (VmHWM); Linux only, 0 elsewhere.
+    Tests and benchmarks compare the plan against peak minus the RSS before loading."""
+    key = "VmHWM:" if peak else "VmRSS:"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

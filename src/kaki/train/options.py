@@ -84,6 +84,8 @@ class TrainOptions:
                      choices=["auto", "float32", "bfloat16", "float16"])
     quantize: str | None = opt(None, "with --lora: quantize the frozen base's linear layers while loading, "
                                      "int8 or int4[:GROUP] (as every model-loading command; QLoRA)")
+    memory_budget: float | None = opt(None, "GB the run may use (default: the device's free memory); the "
+                                            "memory table checks against it before anything loads")
     dry_run: bool = opt(False, "print the memory table (needs only the model's config.json) and exit")
     # LoRA
     lora: bool = opt(False, "train low-rank adapters instead of all weights")
