@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from kaki import __version__
 from kaki.errors import KakiError
 from kaki.retrieval import dense as dense_mod
 from kaki.retrieval.chunking import Chunking, chunk_spans
@@ -223,7 +224,6 @@ def build_index(paths: list[str | Path], out: str | Path, *, chunking: Chunking 
         report.files, report.passages = store.count("files"), store.count("passages")
         dense_row = store.conn.execute("SELECT kind, count FROM dense WHERE id = 1").fetchone()
         report.dense = dense_mod.describe(*dense_row) if dense_row else None
-        from kaki import __version__
         search_mode = search_mode or meta.get("search_mode", "auto")
         if search_mode in ("dense", "hybrid") and spec_json is None:
             raise KakiError(f"--search-mode {search_mode} needs dense vectors; this index has none "
