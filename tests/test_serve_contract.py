@@ -488,10 +488,15 @@ def _until(cond, what: str, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def rejected(c: httpx.Client) -> float:
+    (line,) = [x for x in c.get("/metrics").text.splitlines() if x.startswith("kaki_sequences_rejected_total ")]
+    return float(line.split()[1])
+
+
 def test_full_queue_is_a_503_and_the_waiting_finish(fake, served):
     engine, c = fake
     engine.hold = True
-    rejected_before = engine.metrics.rejected._value.get()
+    rejected_before = rejected(c)
     with httpx.Client(base_url=str(c.base_url), timeout=30) as other:
         waiting = [_background(other, "POST", CHAT, chat_body(max_tokens=2, n=2)),
                    _background(other, "PUT", "/api", {"prompts": ["a", "b"], "tokens_to_generate": 2})]
@@ -503,7 +508,7 @@ def test_full_queue_is_a_503_and_the_waiting_finish(fake, served):
             r = c.request(method, path, json=body)
             err = assert_error(r, 503, None, "retry")
             assert err["type"] == "server_overloaded" and r.headers["retry-after"] == "1"
-        assert engine.metrics.rejected._value.get() - rejected_before == 3
+        assert rejected(c) - rejected_before == 3  # one sequence per refused request
         engine.hold = False
         engine.release()
         for t, answers in waiting:
