@@ -154,6 +154,25 @@ def test_a_turn_runs_only_its_new_positions_and_stats_shows_the_prefix_cache(tex
     assert kept == fed2 + fed1 - r2.stats.reused_tokens
 
 
+def test_a_tiny_prefix_cache_evicts_and_replies_stay_right(text_llm):
+    """A prefix cache far smaller than the conversation: old blocks are evicted (counted in
+    /stats), less is reused, and every greedy reply is still what `generate` gives for its prompt."""
+    import re
+    s = session(text_llm, max_new_tokens=8, cache_tokens=24)
+    replies = [s.say(text).run() for text in ("Hello", "And then?", "Why?")]
+    assert replies[-1].text.strip() == text_llm.generate(s.last_prompt, max_new_tokens=8)[0].text.strip()
+    s.retry().run()
+    assert s.turns[-1].content == replies[-1].text.strip()
+    out, _ = run_shell(s, ["/stats", "/quit"])
+    evictions, kept = (int(x.replace(",", "")) for x in re.search(
+        r"prefix cache: [\d,]+ hit tokens, ([\d,]+) evictions, ([\d,]+) tokens kept", out).groups())
+    assert evictions > 0 and kept <= 24
+    assert all(r.stats.reused_tokens <= 24 for r in replies)
+    off = session(text_llm, max_new_tokens=8, cache_tokens=0)
+    off.say("Hello").run()
+    assert off.say("And then?").run().stats.reused_tokens == 0 and off.prefix_cache is None
+
+
 def test_openchatkit_format_and_system_text(family_dirs):
     """`auto` on a GPT-NeoX model is OpenChatKit's `<human>: ...\\n<bot>:`; --system leads."""
     from kaki.chat_format import format_for_llm

@@ -255,8 +255,12 @@ class Refusal:
 class ChatSession:
     def __init__(self, llm, fmt, system: str | None = None, settings: Settings | None = None,
                  retrieve: Callable[[str], list[dict]] | None = None,
-                 notify: Callable[[str], None] | None = None, stop: list[str] = (), moderator=None):
+                 notify: Callable[[str], None] | None = None, stop: list[str] = (), moderator=None,
+                 cache_tokens: int | None = None):
+        """cache_tokens: keys and values the conversation's prefix cache keeps, in tokens (default
+        the model's context; 0 turns reuse off, as the LLM's prefix_cache_bytes = 0 does)."""
         self.llm, self.fmt = llm, fmt
+        self.cache_tokens = llm.context_length if cache_tokens is None else cache_tokens
         self.stop = list(fmt.stop) + [s for s in stop if s not in fmt.stop]  # --stop adds to the format's
         self.system = system or None
         self.settings = settings or Settings.from_params(llm.sampling())
@@ -283,14 +287,15 @@ class ChatSession:
         return self._sched.prefix if self._sched is not None else None
 
     def _engine(self) -> Scheduler:
-        """The conversation's scheduler. Its prefix cache holds one model context of keys and
-        values (the most one conversation prompt can use; on a CPU the pool's pages cost memory
-        only once written), in one-token blocks so that any shared prefix is reused whole."""
+        """The conversation's scheduler. Its prefix cache holds `cache_tokens` of keys and values
+        (by default one model context, the most one conversation prompt can use; on a CPU the
+        pool's pages cost memory only once written), in one-token blocks so that any shared prefix
+        is reused whole; the least recently used branches (an old retry, an undone turn) go first."""
         if self._sched is None:
             llm, model = self.llm, self.llm.model
             prefix = None
-            if llm.prefix_cache_bytes > 0:
-                budget = llm.context_length * RowCache.bytes_per_token(model.config, model.dtype)
+            if llm.prefix_cache_bytes > 0 and self.cache_tokens > 0:
+                budget = self.cache_tokens * RowCache.bytes_per_token(model.config, model.dtype)
                 prefix = PrefixCache(model.config, model.dtype, model.device, budget, block_size=1)
             self._sched = Scheduler(model, llm.eos_ids, max_rows=1, max_len=llm.context_length,
                                     prefix_cache=prefix)
