@@ -151,6 +151,14 @@ def test_cache_written_reused_and_retuned(large_dir, private_cache, monkeypatch)
     assert timed == [] and model._kaki_small_m.source.startswith("cached")
     assert model._kaki_small_m.paths[(16384, 256, torch.float32)] == {1: "mm", 2: "mm", 4: "mm", 8: "mm"}
     assert model.lm_head.small_m[3] is kernels.mm_rows
+    two = torch.get_num_threads() > 1
+    assert model._kaki_small_m.one_thread_rows == ({1, 2, 3, 4} if two else set())  # the model's 16 MB fp32 head
+    # Split chosen at 8 rows for most of the bytes: those steps run on one core too.
+    raw["entries"][key]["paths"]["8"] = "split"
+    private_cache.write_text(json.dumps(raw))
+    model = kaki.load(large_dir, dtype="float32", device="cpu").model
+    _logits(model, 1)
+    assert model._kaki_small_m.one_thread_rows == (set(range(1, 9)) if two else set())
 
     # The re-tune switch times it again and rewrites the entry.
     monkeypatch.setenv("KAKI_SMALL_M_RETUNE", "1")

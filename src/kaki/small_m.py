@@ -14,8 +14,9 @@ One-core steps: at 1-4 rows, where fp32 weights of 16 MB or more are most of a m
 bytes (and there are 2+ threads), the whole forward pass runs this thread's torch ops on one core
 (kernels.one_thread_here), and every candidate is timed that way: between layers torch's own
 OpenMP worker would otherwise spin on a core the split needs (a decode step went from 6.1 to 4.0
-tok/s with it spinning, BENCHMARKS.md), and timing single layers does not show that. That setting
-is per thread and per forward: other threads, and other models in the process, keep theirs.
+tok/s with it spinning, BENCHMARKS.md), and timing single layers does not show that. Row counts
+where timing chose split for most of the bytes run on one core too. That setting is per thread
+and per forward: other threads, and other models in the process, keep theirs.
 
 When: at a model's first inference forward on a CPU (CausalLM.forward calls `step`), for each
 distinct weight shape of its kaki Linear layers of at least TUNE_MIN_NUMEL elements, at 1, 2, 4
@@ -110,12 +111,12 @@ def measure(calls: dict[str, Callable[[], object]], clock: Callable[[], float] =
 
 
 def baseline(weight: torch.Tensor, rows: int, parts: int) -> str:
-    """The path a product keeps unless another is MIN_GAIN faster: for 1-4 rows of a large fp32
-    weight with 2+ threads, split (with its one-core step), else F.linear. Split's gain is in
-    whole decode steps: timed alone it can look no faster than F.linear, while a ~1B model's
-    batch-1 decode ran at 6.1 tok/s with it against 4.3 without (BENCHMARKS.md; 5.5-6.8 against
-    2.6 on two loaded cores, 2026-12-03), because it also keeps torch's other ops off the second
-    core. So timing one layer replaces it only when it is clearly slower."""
+    """The path a product keeps, in a one-core bucket, unless another is MIN_GAIN faster: split
+    for a large fp32 weight with 2+ threads, else F.linear. Split's gain is in whole decode steps:
+    timed alone it can look no faster than F.linear, while the ~1B benchmark model's batch-1
+    decode ran at 6.1 tok/s with it against 4.3 without (BENCHMARKS.md; a 4-layer slice of it on
+    two loaded cores 5.5-6.8 against 2.6, 2026-12-03). So timing one layer replaces it only when
+    it is clearly slower."""
     large = weight.dtype == torch.float32 and weight.numel() >= SPLIT_BASELINE_NUMEL
     return "split" if rows <= SPLIT_BASELINE_ROWS and parts > 1 and large else "linear"
 
@@ -279,7 +280,14 @@ def _build(model: nn.Module, threads: int, force: str | None, clock: Callable[[]
         for m in shapes[s]:
             m.small_m = row_plan
     plan.paths = chosen
-    plan.one_thread_rows = frozenset(r for r in range(1, kernels.SMALL_M_MAX_ROWS + 1) if bucket(r) in one_core)
+    # Also one core at row counts where split was chosen for most of the bytes: its helpers then
+    # have the other cores (a 4-layer slice of the ~1B benchmark model on two loaded cores, batch 8:
+    # 16-23 tok/s against 7.9 without).
+    size = {s: s[0] * s[1] * len(shapes[s]) for s in chosen}
+    by_split = {b for b in BUCKETS if threads > 1 and
+                2 * sum(size[s] for s, pb in chosen.items() if pb[b] == "split") > sum(size.values())}
+    plan.one_thread_rows = frozenset(r for r in range(1, kernels.SMALL_M_MAX_ROWS + 1)
+                                     if bucket(r) in one_core | by_split)
     return plan
 
 
