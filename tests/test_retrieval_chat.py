@@ -67,6 +67,23 @@ def test_chat_puts_the_retrieved_passage_into_the_prompt(model_dir, index):
     assert "[1] Alpha rays" in sources and "alpha.md:3" in sources
 
 
+def test_grounded_replies_cite_their_passages_and_echo_shows_the_questions(model_dir, index):
+    """Under each grounded reply, one line per passage the model was given (title and where to
+    read it); with --echo a piped transcript shows each question before its answer."""
+    r = subprocess.run([sys.executable, "-m", "kaki", "chat", "--model", model_dir, "--dtype", "float32",
+                        "--device", "cpu", "-n", "4", "--temperature", "0", "--retrieval", index,
+                        "--retrieval-k", "1", "--echo"],
+                       input=f"{QUESTION}\n/quit\n", capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f">>> {QUESTION}"
+    assert lines[2] == "  [1] Alpha rays: alpha.md:3" and len(lines) == 3, r.stdout  # reply, then its source
+    plain = subprocess.run([sys.executable, "-m", "kaki", "chat", "--model", model_dir, "--dtype", "float32",
+                            "--device", "cpu", "-n", "4", "--temperature", "0"],
+                           input=f"{QUESTION}\n/quit\n", capture_output=True, text=True, env=ENV, timeout=300)
+    assert len(plain.stdout.splitlines()) == 1  # no echo, and no sources without --retrieval
+
+
 def test_chat_without_an_index_has_no_sources(model_dir):
     r = subprocess.run([sys.executable, "-m", "kaki", "chat", "--model", model_dir, "--dtype", "float32",
                         "--device", "cpu"], input="/sources\n/quit\n", capture_output=True, text=True, env=ENV,

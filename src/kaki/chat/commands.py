@@ -10,6 +10,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
+from kaki.citations import format_sources
 from kaki.errors import KakiError
 
 
@@ -105,7 +106,6 @@ def _raw_prompt(shell, arg: str) -> None:
 
 @command("sources", "/sources", "the retrieved passages the last answer was given (with --retrieval)")
 def _sources(shell, arg: str) -> None:
-    from kaki.retrieval import format_sources
     s = shell.session
     if s.retrieve is None:
         raise KakiError("no index in use; start the chat with --retrieval INDEX (see docs/retrieval.md)")

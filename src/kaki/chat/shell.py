@@ -8,6 +8,10 @@ prompt is printed.
 
 Ctrl-C during a reply stops that reply and keeps the shell; Ctrl-C or Ctrl-D at the prompt quits.
 
+With retrieval, each grounded reply is followed by its sources, one line per passage the model was
+given (title and docs URL, or path and line). With `--echo`, each message read from a pipe is
+printed (`>>> message`) before its reply, so a transcript reads as questions and answers.
+
 With a moderator (`--moderation`) replies are not streamed: a reply is printed once it has been
 checked, since text already on the screen cannot be taken back.
 """
@@ -20,19 +24,23 @@ from typing import Callable, TextIO
 from kaki.chat.commands import run_command
 from kaki.chat.session import ChatSession, Refusal, Reply
 from kaki.errors import KakiError
+from kaki.citations import format_citations
 
 PROMPT = ">>> "
 
 
 class ChatShell:
     def __init__(self, session: ChatSession, stream: bool = True, stdin: TextIO | None = None,
-                 stdout: TextIO | None = None, stderr: TextIO | None = None):
+                 stdout: TextIO | None = None, stderr: TextIO | None = None, echo: bool = False):
+        """`echo`: print each message read from a pipe before its reply (`>>> message`), so a
+        transcript shows questions and answers together."""
         self.session = session
         self.stream = stream and session.moderator is None
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         self.interactive = self.stdin.isatty()
+        self.echo = echo and not self.interactive  # a terminal shows what was typed already
         session.notify = self.note
 
     # ------------------------------------------------------------------------- output
@@ -85,8 +93,20 @@ class ChatShell:
         if line.startswith("/") and not line.startswith("//"):
             return run_command(self, line)
         text = line[1:] if line.startswith("//") else line  # "//x" sends the message "/x"
-        self.show(lambda: self.session.say(text))
+        if self.echo:
+            self.out(PROMPT + line + "\n")
+        reply = self.show(lambda: self.session.say(text))
+        self.cite(reply)
         return False
+
+    def cite(self, reply) -> None:
+        """Under a reply grounded in retrieved passages: one line per passage the model was given
+        (title and docs URL or path:line), so the user can check the answer or read on."""
+        if reply is None or self.session.retrieve is None or reply.finish_reason in ("content_filter",):
+            return
+        asked = [t for t in self.session.turns if t.role == "user"]
+        if asked and asked[-1].passages:
+            self.out(format_citations(asked[-1].passages) + "\n")
 
     def show(self, make_reply: Callable[[], Reply | Refusal]) -> Reply | Refusal | None:
         """Start a reply and print it (streamed unless --no-stream); Ctrl-C stops it."""

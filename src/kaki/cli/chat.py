@@ -20,6 +20,9 @@ def register(sub) -> None:
                         "adept for Persimmon, openchatkit for GPT-NeoX, plain otherwise)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system text kept at the top of the conversation")
     add_sampling_args(p)
+    p.add_argument("--echo", action="store_true",
+                   help="print each message read from a pipe before its reply (`>>> message`), so a "
+                        "transcript shows questions and answers; stdout is replies only without it")
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="print each reply when it is complete instead of as it is generated")
     p.add_argument("--retrieval", metavar="INDEX", default=None,
@@ -70,4 +73,4 @@ def run(args) -> int:
               "/help lists the commands; Ctrl-C stops a reply; Ctrl-D quits."
               + (f" Answers use passages from {args.retrieval} (/sources)." if args.retrieval else "")
               + (f" Moderation: {moderator.describe()}; replies show once checked." if moderator else ""))
-    return ChatShell(session, stream=args.stream).run(banner)
+    return ChatShell(session, stream=args.stream, echo=args.echo).run(banner)

@@ -9,9 +9,9 @@ Heavy dependencies (faiss, transformers, the embedder) are imported only when de
 """
 
 from kaki.retrieval.chunking import Chunking
-from kaki.retrieval.grounding import Grounding, format_sources, ground
+from kaki.retrieval.grounding import Grounding, format_citations, format_sources, ground
 from kaki.retrieval.index import BuildReport, build_index
 from kaki.retrieval.search import MODES, Passage, Retriever
 
 __all__ = ["build_index", "BuildReport", "Chunking", "Retriever", "Passage", "MODES", "ground", "Grounding",
-           "format_sources"]
+           "format_sources", "format_citations"]

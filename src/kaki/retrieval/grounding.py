@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from kaki.chat_format import fit_passages, normalize_messages, split_context, with_context
+from kaki.citations import format_citations, format_sources  # noqa: F401 (re-exported)
 from kaki.config import read_json
 from kaki.errors import KakiError
 from kaki.retrieval.search import Passage, Retriever
@@ -89,20 +90,3 @@ def ground(retriever: Retriever, messages: list[dict], *, fmt, count_tokens: Cal
     return Grounding(messages=plain, passages=kept, query=query, retrieved=len(hits))
 
 
-def format_sources(passages: list) -> str:
-    """What `/sources` prints: one entry per passage used, numbered as in the context block.
-    Takes `Passage`s or their `to_json()` dicts (what the chat session keeps)."""
-    if not passages:
-        return "(no passages were used for the last answer)"
-    rows = [p.to_json() if isinstance(p, Passage) else p for p in passages]
-    return "\n".join(f"[{i}] {p['title']}\n    {_where(p)}  (score {p.get('score', float('nan')):.4g})"
-                     for i, p in enumerate(rows, 1))
-
-
-def _where(p: dict) -> str:
-    """A passage's url, else `path:line` (`source` in conversations saved before sources[] had `path`)."""
-    if p.get("url"):
-        return p["url"]
-    if "path" in p:
-        return f"{p['path']}#{p['ref']}" if p.get("ref") else f"{p['path']}:{p.get('line', '?')}"
-    return p.get("source", "?")
