@@ -271,3 +271,70 @@ def test_cli_flag(text_model_dir):
     assert "per step" in spec.stderr and "drafted tokens accepted" in spec.stderr
     bad = kaki_cli("generate", "--model", path, "--speculative", "ngram:0", "x")
     assert bad.returncode == 2 and "--speculative" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_prefix_cached_prompts(llms):
+    """Prompts sharing a cached prefix (blocks stored while drafts were kept and rolled back)
+    give plain greedy's tokens."""
+    from kaki.engine import PrefixCache
+    llm = llms["gptj"]
+    model = llm.model
+    base = copying_prompts(1, seed=8)[0]
+    prompts = [base, base + [5, 9], base[:30] + [7]]
+    sp = SamplingParams(max_new_tokens=30, **GREEDY)
+    plain, _, _ = run(model, llm.eos_ids, prompts, sp)
+    sched = Scheduler(model, llm.eos_ids, max_rows=4, speculative="ngram",
+                      prefix_cache=PrefixCache(llm.config, model.dtype, model.device, 1 << 22, block_size=4))
+    got = {}
+    for i, p in enumerate(prompts + prompts):  # the second round loads the first round's blocks
+        seq = sched.sequence(sched.add_request(p, sp))
+        while sched.has_work:
+            sched.step()
+        got[i] = seq.tokens
+    stats = sched.stats()
+    assert stats["prefix_hit_tokens"] > 0 and stats["spec_accepted_tokens"] > 0
+    for i, toks in got.items():
+        assert toks == plain[i % 3][0]
+
+
+def test_server_engine_same_greedy_text_under_concurrent_clients(family_dirs):
+    """16 clients at once on `kaki serve`'s engine with --speculative ngram: every reply (stop
+    strings and limits included) is what plain decoding gives."""
+    import threading
+    from kaki.serve.client import SeqRequest
+    from kaki.serve.engine import Engine, EngineConfig
+    llm = kaki.load(family_dirs["persimmon"][1], dtype="float32", device="cpu")
+    plain_llm = kaki.load(family_dirs["persimmon"][1], dtype="float32", device="cpu")
+    llm.speculative = "ngram"
+    engine = Engine(llm, EngineConfig(max_batch_size=6, max_seq_len=160))
+    prompts = [p for seed in range(4) for p in copying_prompts(4, seed=9 + seed)]
+    reqs = [SeqRequest(p, SamplingParams(max_new_tokens=12 + 3 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    for r in reqs[::4]:  # a stop string from the middle of the plain reply
+        text = plain_llm.generate([r.prompt_ids], params=r.params)[0].text
+        assert len(text) >= 6
+        r.params.stop = [text[len(text) // 2:len(text) // 2 + 2]]
+    got = [None] * len(reqs)
+
+    def client(i):
+        tokens, text, reason = [], "", None
+        for _, out in engine.submit([reqs[i]]):
+            if out.token_id is not None:
+                tokens.append(out.token_id)
+            text += out.text
+            reason = out.finish_reason or reason
+        got[i] = (tokens, text, reason)
+
+    engine.start()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stats = engine.stats()
+    engine.shutdown()
+    for r, g in zip(reqs, got):
+        ref = plain_llm.generate([r.prompt_ids], params=r.params)[0]
+        assert g == (ref.token_ids, ref.text, ref.finish_reason)
+    assert any(g[2] == "stop" for g in got)
+    assert stats["spec_accepted_tokens"] > 0
