@@ -174,8 +174,8 @@ class Trainer:
         for line in p.table().splitlines():
             self.log.info(line)
         if not p.fits:
-            raise KakiError(f"this run needs ~{p.total / 1e9:.1f} GB but {p.device} has "
-                            f"{p.free_bytes / 1e9:.1f} GB free (table above); it would fit with: "
+            raise KakiError(f"this run needs ~{p.total / 1e9:.2f} GB but {p.device} has "
+                            f"{p.free_bytes / 1e9:.2f} GB free (table above); options that would make it fit: "
                             + "; ".join(p.fixes))
         return p
 
@@ -567,6 +567,8 @@ class Trainer:
 def check_base_options(o: TrainOptions) -> None:
     """--dtype and --quantize describe a frozen base: they need --lora, and FSDP (which shards
     float parameters) cannot shard quantized layers."""
+    from kaki.quant import as_spec
+    as_spec(o.quantize)  # a malformed --quantize fails here, before anything starts
     if o.quantize and o.fsdp:
         raise KakiError("--fsdp cannot shard a quantized base (its int8/int4 layers are buffers FSDP "
                         "does not shard); drop --fsdp (DDP: each process holds the quantized base) or "
