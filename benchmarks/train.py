@@ -8,11 +8,21 @@ A step is forward + backward + AdamW step on one batch; the two implementations 
 step (ABAB...) so machine noise falls on both alike. Prints tokens/s for each and the ratio, from
 the fastest step of each (on a shared machine the minimum is the least noisy estimate; the median
 is printed too).
+
+    .venv/bin/python benchmarks/train.py --lora-bases [--quick] [--bases float32,bfloat16,int8,int4]
+
+LoRA (r=16, all linear layers) over a float32, bfloat16, int8 and int4 base of the ~1B model the
+decode benchmark builds (hidden 2048, 16 layers, vocab 32000; --quick: hidden 512, 4 layers), at
+sequence 256, batch 1, activation checkpointing on, side by side with transformers + peft on the
+float32 base. Each configuration runs in its own process: peak RSS minus the RSS before the model
+loads (the framework's first-use costs warmed first), tokens/s of the fastest and median timed
+step. Then `kaki train --dry-run`'s table for Persimmon-8B (benchmarks/persimmon-8b/config.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -34,8 +44,114 @@ def persimmon_config(args):
         qk_layernorm=True, partial_rotary_factor=0.5, rope_theta=25000.0, bos_token_id=1, eos_token_id=2)
 
 
+LORA_SEQ, LORA_BATCH, LORA_R = 256, 1, 16
+
+# One configuration, in a fresh process: argv = checkpoint, base (float32|bfloat16|int8|int4|peft), steps.
+LORA_RUN = r"""
+import json, sys, time
+import torch
+from torch.utils.checkpoint import checkpoint
+from kaki.train.memory import return_large_frees_to_os, rss_bytes
+return_large_frees_to_os()  # as kaki train does; the peft run gets it too, for a like comparison
+lin = torch.nn.Linear(4, 4)
+checkpoint(lin, torch.randn(2, 4, requires_grad=True), use_reentrant=False).sum().backward()
+path, base, steps, seq, batch, r = sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:7])
+start = rss_bytes()
+if base == "peft":
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+    model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules="all-linear")).train()
+    def loss_fn(x, y):
+        logits = model(input_ids=x).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+    params = [p for p in model.parameters() if p.requires_grad]
+else:
+    from pathlib import Path
+    from kaki.config import read_config
+    from kaki.llm import load_model
+    from kaki.quant import as_spec
+    from kaki.train.loop import chunked_loss_sum, enable_activation_checkpointing, prepare_frozen_base
+    from kaki.train.lora import apply_lora
+    spec = as_spec(base) if base.startswith("int") else None
+    dtype = torch.float32 if base == "float32" else torch.bfloat16
+    model = load_model(Path(path), read_config(path), dtype, torch.device("cpu"), quantize=spec)
+    apply_lora(model, r=r, alpha=float(r), targets=["all-linear"], dtype=torch.float32)
+    prepare_frozen_base(model)
+    model.train()
+    enable_activation_checkpointing(model)
+    loss_fn = lambda x, y: chunked_loss_sum(model, x, y)
+    params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+g = torch.Generator().manual_seed(0)
+times = []
+for i in range(steps + 1):
+    ids = torch.randint(3, 32000, (batch, seq + 1), generator=g)
+    t0 = time.perf_counter()
+    loss_fn(ids[:, :-1], ids[:, 1:]).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if i:
+        times.append(time.perf_counter() - t0)
+print(json.dumps({"grew": rss_bytes(peak=True) - start, "times": times}))
+"""
+
+
+def lora_bases(args) -> None:
+    import json
+    import os
+    import statistics
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode import CONFIG, QUICK, make_checkpoint
+
+    cfg = QUICK if args.quick else CONFIG
+    root = Path(args.cache)
+    root.mkdir(parents=True, exist_ok=True)
+    path = make_checkpoint(root, "float32", dict(cfg))
+    tokens = LORA_SEQ * LORA_BATCH
+    print(f"LoRA r={LORA_R} (all linear layers) on {path.name}: seq {LORA_SEQ} x batch {LORA_BATCH}, activation "
+          f"checkpointing, fp32 compute, {torch.get_num_threads()} threads, {args.steps} timed steps after 1; "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.1f}")
+    rows = {}
+    for base in args.bases.split(",") + ["peft"]:
+        p = subprocess.run([sys.executable, "-c", LORA_RUN, str(path), base, str(args.steps), str(LORA_SEQ),
+                            str(LORA_BATCH), str(LORA_R)], capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"  {base}: failed\n{p.stderr[-2000:]}")
+            continue
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        rows[base] = r
+        name = "transformers+peft (float32)" if base == "peft" else f"kaki, {base} base"
+        ratio = f"  {r['grew'] / rows['float32']['grew']:.2f}x RSS, " \
+                f"{min(rows['float32']['times']) / min(r['times']):.2f}x tokens/s of float32" if "float32" in rows else ""
+        print(f"  {name:28s} peak RSS +{r['grew'] / 1e9:6.2f} GB  {tokens / min(r['times']):7.1f} tokens/s "
+              f"(median {tokens / statistics.median(r['times']):7.1f}){ratio}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    config = Path(__file__).resolve().parent / "persimmon-8b"
+    from kaki.cli import main as kaki_main
+    for flags in (["--quantize", "int4"], ["--dtype", "bfloat16"]):
+        for device in ("cpu", "cuda"):
+            print()
+            kaki_main(["train", "--model", str(config), "--lora", "--lora-r", str(LORA_R), "--seq-len", "2048",
+                       "--batch-size", "1", "--activation-checkpointing", "--device", device, "--dry-run", *flags])
+    print()
+    kaki_main(["train", "--model", str(config), "--seq-len", "2048", "--batch-size", "1", "--activation-checkpointing",
+               "--device", "cuda", "--precision", "bf16", "--optimizer", "adamw8bit", "--dry-run"])
+    print()
+    kaki_main(["train", "--model", str(config), "--seq-len", "2048", "--batch-size", "1", "--activation-checkpointing",
+               "--device", "cpu", "--dry-run"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lora-bases", action="store_true", help="LoRA over float/bf16/int8/int4 bases vs peft")
+    ap.add_argument("--bases", default="float32,bfloat16,int8,int4")
+    ap.add_argument("--quick", action="store_true", help="with --lora-bases: the small model")
+    ap.add_argument("--cache", default=os.environ.get("KAKI_BENCH_DIR", "/tmp/kaki-bench"),
+                    help="where the random checkpoints are written (shared with decode.py)")
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--heads", type=int, default=12)
@@ -47,6 +163,9 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     ap.add_argument("--profile", action="store_true", help="print kaki's top ops by CPU time")
     args = ap.parse_args()
+    if args.lora_bases:
+        lora_bases(args)
+        return
 
     import transformers as T
 
