@@ -81,7 +81,7 @@ def small_m_choices(cfg) -> dict:
     import torch
 
     from kaki import kernels, small_m
-    from kaki.llm import pick_dtype
+    from kaki.device import pick_dtype
     from kaki.model import CausalLM
 
     with torch.device("meta"):
@@ -101,7 +101,7 @@ def describe(model: str) -> dict:
     from kaki import adept
     from kaki.config import read_config
     from kaki.errors import KakiError
-    from kaki.llm import resolve_model_path
+    from kaki.loading import resolve_model_path
     from kaki.tokenizer import Tokenizer
 
     d = resolve_model_path(model)
@@ -181,7 +181,7 @@ def run(args) -> int:
     info = describe(model) if model else None  # a bad DIR is the one error line, before any kernel log
     if info:
         from kaki.config import read_config
-        from kaki.llm import resolve_model_path
+        from kaki.loading import resolve_model_path
         # A release or a checkpoint stored quantized has no float layers to plan as config.json says.
         plain = info.get("layout") != "megatron-release" and not info["quantization"]
         info["small_m"] = small_m_choices(read_config(resolve_model_path(model))) if plain else None
