@@ -146,6 +146,14 @@ def test_lora_trains_only_adapters_and_merges(tmp_path, base, chat_data):
         torch.testing.assert_close(m.model(ids), unmerged.model(ids), rtol=1e-5, atol=1e-5)
         plain = kaki.load(base, dtype="float32", device="cpu").model(ids)
     assert not torch.allclose(plain, m.model(ids), atol=1e-4)
+    # The README's spelling, `--adapter A`, writes the same model; two different adapters are refused.
+    flagged = tmp_path / "merged-flag"
+    assert main(["merge-lora", "--model", str(base), "--adapter", str(out), "--out", str(flagged),
+                 "--dtype", "float32"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(kaki.load(flagged, dtype="float32", device="cpu").model(ids), m.model(ids))
+    assert main(["merge-lora", str(out), "--adapter", str(tmp_path), "--out", str(flagged)]) == 2
+    assert main(["merge-lora", "--out", str(flagged)]) == 2
     # --merge at the end of training wrote the same weights
     from safetensors.torch import load_file
     a, b = load_file(merged / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
