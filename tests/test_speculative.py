@@ -11,16 +11,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 import kaki
-from kaki.engine import RowCache, Scheduler
+from kaki.engine import PrefixCache, RowCache, Scheduler
 from kaki.engine.speculative import NgramDrafter, verify
 from kaki.errors import ParamError
 from kaki.paths import bundled_model
-from kaki.sampling import SamplingParams, target_probs
+from kaki.sampling import SamplingParams, apply_repetition_penalty, target_probs
 
 from helpers import random_prompts
 
@@ -152,7 +153,6 @@ def test_acceptance_rule_has_the_target_distribution():
         def seen_ids(self):
             return torch.tensor([1, 4])
 
-    from kaki.sampling import apply_repetition_penalty
     p0 = target_probs(apply_repetition_penalty(logits[0], torch.tensor([1, 4]), 1.3), sp)
     draft = [int(p0.argmax()), 3]
     p1 = target_probs(apply_repetition_penalty(logits[1], torch.tensor([1, 4, draft[0]]), 1.3), sp)
@@ -276,7 +276,6 @@ def test_cli_flag(text_model_dir):
 def test_prefix_cached_prompts(llms):
     """Prompts sharing a cached prefix (blocks stored while drafts were kept and rolled back)
     give plain greedy's tokens."""
-    from kaki.engine import PrefixCache
     llm = llms["gptj"]
     model = llm.model
     base = copying_prompts(1, seed=8)[0]
@@ -300,7 +299,7 @@ def test_prefix_cached_prompts(llms):
 def test_server_engine_same_greedy_text_under_concurrent_clients(family_dirs):
     """16 clients at once on `kaki serve`'s engine with --speculative ngram: every reply (stop
     strings and limits included) is what plain decoding gives."""
-    import threading
+    pytest.importorskip("prometheus_client")  # the serve extra
     from kaki.serve.client import SeqRequest
     from kaki.serve.engine import Engine, EngineConfig
     llm = kaki.load(family_dirs["persimmon"][1], dtype="float32", device="cpu")
