@@ -38,7 +38,7 @@ def speculative_arg(value: str) -> str:
     try:
         speculative_k(value)
     except ParamError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(e.message) from None
     return value
 
 
