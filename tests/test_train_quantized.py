@@ -395,3 +395,12 @@ def test_a_run_that_cannot_fit_stops_before_the_first_step(root, tmp_path, capsy
     # Nothing was loaded or trained: no checkpoint, no metrics, no "model ..." line in the log.
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     assert "parameters, " not in (out / "train.log").read_text().split("does NOT fit")[-1]
+
+
+def test_resume_refuses_another_base_format(root, tmp_path, capsys):
+    _, bases, data = root
+    argv = ["train", "--model", str(bases["llama"]), "--data", str(data), "--out", str(tmp_path / "r"),
+            "--max-steps", "4", "--stop-at-step", "2", "--save-every", "2", "--eval-every", "0", *COMMON]
+    assert main([*argv, *BASES["int8"]]) == 0
+    assert main([*argv, "--resume"]) == 2
+    assert "--quantize int8 (now None)" in capsys.readouterr().err

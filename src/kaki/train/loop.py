@@ -294,9 +294,10 @@ class Trainer:
         """The data position only means the same samples under the same packing, seed and global
         batch; anything else would silently train on other data than the checkpoint expects."""
         saved, o = state.get("options", {}), self.o
-        fixed = {"seq_len": self.seq_len, "seed": o.seed, "lora": o.lora}
+        # The base's format too: a LoRA adapter resumed over another base would train on another model.
+        fixed = {"seq_len": self.seq_len, "seed": o.seed, "lora": o.lora, "quantize": o.quantize, "dtype": o.dtype}
         wrong = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in fixed.items()
-                 if k in saved and saved[k] is not None and saved[k] != v]
+                 if k in saved and (saved[k] is not None or k == "quantize") and saved[k] != v]
         if wrong:
             raise KakiError(f"{self.resume_from} was trained with {', '.join(wrong)}; resume with the "
                             "same values (or start a new --out)")
