@@ -95,14 +95,16 @@ def test_tuner_keeps_f_linear_unless_clearly_faster():
 
 def test_large_fp32_decode_products_keep_split_unless_clearly_slower():
     """1-4 rows of a 16 MB fp32 weight keep split (its whole-step gain is not in one layer's
-    time) unless F.linear or mm is MIN_GAIN faster; 8 rows start from F.linear."""
+    time) unless F.linear or mm is SPLIT_KEEP_GAIN faster; 8 rows start from F.linear."""
     w = torch.zeros(16384, 256)
     one_core = small_m.one_core_buckets({(16384, 256, torch.float32): 1, (256, 256, torch.float32): 4}, 2)
     assert one_core == {1, 2, 4}
     candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.03})
     assert small_m.choose(w, None, 2, clock, candidates, one_core)["paths"] == \
         {"1": "split", "2": "split", "4": "split", "8": "linear"}
-    candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.2})
+    candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.4})  # under SPLIT_KEEP_GAIN
+    assert set(small_m.choose(w, None, 2, clock, candidates, one_core)["paths"].values()) == {"split", "linear"}
+    candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.6})
     assert set(small_m.choose(w, None, 2, clock, candidates, one_core)["paths"].values()) == {"linear"}
     candidates, clock, _ = _fake({"linear": 1.0, "mm": 1.02, "split": 1.03})
     assert set(small_m.choose(w, None, 2, clock, candidates)["paths"].values()) == {"linear"}  # not one-core
