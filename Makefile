@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# First line of the log: the machine the suite ran on (CPU capability, int8 kernel build, small-M
+# setting), as `kaki info` names it; pytest's own header with it is hidden by -q.
 test: $(STAMP) chromium
+	@$(BIN)/python -c "from kaki.cli.info import machine, machine_line; print('machine:', machine_line(machine(strict=False)))"
 	$(BIN)/python -m pytest -q tests
 
 # The browser tests (tests/test_web_chat.py) drive Debian's Chromium: Playwright's own browser
