@@ -70,7 +70,7 @@ if base == "peft":
 else:
     from pathlib import Path
     from kaki.config import read_config
-    from kaki.llm import load_model
+    from kaki.loading import load_model
     from kaki.quant import as_spec
     from kaki.train.loop import chunked_loss_sum, enable_activation_checkpointing, prepare_frozen_base
     from kaki.train.lora import apply_lora

@@ -20,7 +20,7 @@ from helpers import FAMILIES, corpus, hf_model_dir
 from kaki.cli import main
 from kaki.config import read_config
 from kaki.errors import KakiError
-from kaki.llm import load_model
+from kaki.loading import load_model
 from kaki.quant import as_spec
 from kaki.quant.train import QUANTIZED
 from kaki.train.loop import Trainer, chunked_loss_sum, prepare_frozen_base

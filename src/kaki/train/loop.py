@@ -147,7 +147,7 @@ class Trainer:
         """The model's config and tokenizer (from --model, or --init-from-config and --tokenizer),
         and the precision to train in."""
         from kaki.config import read_config
-        from kaki.llm import resolve_model_path
+        from kaki.loading import resolve_model_path
         from kaki.tokenizer import Tokenizer
 
         o = self.o
@@ -235,7 +235,7 @@ class Trainer:
         """Weights (random init, the base model, or the checkpoint being resumed), then what
         trains (everything, or LoRA adapters), then the DDP/FSDP wrapper."""
         from kaki.config import read_config
-        from kaki.llm import load_model
+        from kaki.loading import load_model
         from kaki.model import CausalLM
 
         o, d = self.o, self.d
@@ -437,7 +437,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ writing
     def write_model(self, model, tmp: Path, dtype: str | None = None) -> None:
-        from kaki.llm import save_model_dir
+        from kaki.saving import save_model_dir
         if self.o.lora:
             from kaki.train.lora import save_adapter
             save_adapter(model, tmp, base_model=str(self.model_dir))

@@ -293,7 +293,8 @@ def merge_adapter_dir(adapter_dir, base, out, dtype: str = "bfloat16") -> str:
     quantized has no float weights, so the merge is against its dequantized weights."""
     from kaki.checkpoint import DTYPES
     from kaki.config import read_config
-    from kaki.llm import load_model, resolve_model_path, save_model_dir
+    from kaki.loading import load_model, resolve_model_path
+    from kaki.saving import save_model_dir
 
     base_dir = resolve_model_path(base)
     cfg = read_config(base_dir)
@@ -316,7 +317,7 @@ def merge_adapter_dir(adapter_dir, base, out, dtype: str = "bfloat16") -> str:
 def merge_into_model_dir(model, out: Path, tokenizer_dir, dtype: str | None = None) -> Path:
     """Write a merged copy of a LoRA model as a plain model directory (the live model keeps its
     adapters: the merge runs on a copy of the adapted layers' weights only)."""
-    from kaki.llm import save_model_dir
+    from kaki.saving import save_model_dir
 
     # Copy only the module tree, sharing the (large) unadapted parameters.
     merged = _shallow_module_copy(model)

@@ -214,7 +214,7 @@ def free_memory(device: torch.device) -> int | None:
         if not torch.cuda.is_available():
             return None
         return torch.cuda.mem_get_info(device)[0]
-    from kaki.llm import available_memory
+    from kaki.device import available_memory
     return available_memory()
 
 
@@ -299,7 +299,8 @@ def dry_run(o) -> Plan:
 
     from kaki.config import ModelConfig, read_config
     from kaki.errors import KakiError
-    from kaki.llm import pick_device, resolve_model_path
+    from kaki.device import pick_device
+    from kaki.loading import resolve_model_path
     from kaki.train.loop import base_format, check_base_options, seq_len_for
 
     check_base_options(o)
