@@ -37,12 +37,15 @@ LAZY_ALLOWED: dict[str, dict[str, str]] = {
     "kaki/train/classify_loop.py": {m: "train/ in progress" for m in (
         "kaki.classify", "kaki.heads", "kaki.train", "kaki.train.checkpointing", "kaki.train.lora")},
     "kaki/train/loop.py": {m: "train/ in progress" for m in (
-        "kaki.chat_format", "kaki.checkpoint", "kaki.config", "kaki.kernels", "kaki.llm", "kaki.model",
+        "kaki.chat_format", "kaki.checkpoint", "kaki.config", "kaki.kernels", "kaki.llm", "kaki.loading",
+        "kaki.saving", "kaki.model",
         "kaki.quant", "kaki.quant.train", "kaki.tokenizer", "kaki.train.checkpointing",
         "kaki.train.classify_loop", "kaki.train.dist", "kaki.train.lora", "kaki.train.memory")},
-    "kaki/train/lora.py": {m: "train/ in progress" for m in ("kaki.checkpoint", "kaki.config", "kaki.llm")},
+    "kaki/train/lora.py": {m: "train/ in progress" for m in (
+        "kaki.checkpoint", "kaki.config", "kaki.llm", "kaki.loading", "kaki.saving")},
     "kaki/train/memory.py": {m: "train/ in progress" for m in (
-        "kaki.config", "kaki.errors", "kaki.llm", "kaki.model", "kaki.quant", "kaki.quant.load",
+        "kaki.config", "kaki.device", "kaki.errors", "kaki.llm", "kaki.loading", "kaki.model", "kaki.quant",
+        "kaki.quant.load",
         "kaki.quant.train", "kaki.train.loop", "kaki.train.lora")},
     "kaki/train/tokenizer_train.py": {"kaki.checkpoint": "train/ in progress"},
 }
