@@ -23,9 +23,7 @@ import importlib.util
 import json
 import os
 import random
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -44,26 +42,8 @@ def words(rng: random.Random, n: int) -> str:
 
 
 def start(model_dir: Path, args, cache_mb: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "kaki", "serve", "--model", str(model_dir), "--port", str(port), "--dtype",
-           args.dtype, "--device", "cpu", "--max-seq-len", str(args.max_seq_len), "--max-batch-size", "16",
-           "--prefix-cache-mb", str(cache_mb), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"kaki serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("kaki serve did not come up in 10 minutes")
+    args.concurrency = "16"  # serve.py's start_server sizes the batch from it
+    return serve_bench.start_server(model_dir, args, ("--prefix-cache-mb", str(cache_mb)))
 
 
 MODEL_ID: dict[str, str] = {}  # server url -> the id /v1/models gives

@@ -140,13 +140,15 @@ def _pct(xs: list[float], q: int) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
-def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, args, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`kaki serve` on a free loopback port (`extra`: more flags), once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "kaki", "serve", "--model", str(model_dir), "--port", str(port),
            "--dtype", args.dtype, "--device", "cpu", "--max-seq-len", str(args.max_seq_len),
-           "--max-batch-size", str(max(int(c) for c in args.concurrency.split(","))), "--log-level", "warning"]
+           "--max-batch-size", str(max(int(c) for c in args.concurrency.split(","))), "--log-level", "warning",
+           *extra]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
