@@ -25,6 +25,7 @@ from kaki.quant import as_spec
 from kaki.sampling import SamplingParams, speculative_k
 from kaki.saving import save_model_dir
 from kaki.tokenizer import Tokenizer
+from kaki.tp import start
 
 # Moved to kaki.device, kaki.loading and kaki.saving (issue #18); train/loop.py and train/memory.py,
 # which other work is editing right now, still import available_memory, pick_device,
@@ -157,31 +158,37 @@ class LLM:
     def save(self, out_dir: str | os.PathLike, dtype: str | None = None) -> Path:
         """Write a transformers model directory (safetensors, config.json, tokenizer files),
         atomically, that kaki and transformers' from_pretrained both load."""
+        if getattr(self.model, "tp", None) is not None:
+            raise KakiError("this model is one rank of a tensor-parallel model; save the checkpoint it was "
+                            "loaded from instead (load it with tensor_parallel=1 to save a copy)")
         if self.tokenizer_files is not None:
             return save_model_dir(self.model, out_dir, dtype=dtype, extra_files=self.tokenizer_files)
         return save_model_dir(self.model, out_dir, tokenizer_dir=self.path, dtype=dtype)
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-         progress: bool = False, quantize=None, quantize_head: bool = True, speculative: str | None = None) -> LLM:
+         progress: bool = False, quantize=None, quantize_head: bool = True, speculative: str | None = None,
+         tensor_parallel: int = 1) -> LLM:
     """Load a model directory (transformers layout, or Adept's Megatron release) with its
     tokenizer, ready to generate.
 
     quantize: "int8" or "int4" (or "int4:GROUP", or a kaki.quant.QuantSpec) quantizes the linear
     layers tensor by tensor while loading (the lm_head too unless quantize_head=False); a
     checkpoint saved quantized loads as it is stored without it. speculative: "ngram[:K]" turns
-    prompt-lookup speculative decoding on for every request that does not say (LLM.speculative)."""
+    prompt-lookup speculative decoding on for every request that does not say (LLM.speculative).
+    tensor_parallel: N > 1 loads this process's rank of the model split over N processes (run
+    under `torchrun --nproc-per-node N`; kaki.tp), reading only its slices of the weights."""
     spec = as_spec(quantize, quantize_head)
     model_dir = resolve_model_path(path_or_id)
+    tp, dev = start(tensor_parallel, pick_device(device))
     if is_release_dir(model_dir):
         if spec is not None:
             raise KakiError("--quantize does not apply to Adept's release layout directly; convert it "
                             "first (kaki convert SRC DST --to hf --quantize int8) and load DST")
-        model, tokenizer, files = load_release(model_dir, dtype=dtype, device=device, progress=progress)
+        model, tokenizer, files = load_release(model_dir, dtype=dtype, device=str(dev), progress=progress, tp=tp)
         return LLM(model, tokenizer, str(model_dir), tokenizer_files=files, speculative=speculative)
     cfg = read_config(model_dir)
-    dev = pick_device(device)
     dt = pick_dtype(dtype, cfg, dev)
-    model = load_model(model_dir, cfg, dt, dev, progress, quantize=spec)
+    model = load_model(model_dir, cfg, dt, dev, progress, quantize=spec, tp=tp)
     tokenizer = Tokenizer.from_dir(model_dir, cfg)
     return LLM(model, tokenizer, str(model_dir), generation_defaults(model_dir), speculative=speculative)

@@ -16,6 +16,8 @@ from kaki.config import ModelConfig, read_json
 from kaki.errors import CheckpointError
 from kaki.model import CausalLM
 from kaki.quant.load import prepare
+from kaki.tp.group import TensorParallel
+from kaki.tp.shard import local_config, shard_sources
 
 
 def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
@@ -40,16 +42,21 @@ def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
 
 
 def build_model(cfg: ModelConfig, sources: dict, dtype: torch.dtype, device: torch.device,
-                where: str, progress: bool = False, quantize=None, keep_plain: bool = False) -> CausalLM:
+                where: str, progress: bool = False, quantize=None, keep_plain: bool = False,
+                tp: TensorParallel | None = None) -> CausalLM:
     """quantize (a QuantSpec) swaps in quantized linear layers that take their weights while
     loading (kaki.quant.load); a checkpoint stored quantized gets them whether asked or not.
-    keep_plain leaves quantized weights unpacked (for saving them right away)."""
+    keep_plain leaves quantized weights unpacked (for saving them right away).
+    tp: build this rank's part of a tensor-parallel model, reading only its slices of `sources`
+    (which hold the whole model's tensors); quantization then quantizes the slices."""
     place = None
+    if tp is not None:
+        cfg, sources = local_config(cfg, tp), shard_sources(sources, cfg, tp)
     if quantize is not None or "quantization_config" in cfg.extra:
-        model, sources, place = prepare(cfg, sources, quantize, where, keep_plain)
+        model, sources, place = prepare(cfg, sources, quantize, where, keep_plain, tp=tp)
     else:
         with torch.device("meta"):
-            model = CausalLM(cfg)
+            model = CausalLM(cfg, tp)
         validate(model, sources, where)
     bar = None
     if progress:
@@ -61,11 +68,12 @@ def build_model(cfg: ModelConfig, sources: dict, dtype: torch.dtype, device: tor
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               progress: bool = False, quantize=None, keep_plain: bool = False) -> CausalLM:
+               progress: bool = False, quantize=None, keep_plain: bool = False,
+               tp: TensorParallel | None = None) -> CausalLM:
     sources = renamed_sources(cfg, tensor_sources(model_dir))
     if cfg.tie_word_embeddings and "lm_head.weight" in sources:
         cfg = cfg.replace(tie_word_embeddings=False)  # a distinct head is stored: use it, as transformers does
-    return build_model(cfg, sources, dtype, device, str(model_dir), progress, quantize, keep_plain)
+    return build_model(cfg, sources, dtype, device, str(model_dir), progress, quantize, keep_plain, tp)
 
 
 # generation_config.json keys that map onto SamplingParams.

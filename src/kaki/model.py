@@ -3,6 +3,11 @@
 Parameter names are Persimmon's as transformers publishes them (`model.layers.N.self_attn.
 query_key_value`), so a Persimmon checkpoint loads with no renaming; other families go through the
 small name tables in `kaki.checkpoint`. The KV cache is passed to `forward` explicitly.
+
+Tensor parallelism (Megatron's split, kaki.tp) is the same model built from one rank's config
+(`kaki.tp.shard.local_config`: its heads, KV heads and MLP units) with a `TensorParallel`: the
+attention output and MLP down projections then sum their partial outputs over the ranks (one
+all-reduce each), and the embedding and lm_head hold a block of vocabulary rows.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from kaki import small_m
 from kaki.config import ModelConfig
 from kaki.errors import CheckpointError
 from kaki.kernels import Linear
+from kaki.tp.group import TensorParallel
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +107,17 @@ def attention_mask(B: int, S: int, start: int, key_valid: torch.Tensor | None,
     return mask.reshape(-1, 1, S, T).expand(B, 1, S, T)
 
 
+def _reduce(x: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
+    return x if tp is None else tp.all_reduce(x)
+
+
+def _row_bias(bias: bool, tp: TensorParallel | None) -> bool:
+    """A row-parallel layer's bias is added once, on rank 0, before the partial sums are reduced."""
+    return bias and (tp is None or tp.first)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.rot = cfg.rotary_ndims
@@ -113,7 +128,8 @@ class Attention(nn.Module):
             self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
             self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
             self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
-        self.dense = Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.dense = Linear(q_dim, cfg.hidden_size, bias=_row_bias(cfg.attention_bias, tp))
+        self.tp = tp
         self.fused = cfg.fused_qkv
         if cfg.qk_layernorm:
             # One (head_dim,) LayerNorm shared by all heads, applied before rotary (Persimmon).
@@ -142,7 +158,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, KV, T, D)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                            enable_gqa=self.n_kv != self.n_heads)
-        return self.dense(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        return _reduce(self.dense(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)), self.tp)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -168,31 +184,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.dense_h_to_4h = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.dense_4h_to_h = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.dense_4h_to_h = Linear(cfg.intermediate_size, cfg.hidden_size, bias=_row_bias(cfg.mlp_bias, tp))
         if cfg.gated_mlp:
             self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.gated = cfg.gated_mlp
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.tp = tp
 
     def forward(self, x):
         if self.gated:
-            return self.dense_4h_to_h(self.act(self.gate_proj(x)) * self.dense_h_to_4h(x))
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+            return _reduce(self.dense_4h_to_h(self.act(self.gate_proj(x)) * self.dense_h_to_4h(x)), self.tp)
+        return _reduce(self.dense_4h_to_h(self.act(self.dense_h_to_4h(x))), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int):
+    def __init__(self, cfg: ModelConfig, index: int, tp: TensorParallel | None = None):
         super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.hidden_size)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         # GPT-J has no second norm: its MLP reads the attention's normalised input.
         self.shared_norm = cfg.shared_layernorm
         if not self.shared_norm:
             self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
         self.parallel = cfg.use_parallel_residual
         self.index = index
 
@@ -208,25 +225,35 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
+        rows = _vocab_rows(cfg, tp)
         # Built empty: every path fills it (a checkpoint, or the trainer's init), and nn.Embedding's
         # own normal_ init costs each process a ~1 s import of torch._dynamo.
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.embed_tokens = nn.Embedding(rows, cfg.hidden_size, _weight=torch.empty(rows, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers))
         self.final_layernorm = make_norm(cfg, cfg.hidden_size)
 
 
+def _vocab_rows(cfg: ModelConfig, tp: TensorParallel | None) -> int:
+    if tp is None:
+        return cfg.vocab_size
+    lo, hi = tp.vocab_span(cfg.vocab_size)
+    return hi - lo
+
+
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
+        """tp: this process's rank of a tensor-parallel model, whose `cfg` is the rank's own
+        (kaki.tp.shard.local_config); None for the whole model in one process."""
         super().__init__()
         if cfg.hidden_act not in ACTIVATIONS:
             raise CheckpointError(f"hidden_act {cfg.hidden_act!r} is not supported; kaki knows "
                                   f"{', '.join(ACTIVATIONS)}")
         self.config = cfg
-        self.model = Decoder(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.tp = tp
+        self.model = Decoder(cfg, tp)
+        self.lm_head = Linear(cfg.hidden_size, _vocab_rows(cfg, tp), bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -275,13 +302,23 @@ class CausalLM(nn.Module):
             mask, causal = None, S > 1
             if valid is not None and not bool(valid.all()):
                 mask, causal = attention_mask(B, S, 0, valid, input_ids.device), False
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask, causal)
         if cache is not None:
             cache.end()
         return self.model.final_layernorm(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.model.embed_tokens(input_ids)
+        return self.tp.embed(input_ids, self.model.embed_tokens.weight, self.config.vocab_size)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The lm_head; under tensor parallelism every rank gets the full vocabulary's logits."""
+        out = self.lm_head(h)
+        return out if self.tp is None else self.tp.gather_vocab(out, self.config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: AttentionCache | None = None, valid: torch.Tensor | None = None,
@@ -292,8 +329,8 @@ class CausalLM(nn.Module):
             if last_only:
                 # As a 2-D (B, H) matrix: a (B, 1, H) view of (B, S, H) sends F.linear down a bmm
                 # path that copies the whole lm_head weight (100x slower in bf16).
-                return self.lm_head(h[:, -1])[:, None]
-            return self.lm_head(h)
+                return self.logits(h[:, -1])[:, None]
+            return self.logits(h)
 
 
 def _scale_rope(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:

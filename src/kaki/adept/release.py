@@ -31,6 +31,7 @@ from kaki.errors import CheckpointError
 from kaki.loading import build_model
 from kaki.model import CausalLM
 from kaki.tokenizer import Tokenizer
+from kaki.tp.group import TensorParallel
 
 TRACKER = "latest_checkpointed_iteration.txt"
 VOCAB_MODEL = "adept_vocab.model"
@@ -265,14 +266,14 @@ def read_release(d: str | Path) -> Bundle:
 
 
 def load_release(d: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-                 progress: bool = False) -> tuple[CausalLM, Tokenizer, dict]:
+                 progress: bool = False, tp: TensorParallel | None = None) -> tuple[CausalLM, Tokenizer, dict]:
     """What `kaki.load` needs of a release directory: (model, tokenizer, the tokenizer files
-    `LLM.save` writes for it)."""
+    `LLM.save` writes for it). tp: this rank's part of a tensor-parallel model."""
     bundle = read_release(d)
     dev = pick_device(device)
     dt = pick_dtype(dtype, bundle.cfg, dev)
     try:
-        model = build_model(bundle.cfg, bundle.sources, dt, dev, bundle.origin, progress)
+        model = build_model(bundle.cfg, bundle.sources, dt, dev, bundle.origin, progress, tp=tp)
     except CheckpointError as e:
         # The shared validation speaks of config.json; a release's config is its stored args.
         message = str(e).replace("Check that config.json belongs", "Check that the stored args belong")

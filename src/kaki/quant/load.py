@@ -102,21 +102,22 @@ def untie_head(cfg: ModelConfig, sources: dict[str, TensorSource], spec: QuantSp
 
 
 def prepare(cfg: ModelConfig, sources: dict[str, TensorSource], quantize: QuantSpec, where: str,
-            keep_plain: bool = False):
-    """(meta model with quantized layers, sources, placer) for `assign_weights`."""
+            keep_plain: bool = False, tp=None):
+    """(meta model with quantized layers, sources, placer) for `assign_weights`; tp: one rank's
+    part of a tensor-parallel model (kaki.tp), whose sources are already its slices."""
     from kaki.model import CausalLM
 
     spec, is_stored = resolve(cfg, quantize, where)
     if is_stored:
         _, names = stored_spec(cfg, where)
         with torch.device("meta"):
-            model = CausalLM(cfg)
+            model = CausalLM(cfg, tp)
         swap(model, names, spec)
         validate(model, sources, where)
     else:
         cfg, sources = untie_head(cfg, sources, spec)
         with torch.device("meta"):
-            model = CausalLM(cfg)
+            model = CausalLM(cfg, tp)
         validate(model, sources, where)
         names = target_modules(model, spec)
         swap(model, names, spec)
