@@ -386,11 +386,17 @@ def test_tracker_names_a_missing_iteration(release, tmp_path):
         kaki.load(d, device="cpu")
 
 
-def test_tensor_parallel_shards_are_refused(release, tmp_path):
+def test_rank_folders_that_disagree_with_the_args_are_refused(release, tmp_path):
+    # Tensor-parallel releases load (tests/test_tensor_parallel.py); a second rank folder that the
+    # args do not announce is a mixed-up release, not a shard to join.
     d = copy_release(release, tmp_path / "r")
     it = d / "iter_0001251"
     shutil.copytree(it / "mp_rank_00", it / "mp_rank_01")
-    with pytest.raises(KakiError, match=r"shards mp_rank_00, mp_rank_01.*does not merge shards"):
+    with pytest.raises(KakiError, match=r"tensor_model_parallel_size is 1 but the iteration folder holds 2 "
+                                        r"mp_rank_XX folder"):
+        kaki.load(d, device="cpu")
+    shutil.copytree(it / "mp_rank_00", it / "mp_rank_03")
+    with pytest.raises(KakiError, match=r"holds mp_rank_00, mp_rank_01, mp_rank_03 but not mp_rank_02"):
         kaki.load(d, device="cpu")
 
 

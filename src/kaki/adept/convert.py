@@ -32,6 +32,7 @@ from kaki.errors import CheckpointError, KakiError
 from kaki.loading import resolve_model_path
 from kaki.model import CausalLM
 from kaki.tokenizer import Tokenizer
+from kaki.tp.shard import rank_slices
 
 
 def _bar(total: int, progress: bool):
@@ -181,13 +182,14 @@ def write_transformers(bundle: Bundle, out: str | Path, dtype: torch.dtype | Non
 
 # ----------------------------------------------------------------------------- release output
 
-def megatron_args(bundle: Bundle, dtype: torch.dtype) -> argparse.Namespace:
+def megatron_args(bundle: Bundle, dtype: torch.dtype, tensor_parallel: int = 1) -> argparse.Namespace:
     """The args Megatron reads back (reference §2.4): the source release's own, with what changed
     updated; built from the config for a transformers source."""
     cfg = bundle.cfg
     flags = {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
     if bundle.args is not None:
         args = argparse.Namespace(**vars(bundle.args))
+        args.tensor_model_parallel_size = tensor_parallel
         if getattr(args, "padded_vocab_size", cfg.vocab_size) != cfg.vocab_size:
             args.padded_vocab_size = cfg.vocab_size
         if any(getattr(args, k, None) not in (None, v) for k, v in flags.items()):
@@ -209,7 +211,7 @@ def megatron_args(bundle: Bundle, dtype: torch.dtype) -> argparse.Namespace:
         sq_relu=cfg.hidden_act == "relu2", bias_gelu_fusion=False,
         qk_layernorm="weights_per_layer" if cfg.qk_layernorm else None,
         tokenizer_type="SentencePiece", padded_vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=128,
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, params_dtype=dtype, **flags)
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1, params_dtype=dtype, **flags)
 
 
 def _inv_freq(bundle: Bundle, layer: int, dtype: torch.dtype) -> torch.Tensor:
@@ -247,9 +249,11 @@ def _vocab_text(spm_bytes: bytes) -> str:
 
 
 def write_release(bundle: Bundle, out: str | Path, dtype: torch.dtype | None = None,
-                  progress: bool = False, iteration: int | None = None) -> Path:
-    """Adept's release layout, loadable by kaki and by adept-inference's Megatron."""
+                  progress: bool = False, iteration: int | None = None, tensor_parallel: int = 1) -> Path:
+    """Adept's release layout, loadable by kaki and by adept-inference's Megatron; tensor_parallel
+    N > 1 writes Megatron's split into mp_rank_00 .. mp_rank_{N-1} (kaki.tp.shard.rank_slices)."""
     check(bundle)
+    ranks = rank_slices(bundle.sources, bundle.cfg, tensor_parallel)
     if bundle.spm is None:
         raise KakiError(f"a release needs a sentencepiece tokenizer; {bundle.origin} has no tokenizer.model")
     sp = spm.SentencePieceProcessor(model_proto=bundle.spm)
@@ -260,25 +264,26 @@ def write_release(bundle: Bundle, out: str | Path, dtype: torch.dtype | None = N
     if it <= 0:
         raise KakiError(f"--iteration must be positive (Megatron refuses {it})")
     stored = _stored_dtype(bundle, dtype)
-    args = megatron_args(bundle, stored)
+    args = megatron_args(bundle, stored, tensor_parallel)
 
     def write(tmp: Path) -> None:
-        flat = {}
         scratch = tmp / ".scratch"
-        scratch.mkdir()
-        with _bar(len(bundle.sources), progress) as bar:
-            for name, src in bundle.sources.items():
-                flat[keys.to_megatron(name)] = _file_backed(src, dtype, scratch)
-                bar.update(1)
-        for layer in range(bundle.cfg.num_hidden_layers):
-            flat[keys.INV_FREQ_NAME.format(n=layer)] = _inv_freq(bundle, layer, stored)
-        state = {"args": args, "checkpoint_version": bundle.checkpoint_version or 3.0,
-                 "iteration": it, "model": keys.nest(flat)}
-        folder = tmp / f"iter_{it:07d}" / "mp_rank_00"
-        folder.mkdir(parents=True)
-        save_checkpoint_file(state, folder / "model_optim_rng.pt")
-        del state, flat
-        shutil.rmtree(scratch)
+        with _bar(len(bundle.sources) * len(ranks), progress) as bar:
+            for rank, sources in enumerate(ranks):
+                scratch.mkdir()
+                flat = {}
+                for name, src in sources.items():
+                    flat[keys.to_megatron(name)] = _file_backed(src, dtype, scratch)
+                    bar.update(1)
+                for layer in range(bundle.cfg.num_hidden_layers):
+                    flat[keys.INV_FREQ_NAME.format(n=layer)] = _inv_freq(bundle, layer, stored)
+                state = {"args": args, "checkpoint_version": bundle.checkpoint_version or 3.0,
+                         "iteration": it, "model": keys.nest(flat)}
+                folder = tmp / f"iter_{it:07d}" / f"mp_rank_{rank:02d}"
+                folder.mkdir(parents=True)
+                save_checkpoint_file(state, folder / "model_optim_rng.pt")
+                del state, flat
+                shutil.rmtree(scratch)
         (tmp / TRACKER).write_text(f"{it}\n")
         (tmp / VOCAB_MODEL).write_bytes(bundle.spm)
         if bundle.vocab_file is not None:

@@ -32,6 +32,7 @@ from kaki.loading import build_model
 from kaki.model import CausalLM
 from kaki.tokenizer import Tokenizer
 from kaki.tp.group import TensorParallel
+from kaki.tp.shard import join_ranks
 
 TRACKER = "latest_checkpointed_iteration.txt"
 VOCAB_MODEL = "adept_vocab.model"
@@ -57,7 +58,11 @@ def _iteration_dirs(d: Path) -> list[str]:
 class Layout:
     root: Path
     iteration: int | None  # None for Megatron's "release" tracker value
-    checkpoint: Path
+    checkpoints: list[Path]  # mp_rank_00, mp_rank_01, ...: one file per tensor-parallel rank
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.checkpoints[0]
 
 
 def locate(d: Path) -> Layout:
@@ -86,20 +91,25 @@ def locate(d: Path) -> Layout:
         raise CheckpointError(f"{tracker} names {folder.name}, but {folder} does not exist ({there}); the "
                               "tarball was not fully extracted, or the tracker file names the wrong iteration")
     ranks = sorted(p.name for p in folder.iterdir() if p.is_dir() and RANK_DIR.match(p.name))
-    if ranks != ["mp_rank_00"]:
-        if not ranks:
-            raise CheckpointError(f"{folder} has no mp_rank_00 folder; expected {folder}/mp_rank_00/{CHECKPOINT_FILE}")
+    if not ranks:
+        raise CheckpointError(f"{folder} has no mp_rank_00 folder; expected {folder}/mp_rank_00/{CHECKPOINT_FILE}")
+    if any(RANK_DIR.match(r).group(2) is not None for r in ranks):
         raise CheckpointError(
-            f"{folder} holds model-parallel shards {', '.join(ranks)}: it was saved with tensor or "
-            "pipeline parallelism > 1. kaki loads single-shard checkpoints (mp_rank_00 only, as Adept "
-            "released them) and does not merge shards yet; merge them into one with Megatron's "
-            "checkpoint conversion tool (target tensor and pipeline parallel size 1) first")
-    path = folder / "mp_rank_00" / CHECKPOINT_FILE
-    if not path.is_file():
-        inside = ", ".join(sorted(p.name for p in path.parent.iterdir())) or "nothing"
-        raise CheckpointError(f"{path} does not exist ({path.parent} holds {inside}); kaki reads the "
-                              f"{CHECKPOINT_FILE} Megatron writes without the distributed optimizer")
-    return Layout(d, iteration, path)
+            f"{folder} holds pipeline-parallel shards ({', '.join(ranks[:4])}...): it was saved with pipeline "
+            "parallelism > 1, which kaki does not merge; convert it to pipeline parallel size 1 with "
+            "Megatron's checkpoint tool first (tensor-parallel mp_rank_XX folders load as they are)")
+    expected = [f"mp_rank_{i:02d}" for i in range(len(ranks))]
+    if ranks != expected:
+        missing = sorted(set(expected) - set(ranks)) or expected[-1:]
+        raise CheckpointError(f"{folder} holds {', '.join(ranks)} but not {', '.join(missing)}: a "
+                              "tensor-parallel release needs every rank's folder; extract it again")
+    paths = [folder / r / CHECKPOINT_FILE for r in ranks]
+    for path in paths:
+        if not path.is_file():
+            inside = ", ".join(sorted(p.name for p in path.parent.iterdir())) or "nothing"
+            raise CheckpointError(f"{path} does not exist ({path.parent} holds {inside}); kaki reads the "
+                                  f"{CHECKPOINT_FILE} Megatron writes without the distributed optimizer")
+    return Layout(d, iteration, paths)
 
 
 # ----------------------------------------------------------------------------- config from args
@@ -127,7 +137,8 @@ def _arg(args: argparse.Namespace, name: str, default: Any = None) -> Any:
 
 
 def config_from_args(args: argparse.Namespace, sources: dict[str, TensorSource], eod: int,
-                     where: str) -> ModelConfig:
+                     where: str, ranks: int = 1) -> ModelConfig:
+    """ranks: how many tensor-parallel mp_rank_XX files `sources` were joined from."""
     if not isinstance(args, argparse.Namespace):
         raise CheckpointError(f"{where} has no Megatron `args` (found {type(args).__name__}); kaki reads the "
                               "model's hyperparameters from them")
@@ -156,10 +167,14 @@ def config_from_args(args: argparse.Namespace, sources: dict[str, TensorSource],
     if hidden % heads or (kv_channels is not None and kv_channels * heads != hidden):
         raise CheckpointError(f"{where}: kv_channels {kv_channels} x {heads} heads != hidden_size {hidden}; "
                               "kaki's Persimmon needs head_dim = hidden_size / heads")
-    for arg, value in (("tensor_model_parallel_size", 1), ("pipeline_model_parallel_size", 1)):
-        if _arg(args, arg, 1) != value:
-            raise CheckpointError(f"{where}: args.{arg} is {_arg(args, arg)}; kaki loads unsharded "
-                                  "checkpoints only (merge the shards with Megatron first)")
+    if _arg(args, "pipeline_model_parallel_size", 1) != 1:
+        raise CheckpointError(f"{where}: args.pipeline_model_parallel_size is "
+                              f"{_arg(args, 'pipeline_model_parallel_size')}; kaki loads pipeline parallel size 1 "
+                              "only (convert the checkpoint with Megatron first)")
+    if _arg(args, "tensor_model_parallel_size", 1) != ranks:
+        raise CheckpointError(f"{where}: args.tensor_model_parallel_size is {_arg(args, 'tensor_model_parallel_size')} "
+                              f"but the iteration folder holds {ranks} mp_rank_XX folder(s); the release is "
+                              "incomplete or its folders were mixed up: extract it again")
     pos_emb = _arg(args, "pos_emb", "rotary")
     if pos_emb != "rotary":
         raise CheckpointError(f"{where}: args.pos_emb is {pos_emb!r}; kaki implements rotary only")
@@ -208,18 +223,10 @@ def _eod_id(spm_bytes: bytes, path: Path) -> int:
     raise CheckpointError(f"{path} has neither a {EOD_PIECE} piece nor an eos piece; it is not Adept's vocabulary")
 
 
-def read_release(d: str | Path) -> Bundle:
-    """Config, tokenizer and (unread, mmapped) weights of a release directory."""
-    d = Path(d)
-    layout = locate(d)
-    vocab = d / VOCAB_MODEL
-    if not vocab.is_file():
-        raise CheckpointError(f"{d} has no {VOCAB_MODEL} (the sentencepiece tokenizer shipped next to "
-                              f"{TRACKER}); re-extract the release tarball")
-    spm_bytes = vocab.read_bytes()
-    eod = _eod_id(spm_bytes, vocab)
-    where = str(layout.checkpoint)
-    raw = load_checkpoint_file(layout.checkpoint)
+def _read_rank_file(path: Path) -> tuple[dict, dict[str, TensorSource], dict[int, TensorSource]]:
+    """(the file's dict, its tensors by kaki name, its rotary inv_freq buffers by layer), nothing read."""
+    where = str(path)
+    raw = load_checkpoint_file(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         keys = ", ".join(map(str, list(raw)[:8])) if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{where} holds {keys}, not Megatron's {{'model', 'args', 'iteration'}} dict")
@@ -253,7 +260,25 @@ def read_release(d: str | Path) -> Bundle:
             unknown.append(name)
             key = name  # validation lists it as unexpected, with every other problem
         sources[key] = src
-    cfg = config_from_args(raw.get("args"), sources, eod, where)
+    return raw, sources, inv_freq
+
+
+def read_release(d: str | Path) -> Bundle:
+    """Config, tokenizer and (unread, mmapped) weights of a release directory."""
+    d = Path(d)
+    layout = locate(d)
+    vocab = d / VOCAB_MODEL
+    if not vocab.is_file():
+        raise CheckpointError(f"{d} has no {VOCAB_MODEL} (the sentencepiece tokenizer shipped next to "
+                              f"{TRACKER}); re-extract the release tarball")
+    spm_bytes = vocab.read_bytes()
+    eod = _eod_id(spm_bytes, vocab)
+    where = str(layout.checkpoint)
+    files = [_read_rank_file(path) for path in layout.checkpoints]
+    raw, _, inv_freq = files[0]
+    version = raw.get("checkpoint_version")
+    sources = files[0][1] if len(files) == 1 else join_ranks([f[1] for f in files], where)
+    cfg = config_from_args(raw.get("args"), sources, eod, where, len(files))
     iteration = raw.get("iteration", layout.iteration)
     vocab_map, original = None, None
     if (d / VOCAB_MAP_FILE).is_file():  # written by `kaki convert --trim-vocab`

@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="with --trim-vocab, keep a multiple of N rows (default 128, Megatron's padding)")
     p.add_argument("--iteration", type=int, default=None,
                    help="with --to adept, the iteration number to record (default: SRC's, else 1)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="with --to adept, write Megatron's tensor-parallel split: N mp_rank_XX folders, each "
+                        "rank's heads, MLP units and vocabulary block (loads at N ranks, or merged at fewer)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -51,6 +54,10 @@ def run(args) -> int:
         raise KakiError("--vocab-multiple only applies with --trim-vocab")
     if args.iteration is not None and args.to != "adept":
         raise KakiError("--iteration only applies with --to adept")
+    if args.tensor_parallel != 1 and args.to != "adept":
+        raise KakiError("--tensor-parallel only applies with --to adept (a transformers directory is never split)")
+    if args.tensor_parallel < 1:
+        raise KakiError(f"--tensor-parallel must be >= 1, not {args.tensor_parallel}")
     dtype = parse_dtype(args.dtype)
     bundle = read_source(args.src)
     if args.trim_vocab:
@@ -70,7 +77,8 @@ def run(args) -> int:
     if args.to == "hf":
         out = write_transformers(bundle, args.dst, dtype, progress=progress)
     else:
-        out = write_release(bundle, args.dst, dtype, progress=progress, iteration=args.iteration)
+        out = write_release(bundle, args.dst, dtype, progress=progress, iteration=args.iteration,
+                            tensor_parallel=args.tensor_parallel)
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     kind = "transformers Persimmon directory" if args.to == "hf" else "Adept/Megatron release"
     print(f"wrote {out} ({kind}, {_size(total)})")
@@ -89,8 +97,9 @@ def run_quantize(args) -> int:
 
     if args.to == "adept":
         raise KakiError("--quantize writes a transformers directory; Adept's release layout has no quantized form")
-    if args.trim_vocab or args.iteration is not None:
-        raise KakiError("--trim-vocab and --iteration do not combine with --quantize; trim first, then quantize")
+    if args.trim_vocab or args.iteration is not None or args.tensor_parallel != 1:
+        raise KakiError("--trim-vocab, --iteration and --tensor-parallel do not combine with --quantize; trim "
+                        "first, then quantize (a quantized model splits over ranks when it loads)")
     spec = as_spec(args.quantize, args.quantize_head)
     out = write_quantized(args.src, args.dst, spec, args.dtype, progress=_progress(args))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -21,6 +21,7 @@ import torch
 
 from kaki.checkpoint import TensorSource
 from kaki.config import ModelConfig
+from kaki.errors import CheckpointError, KakiError
 from kaki.tp.group import TensorParallel
 
 _PARTS = r"(weight|bias|weight_scale|weight_zero)"
@@ -84,6 +85,8 @@ def shard_sources(sources: dict[str, TensorSource], cfg: ModelConfig,
 def slice_source(src: TensorSource, dim: int, lo: int, hi: int) -> TensorSource:
     """A source for src[lo:hi] along `dim` that reads no more of the file than it must: rows
     through the source's row reader (safetensors reads just those bytes), columns block by block."""
+    if isinstance(src, PartedSource) and src.dim == dim:
+        return src.narrow(lo, hi)
     shape = list(src.shape)
     shape[dim] = hi - lo
     if dim == 0:
@@ -107,3 +110,87 @@ def slice_source(src: TensorSource, dim: int, lo: int, hi: int) -> TensorSource:
 
 
 ROW_BLOCK_BYTES = 64 << 20
+
+
+# ----------------------------------------------------------------------------- rank files
+
+def rank_slices(sources: dict[str, TensorSource], cfg: ModelConfig, size: int) -> list[dict[str, TensorSource]]:
+    """Each of `size` ranks' tensors as Megatron stores them in its mp_rank_XX file: kaki's split,
+    with the row-parallel biases on every rank and the vocabulary in equal blocks (Megatron pads
+    it to a multiple of 128 x the tensor-parallel size)."""
+    if size == 1:
+        return [sources]
+    if cfg.vocab_size % size:
+        raise KakiError(f"the vocabulary ({cfg.vocab_size} rows) does not divide by --tensor-parallel {size}, as "
+                        "Megatron's split needs; pick a size that divides it")
+    out = []
+    for rank in range(size):
+        tp = TensorParallel(rank, size)
+        local_config(cfg, tp)  # says what does not divide
+        mine = {}
+        for key, src in sources.items():
+            how, dim = placement(key, len(src.shape))
+            if how in ("split", "vocab"):
+                mine[key] = slice_source(src, dim, *tp.span(src.shape[dim]))
+            else:
+                mine[key] = src
+        out.append(mine)
+    return out
+
+
+
+class PartedSource(TensorSource):
+    """One tensor stored as consecutive parts along `dim` (a Megatron release's mp_rank_XX files):
+    reading a range reads only the parts it overlaps, so a rank of the same tensor-parallel size
+    reads only its own file."""
+
+    def __init__(self, parts: list[TensorSource], dim: int, name: str | None):
+        self.parts, self.dim = parts, dim
+        self.starts = [0]
+        for p in parts:
+            self.starts.append(self.starts[-1] + p.shape[dim])
+        shape = list(parts[0].shape)
+        shape[dim] = self.starts[-1]
+        super().__init__(tuple(shape), parts[0].dtype, self._load, parts[0].origin, self._rows, name=name)
+
+    def _load(self) -> torch.Tensor:
+        return torch.cat([p.load() for p in self.parts], dim=self.dim)
+
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        if self.dim != 0:
+            return torch.cat([p.rows(a, b) for p in self.parts], dim=self.dim)
+        return torch.cat([p.rows(max(a, s) - s, min(b, s + p.shape[0]) - s)
+                          for p, s in zip(self.parts, self.starts) if s < b and s + p.shape[0] > a])
+
+    def narrow(self, lo: int, hi: int) -> TensorSource:
+        pieces = []
+        for p, s in zip(self.parts, self.starts):
+            a, b = max(lo, s), min(hi, s + p.shape[self.dim])
+            if a < b:
+                pieces.append(p if (a, b) == (s, s + p.shape[self.dim]) else slice_source(p, self.dim, a - s, b - s))
+        return pieces[0] if len(pieces) == 1 else PartedSource(pieces, self.dim, self.name)
+
+
+def join_ranks(ranks: list[dict[str, TensorSource]], where: str) -> dict[str, TensorSource]:
+    """The whole model's sources from each tensor-parallel rank's (Megatron's split, which is
+    kaki's: `placement`); replicated tensors, row-parallel biases among them, are read from rank 0."""
+    names = list(ranks[0])
+    for i, r in enumerate(ranks[1:], 1):
+        if set(r) != set(names):
+            odd = sorted(set(r) ^ set(names))
+            raise CheckpointError(f"{where}: mp_rank_{i:02d} holds other tensors than mp_rank_00 "
+                                  f"({', '.join(odd[:4])}); the release's rank folders do not belong together")
+    out = {}
+    for key in names:
+        parts = [r[key] for r in ranks]
+        how, dim = placement(key, len(parts[0].shape))
+        if how in ("whole", "first"):
+            out[key] = parts[0]
+            continue
+        other = [tuple(s for j, s in enumerate(p.shape) if j != dim) for p in parts]
+        if len(set(other)) > 1 or len({p.dtype for p in parts}) > 1:
+            shapes = ", ".join(str(list(p.shape)) for p in parts)
+            raise CheckpointError(f"{where}: the ranks' parts of {key} do not fit together ({shapes}); "
+                                  "the release is damaged: extract it again")
+        out[key] = PartedSource(parts, dim, key)
+    return out
