@@ -35,6 +35,22 @@ COLUMN_MODULE = re.compile(COLUMN.pattern.replace(r"\." + _PARTS + "$", "$"))
 ROW_MODULE = re.compile(ROW.pattern.replace(r"\." + _PARTS + "$", "$"))
 
 
+def adapter_slice(model, module: str, part: str, t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a LoRA matrix of layer `module`: B's rows of a column-parallel layer,
+    A's columns of a row-parallel one (whose partial B A x sums over the ranks with the layer's
+    own all-reduce); the other matrix is whole. Unchanged without tensor parallelism."""
+    tp = getattr(model, "tp", None)
+    if tp is None:
+        return t
+    if part == "lora_B" and COLUMN_MODULE.search(module):
+        lo, hi = tp.span(t.shape[0])
+        return t[lo:hi]
+    if part == "lora_A" and ROW_MODULE.search(module):
+        lo, hi = tp.span(t.shape[1])
+        return t[:, lo:hi]
+    return t
+
+
 def local_config(cfg: ModelConfig, tp: TensorParallel) -> ModelConfig:
     """The config of the model one rank computes: its share of the heads, KV heads and MLP units
     (the hidden size and vocabulary stay whole: activations and logits are the full model's).
@@ -77,7 +93,11 @@ def shard_sources(sources: dict[str, TensorSource], cfg: ModelConfig,
         n = src.shape[dim]
         lo, hi = tp.vocab_span(cfg.vocab_size) if how == "vocab" else tp.span(n)
         if how == "split" and n % tp.world:
-            raise ValueError(f"{key} has {n} along dim {dim}, which does not split over {tp.world} ranks")
+            # Heads and MLP units were checked (local_config); what is left is an int4 layer's
+            # column groups, whose scales cannot be cut inside a group.
+            raise CheckpointError(f"{key} has {n} along dim {dim}, which does not split over {tp.world} ranks "
+                                  "(int4 groups: each rank needs whole groups); load the unquantized checkpoint "
+                                  "with quantize= instead, which quantizes each rank's slice")
         out[key] = slice_source(src, dim, lo, hi)
     return out
 

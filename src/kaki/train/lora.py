@@ -34,6 +34,7 @@ from kaki.checkpoint import renamer
 from kaki.errors import KakiError
 from kaki.kernels import Linear
 from kaki.quant.train import QUANTIZED, frozen_forward, needs_frozen_path
+from kaki.tp.shard import adapter_slice
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -235,10 +236,11 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
                 expected.add(k)
                 if k not in tensors:
                     raise KakiError(f"{path} lacks {k}; it was trained for other target layers")
-                if tuple(tensors[k].shape) != tuple(param.shape):
+                t = adapter_slice(model, name, part, tensors[k])  # a tensor-parallel rank's part
+                if tuple(t.shape) != tuple(param.shape):
                     raise KakiError(f"{path}: {k} has shape {list(tensors[k].shape)}, the model needs "
                                     f"{list(param.shape)}; the adapter belongs to another base model")
-                param.copy_(tensors[k])
+                param.copy_(t)
     extra = sorted(set(tensors) - expected)
     if extra:
         raise KakiError(f"{path} holds weights for layers this model does not adapt: {', '.join(extra[:4])}")
