@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from helpers import hf_model_dir
+from tensor_parallel_worker import state_bytes
 
 import kaki
 from kaki.cli import main
@@ -28,7 +29,7 @@ from kaki.tp.shard import placement
 from kaki.train.lora import apply_lora, save_adapter
 
 WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
-PROMPTS = [[5, 17, 33, 101, 7], [250, 4, 9]]
+PROMPTS = [[5, 17, 33, 101, 7, 5, 17, 33, 101], [250, 4, 9]]  # the first repeats: n-gram drafts
 BATCH = [[5, 17, 33, 101, 7, 250, 11], [3, 99, 140, 12, 8, 64, 200]]
 NEW_TOKENS = 6
 FLOAT_CASES = ("persimmon", "gpt_neox", "llama", "gptj")  # llama: 4 heads over 2 KV heads (GQA)
@@ -87,6 +88,15 @@ def ranks(models, tmp_path_factory):
     return torchrun(spec, out)
 
 
+@pytest.fixture(scope="module")
+def ranks4(models, tmp_path_factory):
+    """4 ranks where the heads divide (4 heads each); the 2-rank release is split further."""
+    out = tmp_path_factory.mktemp("tp4-out")
+    cases = [{"name": n, "path": str(models[n])} for n in ("persimmon", "gpt_neox", "release2", "llama")]
+    spec = {"cases": cases, "batch": BATCH, "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS, "out": str(out)}
+    return torchrun(spec, out, ranks=4)
+
+
 def one_process(path, quantize=None, adapter=None) -> dict:
     from kaki.train.lora import apply_adapter
 
@@ -101,9 +111,10 @@ def one_process(path, quantize=None, adapter=None) -> dict:
 
 def assert_ranks_agree(ranks: list[dict], name: str) -> None:
     """Every rank holds the same full logits and so samples the same tokens."""
-    a, b = ranks[0][name], ranks[1][name]
-    assert torch.equal(a["logits"], b["logits"])
-    assert a["greedy"] == b["greedy"] and a["sampled"] == b["sampled"]
+    a = ranks[0][name]
+    for b in ranks[1:]:
+        assert torch.equal(a["logits"], b[name]["logits"])
+        assert a["greedy"] == b[name]["greedy"] and a["sampled"] == b[name]["sampled"]
 
 
 @pytest.mark.parametrize("family", FLOAT_CASES)
@@ -114,6 +125,8 @@ def test_two_ranks_equal_one_process(ranks, models, family):
     assert got["logits"].shape == ref["logits"].shape
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=2e-5)
     assert got["greedy"] == ref["greedy"]
+    # The engine's prefix cache and speculative decoding run unchanged over the ranks.
+    assert got["speculated"] == got["greedy"]
     cfg = ref["llm"].config
     # Each rank computed its own heads and KV groups.
     assert (got["heads"], got["kv_heads"]) == (cfg.num_attention_heads // 2, cfg.num_key_value_heads // 2)
@@ -191,6 +204,23 @@ def test_lora_adapter_splits_with_its_layers(ranks, models):
     assert_ranks_agree(ranks, "lora")
     torch.testing.assert_close(ranks[0]["lora"]["logits"], ref["logits"], rtol=0, atol=2e-5)
     assert ranks[0]["lora"]["greedy"] == ref["greedy"]
+
+
+@pytest.mark.parametrize("name", ["persimmon", "gpt_neox", "release2"])
+def test_four_ranks_equal_one_process(ranks4, models, name):
+    ref = one_process(models[name])
+    assert_ranks_agree(ranks4, name)
+    got = ranks4[0][name]
+    torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=2e-5)
+    assert got["greedy"] == ref["greedy"]
+    assert got["heads"] == 1
+    full = state_bytes(ref["llm"].model)
+    assert all(r[name]["bytes"] < 0.4 * full for r in ranks4)
+
+
+def test_four_ranks_refuse_two_kv_heads(ranks4):
+    assert all("num_key_value_heads (grouped-query KV heads) (2) does not divide by the tensor-parallel size (4)"
+               in r["llama"]["error"] for r in ranks4)
 
 
 def test_kv_heads_that_do_not_divide_fail_clearly(ranks):

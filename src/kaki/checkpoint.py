@@ -87,12 +87,15 @@ def renamer(model_type: str, to_checkpoint: bool = False) -> Callable[[str], str
 class TensorSource:
     """Where one tensor lives: `shape`, `dtype`, and `load()` to read it; `rows(a, b)` reads
     rows a..b only (quantizing while loading reads big matrices in blocks). `name` is the
-    tensor's name in `origin`, for messages."""
+    tensor's name in `origin`, for messages. `load_slice(index)`, where the file can (safetensors),
+    reads `tensor[index]` alone (a tensor-parallel rank's columns, kaki.tp.shard)."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, load: Callable[[], torch.Tensor],
-                 origin: str, load_rows: Callable[[int, int], torch.Tensor] | None = None, name: str | None = None):
+                 origin: str, load_rows: Callable[[int, int], torch.Tensor] | None = None, name: str | None = None,
+                 load_slice: Callable[[tuple[slice, ...]], torch.Tensor] | None = None):
         self.shape, self.dtype, self.load, self.origin, self.name = shape, dtype, load, origin, name
         self._rows = load_rows
+        self.load_slice = load_slice
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         return self._rows(a, b) if self._rows is not None else self.load()[a:b]
@@ -173,7 +176,13 @@ def _safetensors_sources(path: Path) -> dict[str, TensorSource]:
                 return f.get_slice(key)[a:b]
         return load_rows
 
-    return {k: TensorSource(shape, dtype, loader(k), str(path), rows_loader(k), name=k)
+    def slice_loader(key: str) -> Callable[[tuple[slice, ...]], torch.Tensor]:
+        def load_slice(index: tuple[slice, ...]) -> torch.Tensor:
+            with safe_open(path, framework="pt") as f:
+                return f.get_slice(key)[index]
+        return load_slice
+
+    return {k: TensorSource(shape, dtype, loader(k), str(path), rows_loader(k), name=k, load_slice=slice_loader(k))
             for k, (shape, dtype) in info.items()}
 
 

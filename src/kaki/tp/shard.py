@@ -112,13 +112,17 @@ def slice_source(src: TensorSource, dim: int, lo: int, hi: int) -> TensorSource:
     if dim == 0:
         def rows(a: int, b: int) -> torch.Tensor:
             return src.rows(lo + a, lo + b).contiguous()
+    elif src.load_slice is not None:
+        def rows(a: int, b: int) -> torch.Tensor:
+            return src.load_slice((slice(a, b), *[slice(None)] * (dim - 1), slice(lo, hi))).contiguous()
     else:
         def rows(a: int, b: int) -> torch.Tensor:
             return src.rows(a, b).narrow(dim, lo, hi - lo).contiguous()
 
-    # A column slice reads whole source rows: in blocks of at most ROW_BLOCK_BYTES of them.
+    # A column slice of a file that cannot slice reads whole source rows: in blocks of at most
+    # ROW_BLOCK_BYTES of them.
     src_row_bytes = max(1, math.prod(src.shape[1:]) * (src.dtype.itemsize if src.dtype else 4))
-    step = shape[0] if dim == 0 or len(shape) < 2 else max(1, ROW_BLOCK_BYTES // src_row_bytes)
+    step = shape[0] if dim == 0 or src.load_slice is not None else max(1, ROW_BLOCK_BYTES // src_row_bytes)
 
     def load() -> torch.Tensor:
         if step >= shape[0]:
