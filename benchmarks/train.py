@@ -73,7 +73,7 @@ else:
     from kaki.loading import load_model
     from kaki.quant import as_spec
     from kaki.train.loop import chunked_loss_sum, enable_activation_checkpointing, prepare_frozen_base
-    from kaki.train.lora import apply_lora
+    from kaki.lora import apply_lora
     spec = as_spec(base) if base.startswith("int") else None
     dtype = torch.float32 if base == "float32" else torch.bfloat16
     model = load_model(Path(path), read_config(path), dtype, torch.device("cpu"), quantize=spec)

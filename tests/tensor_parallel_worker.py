@@ -16,7 +16,7 @@ import torch
 
 import kaki
 from kaki.errors import KakiError
-from kaki.train.lora import apply_adapter
+from kaki.lora import apply_adapter
 
 
 def state_bytes(model) -> int:

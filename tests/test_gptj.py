@@ -206,7 +206,7 @@ def test_quantized_gptj_keeps_head_bias_and_round_trips(tmp_path, gptj, spec):
 
 
 def test_lora_targets_take_gptj_names(tmp_path, gptj):
-    from kaki.train.lora import apply_lora, save_adapter
+    from kaki.lora import apply_lora, save_adapter
 
     _, path, _ = gptj
     model = kaki.load(path, dtype="float32", device="cpu").model

@@ -18,7 +18,7 @@ from helpers import FAMILIES, hf_model_dir, write_chat_jsonl
 
 import kaki
 from kaki.cli import main
-from kaki.train.lora import apply_adapter
+from kaki.lora import apply_adapter
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
 

@@ -26,7 +26,7 @@ from kaki.cli import main
 from kaki.errors import KakiError
 from kaki.tp import TensorParallel, local_config
 from kaki.tp.shard import placement
-from kaki.train.lora import apply_lora, save_adapter
+from kaki.lora import apply_lora, save_adapter
 
 WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
 PROMPTS = [[5, 17, 33, 101, 7, 5, 17, 33, 101], [250, 4, 9]]  # the first repeats: n-gram drafts
@@ -98,7 +98,7 @@ def ranks4(models, tmp_path_factory):
 
 
 def one_process(path, quantize=None, adapter=None) -> dict:
-    from kaki.train.lora import apply_adapter
+    from kaki.lora import apply_adapter
 
     llm = kaki.load(path, dtype="float32", device="cpu", quantize=quantize)
     if adapter:

@@ -139,7 +139,7 @@ def test_lora_trains_only_adapters_and_merges(tmp_path, base, chat_data):
     merged = tmp_path / "merged"
     assert main(["merge-lora", str(out), "--out", str(merged), "--dtype", "float32"]) == 0
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
-    from kaki.train.lora import apply_adapter
+    from kaki.lora import apply_adapter
     unmerged = apply_adapter(kaki.load(base, dtype="float32", device="cpu"), out)
     m = kaki.load(merged, dtype="float32", device="cpu")
     with torch.no_grad():

@@ -24,7 +24,7 @@ from kaki.loading import load_model
 from kaki.quant import as_spec
 from kaki.quant.train import QUANTIZED
 from kaki.train.loop import Trainer, chunked_loss_sum, prepare_frozen_base
-from kaki.train.lora import apply_lora, lora_modules
+from kaki.lora import apply_lora, lora_modules
 from kaki.train.memory import held_bytes, optimizer_bytes
 from kaki.train.options import TrainOptions
 
@@ -202,7 +202,7 @@ def trained(root):
 
 def test_merge_lora_merges_into_the_float_weights(trained, tmp_path, capsys):
     import kaki
-    from kaki.train.lora import apply_adapter
+    from kaki.lora import apply_adapter
 
     out, base = trained
     merged = tmp_path / "merged"
@@ -226,7 +226,7 @@ def test_adapter_on_a_quantized_model_and_merge_against_it(trained, tmp_path, ca
     """--adapter applies to a quantized model; merging into a base stored quantized says so, and
     gives the logits of that quantized model with the adapter unmerged."""
     import kaki
-    from kaki.train.lora import apply_adapter
+    from kaki.lora import apply_adapter
 
     out, base = trained
     qdir = tmp_path / "q"

@@ -48,7 +48,7 @@ def load_from_args(args: argparse.Namespace):
                     quantize_head=getattr(args, "quantize_head", True))
     if getattr(args, "adapter", None):
         # Float and quantized models alike: over an int8/int4 layer the adapter runs beside it.
-        from kaki.train.lora import apply_adapter
+        from kaki.lora import apply_adapter
         apply_adapter(llm, args.adapter)
     return llm
 

@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from kaki.errors import KakiError
-    from kaki.train.lora import merge_adapter_dir, read_adapter_config
+    from kaki.lora import merge_adapter_dir, read_adapter_config
 
     if args.adapter and args.adapter_flag and args.adapter != args.adapter_flag:
         raise KakiError(f"two adapters given ({args.adapter} and --adapter {args.adapter_flag}); give one")

@@ -216,7 +216,7 @@ class ClassifierTrainer(Trainer):
             return
         model = self.model
         if self.o.lora:
-            from kaki.train.lora import merge_lora
+            from kaki.lora import merge_lora
             merge_lora(model)  # training is over: fold the adapters in for a plain classifier
         ckpt.publish_model(self.out, lambda tmp: save_classifier(model, self.clf_cfg, tmp, self.tokenizer_dir,
                                                                  self.o.save_dtype))

@@ -261,7 +261,7 @@ class Trainer:
         o, d, cfg = self.o, self.d, self.cfg
         model.train()
         if o.lora:
-            from kaki.train.lora import apply_lora
+            from kaki.lora import apply_lora
             for p in model.parameters():
                 p.requires_grad_(False)
             apply_lora(model, r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
@@ -270,7 +270,7 @@ class Trainer:
                 model.get_submodule(name).requires_grad_(True)
             prepare_frozen_base(model)
             if self.resume_from is not None:
-                from kaki.train.lora import load_adapter_weights
+                from kaki.lora import load_adapter_weights
                 load_adapter_weights(model, self.resume_from)
         else:
             for p in model.parameters():
@@ -439,7 +439,7 @@ class Trainer:
     def write_model(self, model, tmp: Path, dtype: str | None = None) -> None:
         from kaki.saving import save_model_dir
         if self.o.lora:
-            from kaki.train.lora import save_adapter
+            from kaki.lora import save_adapter
             save_adapter(model, tmp, base_model=str(self.model_dir))
         else:
             save_model_dir(model, tmp, tokenizer_dir=self.tokenizer_dir, dtype=dtype)
@@ -460,7 +460,7 @@ class Trainer:
         with torch.device("meta"):
             cpu = CausalLM(self.cfg)
         if self.o.lora:
-            from kaki.train.lora import apply_lora
+            from kaki.lora import apply_lora
             apply_lora(cpu, r=self.o.lora_r, alpha=self.o.lora_alpha,
                        targets=[t.strip() for t in self.o.lora_targets.split(",") if t.strip()])
         cpu.load_state_dict(state, assign=True)
@@ -550,11 +550,11 @@ class Trainer:
             if o.lora and o.merge and (self.spec is not None or self.base_dtype != torch.float32):
                 # The live base is quantized or narrower than its checkpoint: merge against the
                 # checkpoint's own float weights, as `kaki merge-lora` does.
-                from kaki.train.lora import merge_adapter_dir
+                from kaki.lora import merge_adapter_dir
                 note = merge_adapter_dir(self.out, self.model_dir, self.out / "merged", o.save_dtype or "bfloat16")
                 self.log.info(note)
             elif o.lora and o.merge:
-                from kaki.train.lora import merge_into_model_dir
+                from kaki.lora import merge_into_model_dir
                 merge_into_model_dir(model, self.out / "merged", self.tokenizer_dir, o.save_dtype)
 
     def start_wandb(self):
@@ -606,7 +606,7 @@ def prepare_frozen_base(model) -> None:
     them so), an embedding stored narrower hands float32 on, and every frozen layer that is
     quantized or narrower than float32 runs through kaki.quant.train.FrozenLinear."""
     from kaki.quant.train import route_frozen_layers
-    from kaki.train.lora import lora_modules
+    from kaki.lora import lora_modules
 
     with torch.no_grad():
         for p in model.parameters():

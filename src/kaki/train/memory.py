@@ -90,7 +90,7 @@ def build_meta(cfg, *, lora: bool, lora_r: int = 8, lora_targets: str = "all-lin
     for p in model.parameters():
         p.requires_grad_(not lora)
     if lora:
-        from kaki.train.lora import apply_lora
+        from kaki.lora import apply_lora
         apply_lora(model, r=lora_r, alpha=float(lora_r), targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
                    dtype=torch.float32)
     return model

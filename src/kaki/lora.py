@@ -1,5 +1,8 @@
 """LoRA: low-rank adapters on kaki's linear layers, saved in peft's file layout.
 
+Training adds them (`kaki train --lora`), inference applies or merges them (`--adapter`,
+`kaki merge-lora`), so the module sits beside the loader rather than in kaki.train.
+
 `LoRALinear` replaces a linear layer in place and keeps its `weight`/`bias` under the same names,
 so the base model's state dict, loader and saver are untouched; it adds `lora_A` (r, in) and
 `lora_B` (out, r), and computes `W x + b + (alpha / r) * B A dropout(x)`. B starts at zero, so
@@ -19,6 +22,7 @@ per-layer ranks, ...) are refused when an adapter is loaded, never ignored.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -30,10 +34,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kaki.checkpoint import renamer
+from kaki.checkpoint import DTYPES, renamer
+from kaki.config import read_config
 from kaki.errors import KakiError
 from kaki.kernels import Linear
+from kaki.loading import load_model, resolve_model_path
 from kaki.quant.train import QUANTIZED, frozen_forward, needs_frozen_path
+from kaki.saving import save_model_dir
 from kaki.tp.shard import adapter_slice
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -293,11 +300,6 @@ def merge_adapter_dir(adapter_dir, base, out, dtype: str = "bfloat16") -> str:
     read in its checkpoint's own dtype (no rounding), each adapted weight summed in fp32 and
     rounded once. Returns a sentence saying what the adapter was merged against: a base stored
     quantized has no float weights, so the merge is against its dequantized weights."""
-    from kaki.checkpoint import DTYPES
-    from kaki.config import read_config
-    from kaki.loading import load_model, resolve_model_path
-    from kaki.saving import save_model_dir
-
     base_dir = resolve_model_path(base)
     cfg = read_config(base_dir)
     held = cfg.extra.get("quantization_config")
@@ -319,8 +321,6 @@ def merge_adapter_dir(adapter_dir, base, out, dtype: str = "bfloat16") -> str:
 def merge_into_model_dir(model, out: Path, tokenizer_dir, dtype: str | None = None) -> Path:
     """Write a merged copy of a LoRA model as a plain model directory (the live model keeps its
     adapters: the merge runs on a copy of the adapted layers' weights only)."""
-    from kaki.saving import save_model_dir
-
     # Copy only the module tree, sharing the (large) unadapted parameters.
     merged = _shallow_module_copy(model)
     merge_lora(merged)
@@ -328,8 +328,6 @@ def merge_into_model_dir(model, out: Path, tokenizer_dir, dtype: str | None = No
 
 
 def _shallow_module_copy(module: nn.Module) -> nn.Module:
-    import copy
-
     new = copy.copy(module)
     new._modules = {k: _shallow_module_copy(v) if v is not None else None for k, v in module._modules.items()}
     new._parameters = dict(module._parameters)
