@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kaki.train.loop import train
+    from kaki.train.run import train
     from kaki.train.options import FIELDS, from_sources
 
     cli = {k: v for k, v in vars(args).items() if k in FIELDS}

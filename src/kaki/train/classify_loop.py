@@ -16,8 +16,11 @@ import random
 
 import torch
 
+from kaki.classify import build_classifier, classifier_config, labels_of, save_classifier
 from kaki.errors import KakiError
-from kaki.heads import SEQUENCE, TOKEN, classification_loss, loss_count
+from kaki.heads import TOKEN, classification_loss, loss_count, task_of
+from kaki.lora import merge_lora
+from kaki.train import checkpointing as ckpt
 from kaki.train import classify_data as cd
 from kaki.train.data import BadLines, parse_data_arg
 from kaki.train.loop import Trainer
@@ -84,9 +87,6 @@ class ClassifierTrainer(Trainer):
 
     # ------------------------------------------------------------------ setup
     def build(self) -> None:
-        from kaki.classify import build_classifier, classifier_config, labels_of
-        from kaki.heads import task_of
-
         o, d = self.o, self.d
         self.resume_from = None
         cfg = self.read_sources()
@@ -209,14 +209,10 @@ class ClassifierTrainer(Trainer):
         """No resumable checkpoints: classifier runs are short and write the final model only."""
 
     def publish(self) -> None:
-        from kaki.classify import save_classifier
-        from kaki.train import checkpointing as ckpt
-
         if not self.d.main:
             return
         model = self.model
         if self.o.lora:
-            from kaki.lora import merge_lora
             merge_lora(model)  # training is over: fold the adapters in for a plain classifier
         ckpt.publish_model(self.out, lambda tmp: save_classifier(model, self.clf_cfg, tmp, self.tokenizer_dir,
                                                                  self.o.save_dtype))

@@ -13,6 +13,9 @@ import sys
 import zlib
 from pathlib import Path
 
+from loguru import logger
+from tqdm import tqdm
+
 from kaki.files import write_file_atomically
 
 METRICS = "metrics.jsonl"
@@ -23,9 +26,6 @@ PLOT = "loss.png"
 def setup_logging(out: Path, enabled: bool):
     """loguru to OUT/train.log (everything) and to the terminal through tqdm.write (INFO), so log
     lines do not tear the progress bar. Returns the handler ids to remove at the end."""
-    from loguru import logger
-    from tqdm import tqdm
-
     try:
         logger.remove(0)  # loguru's default stderr handler: ours below replaces it
     except ValueError:

@@ -16,13 +16,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from loguru import logger
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
+from kaki.chat_format import get_format
+from kaki.config import ModelConfig, read_config
 from kaki.errors import KakiError
+from kaki.kernels import cpu_has_fast_bf16
+from kaki.loading import load_model, resolve_model_path
+from kaki.lora import apply_lora, load_adapter_weights, lora_modules, merge_adapter_dir, merge_into_model_dir, save_adapter
+from kaki.model import CausalLM
+from kaki.quant.train import QUANTIZED, route_frozen_layers
+from kaki.saving import save_model_dir
+from kaki.tokenizer import Tokenizer
 from kaki.train import checkpointing as ckpt
+from kaki.train.base import base_format, check_base_options, seq_len_for
 from kaki.train.data import build_dataset, collate, parse_data_arg
-from kaki.train.dist import Dist, all_reduce_sum, barrier, setup, teardown
+from kaki.train.dist import (Dist, all_reduce_sum, barrier, full_model_state, full_optimizer_tensors,
+                             load_full_optimizer_tensors, setup, teardown, wrap_fsdp)
 from kaki.train.logs import Metrics, setup_logging
+from kaki.train.memory import LOSS_CHUNK_ELEMS, plan, return_large_frees_to_os
 from kaki.train.optim import default_warmup, lr_at, make_optimizer
 from kaki.train.options import TrainOptions, to_dict
 
@@ -49,10 +65,6 @@ def chunked_loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor) -> torc
     chunks of LOSS_CHUNK_ELEMS logits, each recomputed in backward (checkpointed), so only the
     hidden states are kept. fp32 logits of 2048 tokens of a 262k vocabulary would be 2.1 GB, and
     the softmax that cross-entropy keeps as much again. One chunk is the plain computation."""
-    from torch.utils.checkpoint import checkpoint
-
-    from kaki.train.memory import LOSS_CHUNK_ELEMS
-
     h = model.hidden_states(inputs).flatten(0, 1)  # (B*S, H)
     t = targets.flatten()
     rows = max(1, LOSS_CHUNK_ELEMS // model.config.vocab_size)
@@ -92,9 +104,7 @@ def init_weights(model: torch.nn.Module, std: float) -> None:
                 p.zero_()
 
 
-def config_for_pretraining(path: str, tok) -> "ModelConfig":  # noqa: F821
-    from kaki.config import ModelConfig
-
+def config_for_pretraining(path: str, tok) -> ModelConfig:
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -129,7 +139,6 @@ class Trainer:
             if getattr(o, name) < 1:
                 raise KakiError(f"--{name.replace('_', '-')} must be >= 1")
         check_base_options(o)
-        from kaki.train.memory import return_large_frees_to_os
         return_large_frees_to_os()
         if o.threads:
             torch.set_num_threads(o.threads)
@@ -139,17 +148,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier(self.d)
         self.handlers = setup_logging(self.out, self.d.main)
-        from loguru import logger
         self.log = logger
 
     # ------------------------------------------------------------------ setup
     def read_sources(self):
         """The model's config and tokenizer (from --model, or --init-from-config and --tokenizer),
         and the precision to train in."""
-        from kaki.config import read_config
-        from kaki.loading import resolve_model_path
-        from kaki.tokenizer import Tokenizer
-
         o = self.o
         if o.init_from_config:
             self.tokenizer_dir = Path(o.tokenizer)
@@ -168,7 +172,6 @@ class Trainer:
     def memory_plan(self):
         """The memory table (kaki.train.memory), logged before anything loads; a run that cannot
         fit stops here with the table and the options that would make it fit."""
-        from kaki.train.memory import plan
         p = plan(self.cfg, self.o, self.d.device, self.seq_len, self.base_dtype, self.spec, self.precision,
                  self.d.world)
         for line in p.table().splitlines():
@@ -196,7 +199,6 @@ class Trainer:
             raise KakiError(f"the tokenizer in {self.tokenizer_dir} has no EOS token; packing needs one "
                             "between documents (set eos_token in tokenizer_config.json)")
         self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else eos
-        from kaki.chat_format import get_format
         piece = lambda i: self.tok.id_to_piece(i) if i is not None else ""  # noqa: E731
         chat = get_format(o.chat_format, model_type=cfg.model_type, chat_template=self.tok.chat_template,
                           bos_token=piece(self.tok.bos_id), eos_token=piece(eos))
@@ -219,7 +221,6 @@ class Trainer:
             state, tensors = ckpt.restore(self.resume_from)
             self.check_resumable(state)
             if self.sharded:
-                from kaki.train.dist import load_full_optimizer_tensors
                 load_full_optimizer_tensors(self.fwd, self.optimizer, tensors)
             else:
                 ckpt.load_optimizer_tensors(self.optimizer, self.named, tensors, self.resume_from)
@@ -234,10 +235,6 @@ class Trainer:
     def build_model(self, cfg) -> None:
         """Weights (random init, the base model, or the checkpoint being resumed), then what
         trains (everything, or LoRA adapters), then the DDP/FSDP wrapper."""
-        from kaki.config import read_config
-        from kaki.loading import load_model
-        from kaki.model import CausalLM
-
         o, d = self.o, self.d
         torch.manual_seed(o.seed)
         if self.resume_from is not None and not o.lora:
@@ -261,7 +258,6 @@ class Trainer:
         o, d, cfg = self.o, self.d, self.cfg
         model.train()
         if o.lora:
-            from kaki.lora import apply_lora
             for p in model.parameters():
                 p.requires_grad_(False)
             apply_lora(model, r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
@@ -270,7 +266,6 @@ class Trainer:
                 model.get_submodule(name).requires_grad_(True)
             prepare_frozen_base(model)
             if self.resume_from is not None:
-                from kaki.lora import load_adapter_weights
                 load_adapter_weights(model, self.resume_from)
         else:
             for p in model.parameters():
@@ -316,7 +311,6 @@ class Trainer:
         if p == "fp16" and dev.type != "cuda":
             raise KakiError("--precision fp16 needs a CUDA GPU; use fp32 on CPU")
         if p == "bf16" and dev.type == "cpu":
-            from kaki.kernels import cpu_has_fast_bf16
             if not cpu_has_fast_bf16():
                 self.log.warning("bf16 autocast on a CPU without native bf16 runs several times slower "
                                  "than fp32 here; --precision fp32 is faster")
@@ -327,13 +321,10 @@ class Trainer:
         if not d.distributed:
             return model
         if self.o.fsdp:
-            from kaki.train.dist import wrap_fsdp
             return wrap_fsdp(model, d)
-        from torch.nn.parallel import DistributedDataParallel as DDP
         module = LossModel(model) if self.wraps_loss else model
         # Every rank loads the same frozen base: its buffers (quantized codes and scales) are not
         # broadcast, neither at the start nor before every forward.
-        from kaki.quant.train import QUANTIZED
         prefix = "model." if self.wraps_loss else ""
         frozen = [f"{prefix}{n}.{b}" for n, m in model.named_modules() if isinstance(m, QUANTIZED)
                   for b, _ in m.named_buffers(recurse=False)]
@@ -437,9 +428,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ writing
     def write_model(self, model, tmp: Path, dtype: str | None = None) -> None:
-        from kaki.saving import save_model_dir
         if self.o.lora:
-            from kaki.lora import save_adapter
             save_adapter(model, tmp, base_model=str(self.model_dir))
         else:
             save_model_dir(model, tmp, tokenizer_dir=self.tokenizer_dir, dtype=dtype)
@@ -448,11 +437,8 @@ class Trainer:
         """(model to write, optimizer tensors) on rank 0, (None, None) elsewhere. Under FSDP every
         rank takes part in gathering the full weights and moments; rank 0 then builds a CPU model
         on those tensors (no copy) to write with the ordinary savers."""
-        from kaki.train.checkpointing import optimizer_tensors
         if not self.sharded:
-            return (self.model, optimizer_tensors(self.optimizer, self.named)) if self.d.main else (None, None)
-        from kaki.model import CausalLM
-        from kaki.train.dist import full_model_state, full_optimizer_tensors
+            return (self.model, ckpt.optimizer_tensors(self.optimizer, self.named)) if self.d.main else (None, None)
         state = full_model_state(self.fwd)
         tensors = full_optimizer_tensors(self.fwd, self.optimizer)
         if not self.d.main:
@@ -460,7 +446,6 @@ class Trainer:
         with torch.device("meta"):
             cpu = CausalLM(self.cfg)
         if self.o.lora:
-            from kaki.lora import apply_lora
             apply_lora(cpu, r=self.o.lora_r, alpha=self.o.lora_alpha,
                        targets=[t.strip() for t in self.o.lora_targets.split(",") if t.strip()])
         cpu.load_state_dict(state, assign=True)
@@ -483,8 +468,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
-        from tqdm import tqdm
-
         o, d = self.o, self.d
         try:
             self.build()
@@ -527,7 +510,6 @@ class Trainer:
                 wandb_run.finish()
             return self.out
         finally:
-            from loguru import logger
             for h in self.handlers:
                 logger.remove(h)
             teardown(d)
@@ -550,11 +532,9 @@ class Trainer:
             if o.lora and o.merge and (self.spec is not None or self.base_dtype != torch.float32):
                 # The live base is quantized or narrower than its checkpoint: merge against the
                 # checkpoint's own float weights, as `kaki merge-lora` does.
-                from kaki.lora import merge_adapter_dir
                 note = merge_adapter_dir(self.out, self.model_dir, self.out / "merged", o.save_dtype or "bfloat16")
                 self.log.info(note)
             elif o.lora and o.merge:
-                from kaki.lora import merge_into_model_dir
                 merge_into_model_dir(model, self.out / "merged", self.tokenizer_dir, o.save_dtype)
 
     def start_wandb(self):
@@ -565,49 +545,10 @@ class Trainer:
         return wandb.init(project=self.o.wandb_project, config=to_dict(self.o), dir=str(self.out))
 
 
-def check_base_options(o: TrainOptions) -> None:
-    """--dtype and --quantize describe a frozen base: they need --lora, and FSDP (which shards
-    float parameters) cannot shard quantized layers."""
-    from kaki.quant import as_spec
-    as_spec(o.quantize)  # a malformed --quantize fails here, before anything starts
-    if o.quantize and o.fsdp:
-        raise KakiError("--fsdp cannot shard a quantized base (its int8/int4 layers are buffers FSDP "
-                        "does not shard); drop --fsdp (DDP: each process holds the quantized base) or "
-                        "--quantize")
-    if (o.quantize or o.dtype not in ("auto", "float32")) and not o.lora:
-        raise KakiError(f"--{'quantize' if o.quantize else 'dtype'} sets the frozen base of a LoRA run; "
-                        "full fine-tuning trains every weight, and trained weights stay float32 masters "
-                        "(use --precision bf16 for bf16 compute, --optimizer adamw8bit on CUDA); add --lora")
-    if o.dtype not in ("auto", "float32") and o.fsdp:
-        raise KakiError(f"--fsdp shards float32 weights; --dtype {o.dtype} applies to single-process and "
-                        "DDP runs")
-
-
-def base_format(o: TrainOptions):
-    """(storage dtype of the frozen base's float weights, QuantSpec or None)."""
-    from kaki.checkpoint import DTYPES
-    from kaki.quant import as_spec
-
-    spec = as_spec(o.quantize)
-    if o.dtype != "auto":
-        return DTYPES[o.dtype], spec
-    return (torch.bfloat16 if spec is not None else torch.float32), spec
-
-
-def seq_len_for(o: TrainOptions, cfg) -> int:
-    seq_len = o.seq_len or min(1024, cfg.max_position_embeddings)
-    if seq_len > cfg.max_position_embeddings:
-        raise KakiError(f"--seq-len {seq_len} is longer than the model's context ({cfg.max_position_embeddings})")
-    return seq_len
-
-
 def prepare_frozen_base(model) -> None:
     """After LoRA is applied: vectors (norms, biases) become float32 (kaki.train.memory counts
     them so), an embedding stored narrower hands float32 on, and every frozen layer that is
     quantized or narrower than float32 runs through kaki.quant.train.FrozenLinear."""
-    from kaki.quant.train import route_frozen_layers
-    from kaki.lora import lora_modules
-
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim < 2 and p.dtype != torch.float32:
@@ -620,8 +561,6 @@ def prepare_frozen_base(model) -> None:
 
 def enable_activation_checkpointing(model) -> None:
     """Recompute each decoder layer in backward instead of keeping its activations."""
-    from torch.utils.checkpoint import checkpoint
-
     for layer in model.model.layers:
         inner = layer.forward
 
@@ -629,10 +568,3 @@ def enable_activation_checkpointing(model) -> None:
             return checkpoint(_inner, *args, use_reentrant=False)
 
         layer.forward = forward
-
-
-def train(o: TrainOptions) -> Path:
-    if o.task != "causal-lm":
-        from kaki.train.classify_loop import ClassifierTrainer
-        return ClassifierTrainer(o).run()
-    return Trainer(o).run()

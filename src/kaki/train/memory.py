@@ -10,12 +10,26 @@ model's layer kinds (see `activation_bytes`).
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from kaki.quant import int4, int8, native
+from kaki.config import ModelConfig, read_config
+from kaki.device import available_memory, pick_device
+from kaki.errors import KakiError
+from kaki.loading import resolve_model_path
+from kaki.lora import apply_lora
+from kaki.model import CausalLM
+from kaki.quant import as_spec, int4, int8, native
+from kaki.quant.load import stored_spec, swap, target_modules, untie_head
+from kaki.quant.train import QUANTIZED
+from kaki.train.base import base_format, check_base_options, seq_len_for
 
 GB = 1e9
 # Logit rows per chunk of the loss (kaki.train.loop.chunked_loss_sum): 2^24 fp32 logits (64 MB)
@@ -75,9 +89,6 @@ def _gb(n: int) -> str:
 
 def build_meta(cfg, *, lora: bool, lora_r: int = 8, lora_targets: str = "all-linear", spec=None) -> nn.Module:
     """The run's model on the meta device: quantized layers swapped in as loading does, then LoRA."""
-    from kaki.model import CausalLM
-    from kaki.quant.load import stored_spec, swap, target_modules, untie_head
-
     stored = stored_spec(cfg, "config.json")
     if stored is not None:
         spec = stored[0]
@@ -90,7 +101,6 @@ def build_meta(cfg, *, lora: bool, lora_r: int = 8, lora_targets: str = "all-lin
     for p in model.parameters():
         p.requires_grad_(not lora)
     if lora:
-        from kaki.lora import apply_lora
         apply_lora(model, r=lora_r, alpha=float(lora_r), targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
                    dtype=torch.float32)
     return model
@@ -124,8 +134,6 @@ def base_param_dtype(name: str, p: torch.Tensor, dtype: torch.dtype) -> torch.dt
 
 def split_bytes(model: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
     """(frozen base bytes, trained fp32 bytes) of a meta model as the trainer will hold it."""
-    from kaki.quant.train import QUANTIZED
-
     base = trained = 0
     seen: set[int] = set()
     quant_owned: set[int] = set()
@@ -147,8 +155,6 @@ def split_bytes(model: nn.Module, dtype: torch.dtype, device: torch.device) -> t
 def held_bytes(model: nn.Module) -> tuple[int, int]:
     """Measured: (frozen base bytes, trained bytes) of a loaded model's tensors, counting what
     quantized layers keep privately (packed weights, kernel tables)."""
-    from kaki.quant.train import QUANTIZED
-
     base = trained = 0
     seen: set[int] = set()
 
@@ -214,7 +220,6 @@ def free_memory(device: torch.device) -> int | None:
         if not torch.cuda.is_available():
             return None
         return torch.cuda.mem_get_info(device)[0]
-    from kaki.device import available_memory
     return available_memory()
 
 
@@ -253,10 +258,6 @@ def plan(cfg, o, device: torch.device, seq_len: int, dtype: torch.dtype, spec, p
 
 def fixes(cfg, o, device, seq_len, dtype, spec, precision, world) -> list[str]:
     """The options, tried one change at a time and then together, under which the run fits."""
-    import dataclasses
-
-    from kaki.quant import as_spec
-
     tries = []
     if o.batch_size > 1:
         tries.append(("--batch-size 1 (and --grad-accum for the same global batch)", {"batch_size": 1}, None))
@@ -293,16 +294,6 @@ def fixes(cfg, o, device, seq_len, dtype, spec, precision, world) -> list[str]:
 def dry_run(o) -> Plan:
     """`kaki train --dry-run`: the table from config.json alone (--model DIR needs no weights nor
     tokenizer, --init-from-config a config file), for this machine's device."""
-    import json
-    import os
-    from pathlib import Path
-
-    from kaki.config import ModelConfig, read_config
-    from kaki.errors import KakiError
-    from kaki.device import pick_device
-    from kaki.loading import resolve_model_path
-    from kaki.train.loop import base_format, check_base_options, seq_len_for
-
     check_base_options(o)
     if bool(o.model) == bool(o.init_from_config):
         raise KakiError("--dry-run needs --model DIR (its config.json is enough) or --init-from-config CONFIG.json")
@@ -328,7 +319,6 @@ def return_large_frees_to_os() -> None:
     over the pre-load baseline was 364 MB at 256 tokens and 732 MB at 1024 with glibc's default,
     233 and 350 MB with this, which the memory table (whose activation figure counts live tensors)
     can then predict."""
-    import ctypes
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD at its default start
     except (OSError, AttributeError):

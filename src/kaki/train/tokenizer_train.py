@@ -20,11 +20,16 @@ Persimmon's published checkpoints that `kaki.tokenizer.Tokenizer.from_dir` reads
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import random
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import sentencepiece as spm
+
+from kaki.checkpoint import write_atomically
 from kaki.errors import KakiError
 
 # sentencepiece drops training "sentences" longer than this many bytes; documents are cut into
@@ -86,13 +91,6 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Pat
                     user_symbols: list[str] | None = None, max_sentences: int = 2_000_000,
                     seed: int = 0, threads: int | None = None) -> Path:
     """Train and write the tokenizer directory; returns its path. Written atomically."""
-    import io
-    import os
-
-    import sentencepiece as spm
-
-    from kaki.checkpoint import write_atomically
-
     if vocab_size < 300:
         raise KakiError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 256 "
                         "pieces plus the special tokens; use at least 300 (about 8000 for a small model)")
