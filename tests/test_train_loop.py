@@ -16,7 +16,7 @@ from kaki.checkpoint import renamer
 from kaki.cli import main
 from kaki.config import read_config
 from kaki.errors import KakiError
-from kaki.llm import load_model
+from kaki.loading import load_model
 from kaki.train.loop import Trainer, token_loss_sum
 from kaki.train.options import TrainOptions
 

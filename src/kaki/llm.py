@@ -27,12 +27,6 @@ from kaki.saving import save_model_dir
 from kaki.tokenizer import Tokenizer
 from kaki.tp import start
 
-# Moved to kaki.device, kaki.loading and kaki.saving (issue #18); train/loop.py and train/memory.py,
-# which other work is editing right now, still import available_memory, pick_device,
-# resolve_model_path, load_model and save_model_dir from here. Delete this re-export (the others
-# are names this module uses) once they import from the new modules.
-from kaki.device import available_memory  # noqa: E402,F401
-
 
 @dataclass
 class Completion:
