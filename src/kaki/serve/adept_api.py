@@ -21,6 +21,7 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from loguru import logger
 
 from kaki.errors import ParamError
 from kaki.sampling import SamplingParams
@@ -90,7 +91,6 @@ async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
             prompt_lp = handle.prompt_logprobs[run.index(i)] or [None]
             logprobs.append([float(x) for x in prompt_lp[1:]] + r.logprobs)
     if not body.no_log:
-        from loguru import logger
         logger.info(f"PUT /api from {request.client.host if request.client else '?'}: {len(reqs)} prompt(s), "
                     f"{sum(len(r.token_ids) for r in results.values())} tokens in {time.perf_counter() - started:.2f}s")
     extra = {"moderation": [screen.decided[i] for i in range(len(prompt_ids))]} if screen.moderator else {}

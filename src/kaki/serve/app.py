@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from loguru import logger
 from starlette.exceptions import HTTPException
 
 from kaki.errors import KakiError, ParamError
@@ -205,7 +206,6 @@ class _Guard:
         except Exception:
             if status["started"]:
                 raise  # mid-response: nothing better to send; uvicorn closes the connection
-            from loguru import logger
             logger.exception(f"{scope.get('method')} {scope.get('path')} failed")
             error = error_body("internal error: the server failed on this request (see its log)",
                                kind="server_error")

@@ -12,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import queue
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from kaki.chat_format import ChatFormat, TemplateFormat
 from kaki.errors import KakiError
 from kaki.sampling import SamplingParams
 from kaki.serve.metrics import Metrics
 from kaki.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from kaki.chat_format import ChatFormat, TemplateFormat
 
 
 class QueueFull(KakiError):
@@ -150,7 +148,7 @@ class EngineClient(Protocol):
     def defaults(self) -> dict:
         """The model's generation defaults (generation_config.json), under SamplingParams' names."""
 
-    def chat_format(self, name: str = "auto") -> "ChatFormat | TemplateFormat":
+    def chat_format(self, name: str = "auto") -> ChatFormat | TemplateFormat:
         """The chat format `name` for this model (`--chat-format`; "auto": the model's own), or a
         KakiError naming the choices."""
 

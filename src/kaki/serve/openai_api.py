@@ -226,6 +226,8 @@ def _render(engine: EngineClient, fmt, messages: list[dict]) -> list[int]:
 def _ground(app, engine: EngineClient, fmt, messages: list[dict], max_new: int | None) -> tuple[list[dict], list[dict]]:
     """The messages with retrieved passages in the last user turn, and those passages: as many
     as fit beside the reply (`max_tokens`, else RETRIEVAL_REPLY_TOKENS kept for it)."""
+    # Here, not at the top: kaki.retrieval imports numpy (the retrieval extra), and a server
+    # started without --retrieval runs with the serve extra alone.
     from kaki.retrieval import ground
     tok = engine.tokenizer
     reserve = max_new if max_new is not None else min(RETRIEVAL_REPLY_TOKENS, engine.max_seq_len // 2)

@@ -18,6 +18,8 @@ import asyncio
 from dataclasses import replace
 from typing import AsyncIterator, Iterable
 
+from loguru import logger
+
 from kaki.serve.client import Output
 from kaki.serve.results import SeqResult
 from kaki.serve.schemas import Moderation
@@ -41,7 +43,6 @@ class Screen:
         if verdict.blocked:
             self.metrics.moderation_blocked.labels(where).inc()
         if self.log:
-            from loguru import logger
             logger.info(f"moderation {where}: {verdict.label} {verdict.score:.3f} "
                         f"{'blocked' if verdict.blocked else 'passed'}")
         return verdict
