@@ -1,13 +1,14 @@
 """What a training run reports: loguru log file, metrics.jsonl, loss.png, optional W&B.
 
 loss.png is drawn here with zlib (a few lines of rasterising) rather than matplotlib, which would be
-a 40 MB dependency for one curve: train loss in blue, eval loss in orange, axes labelled with the
-step range and the loss range in a tiny built-in digit font.
+a 40 MB dependency for one chart: the train loss as a thin blue line, the eval loss thick and orange
+over it, a title, axis labels, a legend and round-valued ticks in a small built-in 5x7 font.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import sys
 import zlib
@@ -71,15 +72,41 @@ class Metrics:
 
 # ----------------------------------------------------------------------------- loss.png
 
-W, H, LEFT, BOTTOM, TOP, RIGHT = 640, 400, 48, 24, 12, 12
-BLUE, ORANGE, GREY, BLACK = (31, 119, 180), (255, 127, 14), (200, 200, 200), (0, 0, 0)
-# 3x5 glyphs, one int per row, bit 2 = leftmost pixel.
-FONT = {
-    "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7),
-    "4": (5, 5, 7, 1, 1), "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1),
-    "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7), ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0),
-    "e": (0, 7, 7, 4, 7), "k": (4, 5, 6, 5, 5),
+W, H = 800, 480
+LEFT, RIGHT, TOP, BOTTOM = 84, 32, 52, 60  # plot area margins: tick labels left and below
+TITLE = "training loss"
+BLUE, ORANGE, GREY, BLACK = (110, 160, 210), (230, 100, 0), (222, 222, 222), (0, 0, 0)
+# 5x7 glyphs, '#' = ink (g and p hang two rows below): the characters the title, axis labels,
+# legend and tick labels use.
+GLYPHS = {
+    "0": (" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "),
+    "1": ("  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "),
+    "2": (" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"),
+    "3": ("#####", "   # ", "  #  ", "   # ", "    #", "#   #", " ### "),
+    "4": ("   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "),
+    "5": ("#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "),
+    "6": ("  ## ", " #   ", "#    ", "#### ", "#   #", "#   #", " ### "),
+    "7": ("#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "),
+    "8": (" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "),
+    "9": (" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "),
+    ".": ("     ", "     ", "     ", "     ", "     ", " ##  ", " ##  "),
+    "-": ("     ", "     ", "     ", "#####", "     ", "     ", "     "),
+    " ": ("     ",) * 7,
+    "a": ("     ", "     ", " ### ", "    #", " ####", "#   #", " ####"),
+    "e": ("     ", "     ", " ### ", "#   #", "#####", "#    ", " ### "),
+    "g": ("     ", "     ", " ####", "#   #", "#   #", "#   #", " ####", "    #", " ### "),
+    "i": ("  #  ", "     ", " ##  ", "  #  ", "  #  ", "  #  ", " ### "),
+    "k": ("#    ", "#    ", "#  # ", "# #  ", "##   ", "# #  ", "#  # "),
+    "l": (" ##  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "),
+    "n": ("     ", "     ", "# ## ", "##  #", "#   #", "#   #", "#   #"),
+    "o": ("     ", "     ", " ### ", "#   #", "#   #", "#   #", " ### "),
+    "p": ("     ", "     ", "#### ", "#   #", "#   #", "#   #", "#### ", "#    ", "#    "),
+    "r": ("     ", "     ", "# ## ", "##  #", "#    ", "#    ", "#    "),
+    "s": ("     ", "     ", " ####", "#    ", " ### ", "    #", "#### "),
+    "t": (" #   ", " #   ", "#### ", " #   ", " #   ", " #  #", "  ## "),
+    "v": ("     ", "     ", "#   #", "#   #", "#   #", " # # ", "  #  "),
 }
+SCALE = 2  # each glyph pixel is 2x2: 10x14 characters, 12 px apart
 
 
 class Canvas:
@@ -91,20 +118,24 @@ class Canvas:
             i = (y * W + x) * 3
             self.px[i:i + 3] = bytes(c)
 
-    def line(self, x0, y0, x1, y1, c) -> None:
+    def line(self, x0, y0, x1, y1, c, width: int = 1) -> None:
         n = max(abs(x1 - x0), abs(y1 - y0), 1)
+        r = range(-(width // 2), width - width // 2)
         for i in range(n + 1):
-            self.set(round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n), c)
+            x, y = round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n)
+            for dx in r:
+                for dy in r:
+                    self.set(x + dx, y + dy, c)
 
-    def text(self, x: int, y: int, s: str, scale: int = 2) -> None:
+    def text(self, x: int, y: int, s: str, c=BLACK) -> None:
         for ch in s:
-            for r, bits in enumerate(FONT.get(ch, (0,) * 5)):
-                for b in range(3):
-                    if bits >> (2 - b) & 1:
-                        for dx in range(scale):
-                            for dy in range(scale):
-                                self.set(x + b * scale + dx, y + r * scale + dy, BLACK)
-            x += 4 * scale
+            for r, row in enumerate(GLYPHS[ch]):
+                for b, ink in enumerate(row):
+                    if ink == "#":
+                        for dx in range(SCALE):
+                            for dy in range(SCALE):
+                                self.set(x + b * SCALE + dx, y + r * SCALE + dy, c)
+            x += 6 * SCALE
 
     def png(self) -> bytes:
         raw = b"".join(b"\x00" + bytes(self.px[y * W * 3:(y + 1) * W * 3]) for y in range(H))
@@ -116,38 +147,80 @@ class Canvas:
                 + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}".replace("e+0", "e").replace("e-0", "e-")
+def text_width(s: str) -> int:
+    return 6 * SCALE * len(s) - SCALE
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round values (1, 2, 2.5 or 5 times a power of ten apart) covering [lo, hi]: the
+    first at or below lo, the last at or above hi, so the axis ends on labelled values."""
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0) * 0.1
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    first = math.floor(lo / step + 1e-9) * step
+    count = math.ceil((hi - first) / step - 1e-9)
+    return [round(first + i * step, 12) for i in range(count + 1)]
+
+
+def tick_label(v: float, step: float) -> str:
+    """Enough decimals to tell neighbouring ticks apart, no more."""
+    exp = math.floor(math.log10(step) + 1e-9)
+    mantissa = round(step / 10 ** exp, 6)
+    decimals = max(0, -exp + (1 if mantissa == 2.5 else 0))  # 0.25 apart: two decimals, not one
+    return f"{v:.{decimals}f}"
 
 
 def write_loss_png(path: Path, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> Path:
+    """Loss by step: the train loss as a thin light line, the eval loss as a thick orange line
+    with markers drawn over it (eval points are few and matter most), round-valued ticks and a
+    grid on both axes, a title, axis labels and a legend."""
     c = Canvas()
+    x0, x1, y0, y1 = LEFT, W - RIGHT, H - BOTTOM, TOP  # y0 is the bottom edge (pixel rows grow down)
+    c.text((W - text_width(TITLE)) // 2, 10, TITLE)
+    c.text(8, TOP - 24, "loss")
+    c.text((x0 + x1 - text_width("step")) // 2, H - 26, "step")
     pts = train + evals
-    x0, x1, y0, y1 = LEFT, W - RIGHT, H - BOTTOM, TOP
-    c.line(x0, y0, x1, y0, BLACK)
-    c.line(x0, y0, x0, y1, BLACK)
     if pts:
         smin, smax = min(s for s, _ in pts), max(s for s, _ in pts)
         lmin, lmax = min(v for _, v in pts), max(v for _, v in pts)
-        smax, lmax = max(smax, smin + 1), max(lmax, lmin + 1e-6)
+        xt = [t for t in nice_ticks(smin, max(smax, smin + 1)) if float(t).is_integer()] or [smin, smin + 1]
+        yt = nice_ticks(lmin, lmax)
+        xa, xb, ya, yb = xt[0], xt[-1], yt[0], yt[-1]
+        xb = max(xb, xa + 1)
 
         def xy(s, v):
-            return (x0 + (x1 - x0) * (s - smin) / (smax - smin), y0 + (y1 - y0) * (v - lmin) / (lmax - lmin))
+            return (round(x0 + (x1 - x0) * (s - xa) / (xb - xa)), round(y0 + (y1 - y0) * (v - ya) / (yb - ya)))
 
-        for frac in (0.25, 0.5, 0.75):
-            gy = round(y0 + (y1 - y0) * frac)
-            c.line(x0 + 1, gy, x1, gy, GREY)
-        for series, color in ((train, BLUE), (evals, ORANGE)):
-            for (a, b) in zip(series, series[1:]):
-                c.line(*map(round, xy(*a)), *map(round, xy(*b)), color)
-            for s, v in series if len(series) < 50 or color == ORANGE else []:
-                px, py = map(round, xy(s, v))
-                for d in range(-1, 2):
-                    c.set(px + d, py, color)
-                    c.set(px, py + d, color)
-        c.text(2, y1, _fmt(lmax))
-        c.text(2, y0 - 10, _fmt(lmin))
-        c.text(x0, y0 + 8, str(smin))
-        c.text(x1 - 4 * 2 * len(str(smax)), y0 + 8, str(smax))
+        for t in yt:
+            _, gy = xy(xa, t)
+            c.line(x0, gy, x1, gy, GREY)
+            label = tick_label(t, yt[1] - yt[0] if len(yt) > 1 else 1.0)
+            c.text(x0 - 8 - text_width(label), gy - 7, label)
+        for t in xt:
+            gx, _ = xy(t, ya)
+            c.line(gx, y0, gx, y1, GREY)
+            label = str(int(t))
+            c.text(gx - text_width(label) // 2, y0 + 8, label)
+        for (a, b) in zip(train, train[1:]):
+            c.line(*xy(*a), *xy(*b), BLUE)
+        if len(train) == 1:
+            c.line(*xy(*train[0]), *xy(*train[0]), BLUE, width=3)
+        for (a, b) in zip(evals, evals[1:]):
+            c.line(*xy(*a), *xy(*b), ORANGE, width=3)
+        for s, v in evals:
+            px, py = xy(s, v)
+            c.line(px - 4, py, px + 4, py, ORANGE, width=3)
+            c.line(px, py - 4, px, py + 4, ORANGE, width=3)
+        # The legend, top right inside the plot: a swatch of each line and its name.
+        lx, ly = x1 - 120, y1 + 10
+        for name, color, width, shown in (("train", BLUE, 1, train), ("eval", ORANGE, 3, evals)):
+            if shown:
+                c.line(lx, ly + 7, lx + 28, ly + 7, color, width=max(width, 3))
+                c.text(lx + 36, ly, name)
+                ly += 22
+    c.line(x0, y0, x1, y0, BLACK)
+    c.line(x0, y0, x0, y1, BLACK)
     write_file_atomically(path, c.png())
     return path

@@ -139,6 +139,8 @@ def from_sources(cli: dict[str, Any], config_path: str | None) -> TrainOptions:
 
 
 def read_yaml(path: str) -> dict[str, Any]:
+    # Here, not at the top: every `kaki` command builds the train parser from this module, and
+    # only --config needs yaml.
     import yaml
 
     p = Path(path)
