@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from kaki.distributed import collective_timeout
 from kaki.errors import KakiError
-
-# How long a collective may wait for the other ranks before the process fails (instead of hanging
-# when a rank died). KAKI_COLLECTIVE_TIMEOUT (seconds) overrides it; tests set it short.
-DEFAULT_TIMEOUT_S = 600
-
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -88,15 +83,6 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0)
 
 
-def collective_timeout() -> timedelta:
-    raw = os.environ.get("KAKI_COLLECTIVE_TIMEOUT", "")
-    try:
-        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        raise KakiError(f"KAKI_COLLECTIVE_TIMEOUT must be a number of seconds, not {raw!r}") from None
-    return timedelta(seconds=seconds)
-
-
 def join(size: int, device: torch.device) -> TensorParallel:
     """The process group of `size` ranks this process belongs to: the one already initialised,
     else one started from torchrun's environment (NCCL on CUDA, gloo on CPU)."""
@@ -107,6 +93,7 @@ def join(size: int, device: torch.device) -> TensorParallel:
             raise KakiError(f"tensor_parallel={size} runs one process per rank: start it with "
                             f"`torchrun --nproc-per-node {size} ...` (or initialise torch.distributed first)")
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # Every collective gives up after the timeout (kaki.distributed): a rank that died ends the others.
         dist.init_process_group(backend, timeout=collective_timeout())
     world = dist.get_world_size()
     if world != size:

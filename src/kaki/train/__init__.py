@@ -3,6 +3,7 @@
 Modules: `tokenizer_train` (sentencepiece Unigram), `options` (flags = YAML keys), `data` (JSONL,
 chat rendering, loss masks, packing, mixing, resumable position), `optim` (AdamW groups, LR
 schedule), `checkpointing` (atomic resumable checkpoints that are model directories), `logs`
-(loguru, metrics.jsonl, loss.png), `loop` (the trainer), `dist` (torchrun). LoRA adapters are
+(loguru, metrics.jsonl, loss.png), `loop` (the trainer), `fsdp` (sharded
+training; joining torchrun's process group is kaki.distributed's). LoRA adapters are
 kaki.lora's (inference applies and merges them too).
 """

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from kaki.chat_format import get_format
 from kaki.config import ModelConfig, read_config
+from kaki.distributed import Dist, all_reduce_sum, barrier, setup, teardown
 from kaki.errors import KakiError
 from kaki.kernels import cpu_has_fast_bf16
 from kaki.loading import load_model, resolve_model_path
@@ -35,8 +36,7 @@ from kaki.tokenizer import Tokenizer
 from kaki.train import checkpointing as ckpt
 from kaki.train.base import base_format, check_base_options, seq_len_for
 from kaki.train.data import build_dataset, collate, parse_data_arg
-from kaki.train.dist import (Dist, all_reduce_sum, barrier, full_model_state, full_optimizer_tensors,
-                             load_full_optimizer_tensors, setup, teardown, wrap_fsdp)
+from kaki.train.fsdp import full_model_state, full_optimizer_tensors, load_full_optimizer_tensors, wrap_fsdp
 from kaki.train.logs import Metrics, setup_logging
 from kaki.train.memory import LOSS_CHUNK_ELEMS, plan, return_large_frees_to_os
 from kaki.train.optim import default_warmup, lr_at, make_optimizer
