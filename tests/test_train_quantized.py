@@ -392,9 +392,10 @@ def test_a_run_that_cannot_fit_stops_before_the_first_step(root, tmp_path, capsy
     error = [line for line in err.splitlines() if line.startswith("kaki train: error:")]
     assert len(error) == 1 and "make it fit" in error[0]
     assert "memory: LoRA r=4" in err and "does NOT fit" in err and "activations (estimate)" in err
-    # Nothing was loaded or trained: no checkpoint, no metrics, no "model ..." line in the log.
-    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
-    assert "parameters, " not in (out / "train.log").read_text().split("does NOT fit")[-1]
+    # Nothing was loaded or trained: no "model ..." line after the table, and (issue #19) no run
+    # directory left behind.
+    assert "parameters, " not in err.split("does NOT fit")[-1]
+    assert not out.exists()
 
 
 def test_resume_refuses_another_base_format(root, tmp_path, capsys):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
+import sys
 
 EPILOG = """\
 examples:
@@ -38,15 +41,39 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kaki.train.run import train
+    from kaki.cli.common import default_model
+    from kaki.train.base import DEFAULT_BATCH
+    from kaki.train.loop import TrainingInterrupted
     from kaki.train.options import FIELDS, from_sources
+    from kaki.train.run import train
 
     cli = {k: v for k, v in vars(args).items() if k in FIELDS}
     options = from_sources(cli, getattr(args, "config", None))
+    if not options.model and not options.init_from_config:
+        # As every model-loading command: $KAKI_MODEL, else the bundled model.
+        options = dataclasses.replace(options, model=default_model())
     if options.dry_run:
         from kaki.train.memory import dry_run
-        p = dry_run(options)
+        # No data is read for the table: the default micro-batch stands (a real run may pick fewer).
+        p = dry_run(dataclasses.replace(options, batch_size=options.batch_size or DEFAULT_BATCH))
         print(p.table())
         return 0
-    train(options)
+    try:
+        train(options)
+    except TrainingInterrupted as e:
+        print(f"kaki train: interrupted; checkpoint at step {e.step} in {e.path}. Resume with:\n"
+              f"  {resume_command(cli, getattr(args, 'config', None))}", file=sys.stderr)
+        return 130
     return 0
+
+
+def resume_command(cli: dict, config: str | None) -> str:
+    """The command line that continues the run: the flags given (not the defaults) and --resume."""
+    words = ["kaki", "train"] + (["--config", config] if config else [])
+    for name, value in {**cli, "resume": True}.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)

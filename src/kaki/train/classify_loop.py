@@ -11,6 +11,7 @@ Evaluation reports the loss and accuracy with macro F1 (classes), or the MSE (re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -22,6 +23,7 @@ from kaki.heads import TOKEN, classification_loss, loss_count, task_of
 from kaki.lora import merge_lora
 from kaki.train import checkpointing as ckpt
 from kaki.train import classify_data as cd
+from kaki.train.base import DEFAULT_BATCH
 from kaki.train.data import BadLines, parse_data_arg
 from kaki.train.loop import Trainer
 from kaki.train.optim import default_warmup, make_optimizer
@@ -70,6 +72,7 @@ def prediction_metrics(logits: list[torch.Tensor], targets: list[torch.Tensor], 
 
 class ClassifierTrainer(Trainer):
     wraps_loss = False  # batch_loss runs the DDP-wrapped model itself
+    resumable = False  # no checkpoints to resume from: Ctrl-C stops the run as usual
 
     def __init__(self, o: TrainOptions):
         if o.quantize or o.dtype not in ("auto", "float32"):
@@ -87,7 +90,9 @@ class ClassifierTrainer(Trainer):
 
     # ------------------------------------------------------------------ setup
     def build(self) -> None:
-        o, d = self.o, self.d
+        # Examples are not packed: --seq-len defaults to the context, --batch-size to 8.
+        self.o = o = dataclasses.replace(self.o, batch_size=self.o.batch_size or DEFAULT_BATCH)
+        d = self.d
         self.resume_from = None
         cfg = self.read_sources()
         base_task = task_of(cfg.extra.get("architectures"))

@@ -308,10 +308,41 @@ def split_eval(n: int, fraction: float, seed: int, index: int) -> set[int]:
     return set(random.Random(f"eval:{seed}:{index}").sample(range(n), k))
 
 
-def build_dataset(data: list[DataSpec], tok, eos_id: int, seq_len: int, seed: int, *,
-                  eval_data: list[DataSpec] | None = None, eval_fraction: float = 0.01,
-                  mask_prompt: bool = False, train_on_prompt: bool = False, strict: bool = False,
-                  chat=None, log: Callable[[str], None] = print) -> Dataset:
+def check_data_files(value, flag: str = "--data") -> None:
+    """Every file `value` (FILE[:weight],...) names exists: checked before a run loads anything."""
+    for spec in parse_data_arg(value):
+        if not spec.path.is_file():
+            what = "is a directory, not a JSONL file" if spec.path.is_dir() else "does not exist"
+            raise KakiError(f"{flag} {spec.path} {what}")
+
+
+@dataclass
+class Corpus:
+    """The data read and tokenized, before packing: each --data file's training documents and
+    weight, and the held-out documents. Packing needs seq_len, which may be chosen from this."""
+    files: list[tuple[DataSpec, list[Document], int]]  # (spec, training documents, documents held out)
+    eval_docs: list[Document]
+    bad: BadLines
+
+    def train_tokens(self) -> list[int]:
+        """Training tokens per file (what packing cuts into windows)."""
+        return [int(sum(len(d.ids) for d in docs)) for _, docs, _ in self.files]
+
+    def pack(self, seq_len: int, seed: int, log: Callable[[str], None] = print) -> Dataset:
+        packed = []
+        for i, (spec, docs, held) in enumerate(self.files):
+            packed.append(PackedFile(str(spec.path), docs, seq_len, seed, i))
+            log(f"{spec.path}: {len(docs)} documents, {packed[-1].tokens:,} tokens, {packed[-1].windows} "
+                f"sequences per epoch, weight {spec.weight:g}; {held} held out for eval")
+        mixture = Mixture(packed, [spec.weight for spec, _, _ in self.files], seed)
+        return Dataset(mixture, eval_windows(self.eval_docs, seq_len), self.bad,
+                       sum(len(docs) for _, docs, _ in self.files), len(self.eval_docs))
+
+
+def read_corpus(data: list[DataSpec], tok, eos_id: int, seed: int, *,
+                eval_data: list[DataSpec] | None = None, eval_fraction: float = 0.01,
+                mask_prompt: bool = False, train_on_prompt: bool = False, strict: bool = False,
+                chat=None, log: Callable[[str], None] = print) -> Corpus:
     bad = BadLines()
 
     def docs_of(path: Path) -> list[Document]:
@@ -323,26 +354,27 @@ def build_dataset(data: list[DataSpec], tok, eos_id: int, seq_len: int, seed: in
                 bad.add(path, lineno, str(e), strict)
         return docs
 
-    files, eval_docs, n_train = [], [], 0
+    files, eval_docs = [], []
     for i, spec in enumerate(data):
         docs = docs_of(spec.path)
         if not docs:
             raise KakiError(f"{spec.path} holds no usable records: {bad.describe(spec.path)}")
         held = split_eval(len(docs), eval_fraction, seed, i) if eval_data is None else set()
         eval_docs += [d for j, d in enumerate(docs) if j in held]
-        kept = [d for j, d in enumerate(docs) if j not in held]
-        n_train += len(kept)
-        files.append(PackedFile(str(spec.path), kept, seq_len, seed, i))
-        log(f"{spec.path}: {len(kept)} documents, {files[-1].tokens:,} tokens, {files[-1].windows} "
-            f"sequences per epoch, weight {spec.weight:g}; {len(held)} held out for eval")
+        files.append((spec, [d for j, d in enumerate(docs) if j not in held], len(held)))
     for spec in eval_data or []:
         eval_docs += docs_of(spec.path)
     for item in bad.items:
         log(f"skipped bad line {item}")
     if bad.count:
         log(f"skipped {bad.count} bad data line(s); pass --strict-data to stop at the first instead")
-    mixture = Mixture(files, [s.weight for s in data], seed)
-    return Dataset(mixture, eval_windows(eval_docs, seq_len), bad, n_train, len(eval_docs))
+    return Corpus(files, eval_docs, bad)
+
+
+def build_dataset(data: list[DataSpec], tok, eos_id: int, seq_len: int, seed: int, *,
+                  log: Callable[[str], None] = print, **kw) -> Dataset:
+    """read_corpus then pack (keyword arguments as read_corpus's)."""
+    return read_corpus(data, tok, eos_id, seed, log=log, **kw).pack(seq_len, seed, log)
 
 
 def collate(samples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int):

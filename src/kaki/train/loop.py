@@ -8,8 +8,13 @@ split into processes and micro-batches (DDP averages gradients over processes, h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,8 +39,8 @@ from kaki.quant.train import QUANTIZED, route_frozen_layers
 from kaki.saving import save_model_dir
 from kaki.tokenizer import Tokenizer
 from kaki.train import checkpointing as ckpt
-from kaki.train.base import base_format, check_base_options, seq_len_for
-from kaki.train.data import build_dataset, collate, parse_data_arg
+from kaki.train.base import base_format, check_base_options, fit_to_data
+from kaki.train.data import Corpus, check_data_files, collate, parse_data_arg, read_corpus
 from kaki.train.fsdp import full_model_state, full_optimizer_tensors, load_full_optimizer_tensors, wrap_fsdp
 from kaki.train.logs import Metrics, setup_logging
 from kaki.train.memory import LOSS_CHUNK_ELEMS, plan, return_large_frees_to_os
@@ -121,6 +126,50 @@ def config_for_pretraining(path: str, tok) -> ModelConfig:
     return ModelConfig.from_dict(raw)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run after a step, and a checkpoint of that step was written."""
+
+    def __init__(self, step: int, path: Path | None):
+        super().__init__(f"interrupted after step {step}; checkpoint {path}")
+        self.step, self.path = step, path
+
+
+class StopRequest:
+    """While active, the first Ctrl-C (SIGINT) only asks the run to stop after the current step,
+    so that step's checkpoint is consistent (weights, optimizer and data position all after it);
+    a second one interrupts at once, as Ctrl-C usually does. Signal handlers belong to the main
+    thread: elsewhere (a run started from a thread) Ctrl-C keeps its usual meaning."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._old)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        # os.write, not the logger: a handler runs between any two bytecodes, perhaps inside
+        # the logger's own lock.
+        os.write(2, b"\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again quits "
+                    b"without one)\n")
+
+    def agreed(self, d: Dist) -> bool:
+        """Whether to stop now: every process stops at the same step if any was asked to."""
+        if not d.distributed:
+            return self.requested
+        return all_reduce_sum([float(self.requested)], d)[0] > 0
+
+
 class Trainer:
     def __init__(self, o: TrainOptions):
         self.o = o
@@ -136,14 +185,21 @@ class Trainer:
         if o.lora and o.init_from_config:
             raise KakiError("--lora adapts a trained model; it cannot start from --init-from-config")
         for name in ("batch_size", "grad_accum"):
-            if getattr(o, name) < 1:
+            if getattr(o, name) is not None and getattr(o, name) < 1:
                 raise KakiError(f"--{name.replace('_', '-')} must be >= 1")
         check_base_options(o)
+        # Before anything loads or the run directory exists: a mistyped path costs nothing.
+        check_data_files(o.data)
+        if o.eval_data:
+            check_data_files(o.eval_data, "--eval-data")
         return_large_frees_to_os()
         if o.threads:
             torch.set_num_threads(o.threads)
         self.d: Dist = setup(o.device)
         self.out = Path(o.out)
+        # A run that fails before its first step removes the directory it made (run()).
+        self.made_out = self.d.main and not self.out.exists()
+        self.steps_run = 0
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier(self.d)
@@ -191,22 +247,17 @@ class Trainer:
         if o.resume and d.main:
             ckpt.remove_partial(self.out)
 
-        self.seq_len = seq_len_for(o, cfg)
+        # The data before the model: its errors come first, and it sizes the run when
+        # --seq-len or --batch-size is not given.
+        corpus = self.read_corpus(cfg)
+        self.seq_len, batch, note = fit_to_data(o, cfg, corpus.train_tokens(), d.world)
+        if note:
+            self.log.info(note)
+        # What ran is what train_options.json and the checkpoints record.
+        self.o = o = dataclasses.replace(o, seq_len=self.seq_len, batch_size=batch)
+        self.data = corpus.pack(self.seq_len, o.seed, self.log.info)
         self.plan = self.memory_plan()
         self.build_model(cfg)
-        eos = self.tok.eos_ids[0] if self.tok.eos_ids else None
-        if eos is None:
-            raise KakiError(f"the tokenizer in {self.tokenizer_dir} has no EOS token; packing needs one "
-                            "between documents (set eos_token in tokenizer_config.json)")
-        self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else eos
-        piece = lambda i: self.tok.id_to_piece(i) if i is not None else ""  # noqa: E731
-        chat = get_format(o.chat_format, model_type=cfg.model_type, chat_template=self.tok.chat_template,
-                          bos_token=piece(self.tok.bos_id), eos_token=piece(eos))
-        self.data = build_dataset(
-            parse_data_arg(o.data), self.tok, eos, self.seq_len, o.seed,
-            eval_data=parse_data_arg(o.eval_data) if o.eval_data else None,
-            eval_fraction=o.eval_fraction, mask_prompt=o.mask_prompt, train_on_prompt=o.train_on_prompt,
-            strict=o.strict_data, chat=chat, log=self.log.info)
         self.global_batch = o.batch_size * o.grad_accum * d.world
         if o.max_steps:
             self.total = o.max_steps
@@ -231,6 +282,23 @@ class Trainer:
         self.log.info(f"{self.total} steps of {self.global_batch} x {self.seq_len} tokens "
                       f"({self.global_batch * self.seq_len:,} per step), warmup {self.warmup}, "
                       f"{len(self.data.eval)} eval sequences")
+
+    def read_corpus(self, cfg) -> Corpus:
+        """--data (and --eval-data) read and tokenized, not yet packed."""
+        o = self.o
+        eos = self.tok.eos_ids[0] if self.tok.eos_ids else None
+        if eos is None:
+            raise KakiError(f"the tokenizer in {self.tokenizer_dir} has no EOS token; packing needs one "
+                            "between documents (set eos_token in tokenizer_config.json)")
+        self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else eos
+        piece = lambda i: self.tok.id_to_piece(i) if i is not None else ""  # noqa: E731
+        chat = get_format(o.chat_format, model_type=cfg.model_type, chat_template=self.tok.chat_template,
+                          bos_token=piece(self.tok.bos_id), eos_token=piece(eos))
+        return read_corpus(
+            parse_data_arg(o.data), self.tok, eos, o.seed,
+            eval_data=parse_data_arg(o.eval_data) if o.eval_data else None,
+            eval_fraction=o.eval_fraction, mask_prompt=o.mask_prompt, train_on_prompt=o.train_on_prompt,
+            strict=o.strict_data, chat=chat, log=self.log.info)
 
     def build_model(self, cfg) -> None:
         """Weights (random init, the base model, or the checkpoint being resumed), then what
@@ -468,9 +536,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
-        o, d = self.o, self.d
+        d = self.d
+        failed = True
         try:
             self.build()
+            o = self.o  # as build() resolved it (sequence length and batch chosen from the data)
             wandb_run = self.start_wandb() if d.main and o.wandb else None
             metrics = Metrics(self.out, self.step if self.resume_from else None, wandb_run) if d.main else None
             if d.main:
@@ -479,26 +549,32 @@ class Trainer:
                        unit="step", dynamic_ncols=True)
             start = time.perf_counter()
             end = min(self.total, o.stop_at_step) if o.stop_at_step else self.total
-            while self.step < end:
-                t0 = time.perf_counter()
-                loss, norm, lr = self.train_step()
-                row = self.step_row(loss, norm, lr, time.perf_counter() - t0)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                **({"tok_s": f"{row['tok_per_s']:,.0f}"} if "tok_per_s" in row else {}))
-                if metrics and (self.step % o.log_every == 0 or self.step == end):
-                    metrics.log({"step": self.step, **row, "elapsed_s": time.perf_counter() - start})
-                last = self.step == end
-                if (o.eval_every and self.step % o.eval_every == 0) or last:
-                    ev = self.eval_row()
-                    if ev and metrics:
-                        metrics.log({"step": self.step, **ev})
-                        self.log.info(f"step {self.step}: "
-                                      + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in ev.items()))
-                    if metrics:
-                        metrics.plot(self.out)
-                if last or (o.save_every and self.step % o.save_every == 0):
-                    self.save()
+            with StopRequest(self.resumable) as stop:
+                while self.step < end:
+                    t0 = time.perf_counter()
+                    loss, norm, lr = self.train_step()
+                    self.steps_run += 1
+                    row = self.step_row(loss, norm, lr, time.perf_counter() - t0)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                    **({"tok_s": f"{row['tok_per_s']:,.0f}"} if "tok_per_s" in row else {}))
+                    if metrics and (self.step % o.log_every == 0 or self.step == end):
+                        metrics.log({"step": self.step, **row, "elapsed_s": time.perf_counter() - start})
+                    last = self.step == end
+                    if (o.eval_every and self.step % o.eval_every == 0) or last:
+                        ev = self.eval_row()
+                        if ev and metrics:
+                            metrics.log({"step": self.step, **ev})
+                            self.log.info(f"step {self.step}: "
+                                          + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in ev.items()))
+                        if metrics:
+                            metrics.plot(self.out)
+                    saved = last or (o.save_every and self.step % o.save_every == 0)
+                    if saved:
+                        self.save()
+                    if not last and stop.agreed(d):
+                        bar.close()
+                        self.stop_here(metrics, saved)
             bar.close()
             self.publish()
             if d.main:
@@ -508,11 +584,28 @@ class Trainer:
             barrier(d)
             if wandb_run is not None:
                 wandb_run.finish()
+            failed = False
             return self.out
         finally:
             for h in self.handlers:
                 logger.remove(h)
             teardown(d)
+            if failed and self.made_out and self.steps_run == 0:
+                # Nothing was trained: leave no run directory that looks like one behind.
+                shutil.rmtree(self.out, ignore_errors=True)
+
+    # Ctrl-C saves a checkpoint and stops (StopRequest); classifier runs have no resumable ones.
+    resumable = True
+
+    def stop_here(self, metrics, saved: bool):
+        """After Ctrl-C: the step just finished is checkpointed (unless it was already) and the run
+        ends with TrainingInterrupted, which says where to resume from."""
+        path = ckpt.latest_checkpoint(self.out) if saved else self.save()
+        if metrics:
+            metrics.plot(self.out)
+        self.log.info(f"interrupted after step {self.step}: checkpoint {path}; run again with the same "
+                      f"options and --resume to continue")
+        raise TrainingInterrupted(self.step, path)
 
     def step_row(self, loss: float, norm: float, lr: float, seconds: float) -> dict:
         """One step's metrics.jsonl figures."""

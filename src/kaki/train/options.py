@@ -29,13 +29,15 @@ class TrainOptions:
     data: str | None = opt(None, "training JSONL files as FILE[:weight],... (records: `text` or `messages`)")
     out: str | None = opt(None, "run directory: checkpoints/, metrics.jsonl, loss.png, train.log and "
                                "the final model")
-    model: str | None = opt(None, "model directory to fine-tune")
+    model: str | None = opt(None, "model directory to fine-tune (default without --init-from-config: "
+                                  "$KAKI_MODEL, else the bundled kaki-tiny)")
     init_from_config: str | None = opt(None, "pretrain from random init: a config.json for the model")
     tokenizer: str | None = opt(None, "tokenizer directory (with --init-from-config)")
     eval_data: str | None = opt(None, "held-out JSONL files (default: hold out --eval-fraction of --data)")
     eval_fraction: float = opt(0.01, "share of each --data file's documents held out for eval")
     # data handling
-    seq_len: int | None = opt(None, "tokens per packed sequence (default: min(1024, model context))")
+    seq_len: int | None = opt(None, "tokens per packed sequence (default: min(1024, model context), shorter "
+                                    "when a --data file holds fewer tokens)")
     mask_prompt: bool = opt(False, "for `text` records: train only on replies (after <bot>: or adept:)")
     train_on_prompt: bool = opt(False, "for `messages` records: train on every token, not only replies")
     chat_format: str = opt("auto", "how `messages` records are rendered (kaki.chat_format; auto: the "
@@ -43,7 +45,8 @@ class TrainOptions:
                            choices=["auto", "adept", "openchatkit", "template", "plain"])
     strict_data: bool = opt(False, "stop at the first bad data line instead of skipping and counting")
     # optimisation
-    batch_size: int = opt(8, "sequences per micro-batch on each process")
+    batch_size: int | None = opt(None, "sequences per micro-batch on each process (default: 8, fewer when "
+                                       "an epoch of the data holds fewer sequences)")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x "
                              "grad_accum x processes)")
     max_steps: int | None = opt(None, "optimizer steps (wins over --epochs)")
