@@ -200,6 +200,7 @@ def test_core_modules_import_and_kaki_train_help_runs_without_the_extras():
     r = _run_without_extras("""
         import kaki.train.data, kaki.llm, kaki.engine, kaki.chat.shell, kaki.moderation, kaki.evaluate
         import kaki.classify, kaki.loading, kaki.saving, kaki.device, kaki.adept.convert, kaki.quant.convert
+        import kaki.train.run, kaki.lora  # the whole training stack, LoRA included
         from kaki.cli import main
         try:
             main(["train", "--help"])
