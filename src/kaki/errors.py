@@ -9,6 +9,11 @@ class KakiError(Exception):
     """A user-fixable problem: a bad path, checkpoint, flag or request field."""
 
 
+class RankLost(Exception):
+    """Another process of a torchrun job stopped answering (kaki.engine.mirror): neither the user's
+    input nor a bug here, and the job cannot go on; the CLI prints it as one line and exits 1."""
+
+
 class CheckpointError(KakiError):
     """A model directory or weight file that cannot be loaded as it is."""
 

@@ -12,7 +12,7 @@ import sys
 # timestamp and module path. LOGURU_FORMAT/LOGURU_LEVEL set by the user still win.
 os.environ.setdefault("LOGURU_FORMAT", "{message}")
 
-from kaki.errors import KakiError  # noqa: E402
+from kaki.errors import KakiError, RankLost  # noqa: E402
 
 # Modules that define a subcommand; each adds its parser and sets `func`.
 COMMANDS = ["kaki.cli.generate", "kaki.cli.info", "kaki.cli.train_tokenizer", "kaki.cli.train", "kaki.cli.convert",
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except KakiError as e:
         print(f"kaki {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RankLost as e:
+        print(f"kaki {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from kaki.cli.common import (add_model_args, add_moderation_args, add_sampling_args, default_model, load_from_args,
-                             moderator_from_args, sampling_kwargs)
+from kaki.cli.common import (add_model_args, add_moderation_args, add_sampling_args, add_tensor_parallel_arg,
+                             default_model, load_from_args, moderator_from_args, sampling_kwargs, start_ranks)
 
 
 def register(sub) -> None:
@@ -15,6 +15,7 @@ def register(sub) -> None:
                        description="An interactive chat: type messages, /help lists the commands. "
                                    "Reads lines from a pipe too: printf 'Hello\\n/quit\\n' | kaki chat")
     add_model_args(p)
+    add_tensor_parallel_arg(p)
     p.add_argument("--chat-format", default="auto", choices=FORMATS,
                    help="how the conversation becomes text (auto: the tokenizer's chat_template, else "
                         "adept for Persimmon, openchatkit for GPT-NeoX, plain otherwise)")
@@ -53,6 +54,8 @@ def run(args) -> int:
         print(f"[loading {args.model or default_model()} ...]", file=sys.stderr, flush=True)
     moderator = moderator_from_args(args)  # first: a bad --moderation-block fails before the big load
     llm = load_from_args(args)
+    if not start_ranks(llm):
+        return 0  # another rank of a tensor-parallel job: rank 0 reads the terminal
     fmt = format_for_llm(llm, args.chat_format)
     kw = sampling_kwargs(args)
     stop = kw.pop("stop", [])

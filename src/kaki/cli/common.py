@@ -30,6 +30,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_quantize_args(p)
 
 
+def add_tensor_parallel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="split the model over N processes (heads, MLP units, vocabulary): start them with "
+                        "`torchrun --nproc-per-node N -m kaki ...`; rank 0 reads input and prints, the others "
+                        "follow its steps")
+
+
+def start_ranks(llm) -> bool:
+    """After loading: True on the process that does the command's work (rank 0, or the only one);
+    the other ranks of a tensor-parallel job run rank 0's steps here, then get False."""
+    from kaki.engine import mirror
+    return mirror.start(llm)
+
+
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, metavar="FORMAT",
                    help="quantize the linear layers while loading: int8 (per channel) or int4 (group-wise; "
@@ -41,11 +55,15 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace):
     import kaki
+    from kaki import distributed
     model = args.model or default_model()
     if model is None:
         raise KakiError("no --model given and no bundled model found; pass --model DIR")
+    tensor_parallel = getattr(args, "tensor_parallel", None) or 1
+    if hasattr(args, "tensor_parallel"):  # generate, chat and serve: one process per rank
+        distributed.check_world(tensor_parallel, args.command)
     llm = kaki.load(model, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
-                    quantize_head=getattr(args, "quantize_head", True))
+                    quantize_head=getattr(args, "quantize_head", True), tensor_parallel=tensor_parallel)
     if getattr(args, "adapter", None):
         # Float and quantized models alike: over an int8/int4 layer the adapter runs beside it.
         from kaki.lora import apply_adapter

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from kaki.cli.common import add_model_args, add_sampling_args, load_from_args, sampling_kwargs
+from kaki.cli.common import (add_model_args, add_sampling_args, add_tensor_parallel_arg, load_from_args, sampling_kwargs,
+                             start_ranks)
 
 
 def register(sub) -> None:
@@ -17,6 +19,7 @@ def register(sub) -> None:
                         "(a shell passes them on as two characters; --raw keeps them); '-' or none reads stdin "
                         "as is")
     add_model_args(p)
+    add_tensor_parallel_arg(p)
     add_sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--no-bos", dest="add_bos", action="store_false", default=None,
@@ -83,10 +86,14 @@ def run(args) -> int:
     from kaki.errors import KakiError
 
     prompts = args.prompts or ["-"]
-    prompts = [sys.stdin.read() if p == "-" else p if args.raw else unescape(p) for p in prompts]
+    # The other ranks of a torchrun job leave stdin to rank 0, which tells them what to run.
+    stdin = sys.stdin.read() if "-" in prompts and os.environ.get("RANK", "0") == "0" else ""
+    prompts = [stdin if p == "-" else p if args.raw else unescape(p) for p in prompts]
     if args.stream and len(prompts) != 1:
         raise KakiError("--stream takes exactly one prompt")
     llm = load_from_args(args)
+    if not start_ranks(llm):
+        return 0  # another rank of a tensor-parallel job: rank 0 prints
     kw = sampling_kwargs(args)
     if args.speculative is not None:
         llm.speculative = args.speculative

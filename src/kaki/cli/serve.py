@@ -6,7 +6,8 @@ import ipaddress
 import os
 import sys
 
-from kaki.cli.common import add_model_args, add_moderation_args, load_from_args, moderator_from_args
+from kaki.cli.common import (add_model_args, add_moderation_args, add_tensor_parallel_arg, load_from_args,
+                             moderator_from_args, start_ranks)
 from kaki.cli.generate import add_speculative_arg
 
 
@@ -18,6 +19,7 @@ def register(sub) -> None:
                                    "/v1/chat/completions and /v1/models, /health and /metrics. Requests are "
                                    "batched continuously. See docs/serve.md for examples.")
     add_model_args(p)
+    add_tensor_parallel_arg(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback only; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
@@ -87,6 +89,8 @@ def run(args) -> int:
         raise KakiError(f"--port must be 1-65535, got {args.port}")
     moderator = moderator_from_args(args)  # first: a bad --moderation-block fails before the big load
     llm = load_from_args(args)
+    if not start_ranks(llm):
+        return 0  # another rank of a tensor-parallel job: rank 0 serves HTTP and runs the scheduler
     llm.speculative = args.speculative  # every request's default (the engine's scheduler reads it)
     config = EngineConfig()
     for name in ("max_batch_size", "max_seq_len", "max_queue", "max_prefill_tokens", "prefix_cache_mb"):
@@ -111,7 +115,17 @@ def run(args) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.graceful_timeout))
     server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
-    return 0
+    return stop_ranks(llm)
+
+
+def stop_ranks(llm) -> int:
+    """Let a tensor-parallel job's other ranks go; 1 when one of them was lost (which stopped us)."""
+    from kaki.engine import mirror
+
+    why = mirror.stop(llm)
+    if why is not None:
+        print(f"kaki serve: error: {why}", file=sys.stderr)
+    return 1 if why else 0
 
 
 def resolve_api_key(args) -> str | None:

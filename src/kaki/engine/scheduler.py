@@ -15,6 +15,7 @@ No text, no threads, no HTTP: front ends turn events into text (kaki.engine.text
 from __future__ import annotations
 
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +138,13 @@ class Scheduler:
         self.prompt_tokens = 0  # prompt tokens of admitted sequences
         self.prefilled_tokens = 0  # of those, the ones the model ran (the rest came from the prefix cache)
         self.error: str | None = None  # the last forward pass that failed (its sequences ended with "error")
+        # Rank 0 of a tensor-parallel model (kaki.engine.mirror): the other ranks build this
+        # scheduler too and are sent what it is asked to do, so that every rank runs the same steps.
+        self.leader = getattr(model, "leader", None)
+        if self.leader is not None:
+            self.leader.created(self, eos_ids=sorted(self.eos), max_rows=max_rows, max_len=max_len,
+                                prefix_cache=prefix_cache, max_prefill_tokens=max_prefill_tokens,
+                                limit_text=limit_text, speculative=speculative)
 
     # ------------------------------------------------------------------------ callers
 
@@ -145,6 +153,8 @@ class Scheduler:
         cut to what fits in max_len (a ParamError when the prompt alone does not fit)."""
         prompt = list(prompt_ids)
         max_new = self.fit(len(prompt), params.max_new_tokens if max_new is None else max_new)
+        if self.leader is not None:  # queued on every rank, with rank 0's seed when it has none
+            params = self.leader.added(self, prompt, params, max_new)
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)
         seq = Sequence(self._next_id, prompt, params, max_new, params.make_generator(self.model.device), stop)
         self._next_id += 1
@@ -161,6 +171,8 @@ class Scheduler:
     def allocate(self) -> None:
         """The whole KV cache now, max_rows x max_len, as a server wants it (its memory known at
         start-up, never a reallocation while serving); otherwise it grows to what sequences need."""
+        if self.leader is not None:
+            self.leader.allocated(self)
         self._reserve_cache(self.max_rows, self.max_len)
 
     def sequence(self, seq_id: int) -> Sequence | None:
@@ -170,6 +182,8 @@ class Scheduler:
     def abort(self, seq_id: int, reason: str = "abort") -> None:
         """End a sequence now (its client left; "stop": the caller saw a stop string). The next
         step reports it with `reason`; a finished or unknown id is ignored."""
+        if self.leader is not None:
+            self.leader.aborted(self, seq_id, reason)
         seq = self._seqs.get(seq_id)
         if seq is None:
             return
@@ -193,8 +207,8 @@ class Scheduler:
 
     def step(self) -> list[Event]:
         """One decode step for the running sequences, then newcomers into the free rows."""
-        events, self._ended = self._ended, []
-        with torch.inference_mode():
+        with self.leader.stepping(self) if self.leader is not None else nullcontext(), torch.inference_mode():
+            events, self._ended = self._ended, []
             if self.running:
                 events += self._decode()
             if self.waiting and len(self.running) < self.max_rows:
