@@ -11,6 +11,7 @@ from kaki.distributed import Dist
 # torch.distributed.fsdp and .checkpoint are imported inside the functions: about a second of
 # imports that only --fsdp runs use, and torch builds without distributed support lack them.
 
+
 def wrap_fsdp(model, d: Dist):
     """FSDP2 (`fully_shard`): each decoder layer is one shard unit (its parameters are gathered
     for its forward and backward only), then the root takes the embeddings, final norm and head.
