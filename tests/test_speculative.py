@@ -60,9 +60,9 @@ class ForwardCount:
         self.handle.remove()
 
 
-def run(model, eos, prompts, sp: SamplingParams | list[SamplingParams], speculative=None, max_rows=8):
+def run(model, eos, prompts, sp: SamplingParams | list[SamplingParams], speculative=None, max_rows=8, draft=None):
     """Every prompt on one scheduler to the end: ({i: (tokens, logprobs, finish)}, stats, passes)."""
-    sched = Scheduler(model, eos, max_rows=max_rows, speculative=speculative)
+    sched = Scheduler(model, eos, max_rows=max_rows, speculative=speculative, draft=draft)
     sps = sp if isinstance(sp, list) else [sp] * len(prompts)
     index = {sched.add_request(p, s): i for i, (p, s) in enumerate(zip(prompts, sps))}
     out = {i: ([], [], None) for i in index.values()}
@@ -240,9 +240,11 @@ def test_drafter_proposes_what_followed_the_latest_match():
     assert d.propose([6, 7, 8, 42, 5], room=2) == [6, 7]  # room caps the draft
 
 
-@pytest.mark.parametrize("bad", ["ngram:0", "ngram:99", "draft", "ngram:x", 3])
+@pytest.mark.parametrize("bad", ["ngram:0", "ngram:99", "draft:0", "model", "ngram:x", 3])
 def test_bad_setting_names_the_field(bad):
-    with pytest.raises(ParamError, match="speculative"):
+    with pytest.raises(ParamError, match="speculate"):
+        SamplingParams(speculate=bad)
+    with pytest.raises(ParamError, match="speculate"):  # the earlier name still works
         SamplingParams(speculative=bad)
 
 
@@ -268,9 +270,9 @@ def test_cli_flag(text_model_dir):
     spec = kaki_cli(*common, "--speculative", "ngram:6", "--verbose")
     assert plain.returncode == spec.returncode == 0, (plain.stderr, spec.stderr)
     assert json.loads(spec.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
-    assert "per step" in spec.stderr and "drafted tokens accepted" in spec.stderr
-    bad = kaki_cli("generate", "--model", path, "--speculative", "ngram:0", "x")
-    assert bad.returncode == 2 and "--speculative" in bad.stderr and "Traceback" not in bad.stderr
+    assert "tokens per target pass" in spec.stderr and "drafted tokens accepted" in spec.stderr
+    bad = kaki_cli("generate", "--model", path, "--speculate", "ngram:0", "x")
+    assert bad.returncode == 2 and "--speculate" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_prefix_cached_prompts(llms):

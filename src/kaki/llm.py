@@ -16,13 +16,14 @@ from kaki.adept.release import is_release_dir, load_release
 from kaki.config import ModelConfig, read_config
 from kaki.device import pick_device, pick_dtype
 from kaki.engine import PrefixCache, Scheduler, TextSequence
+from kaki.engine.draft import DraftModel, check_same_vocabulary
 from kaki.engine.prefix import DEFAULT_BUDGET_BYTES
 from kaki.engine.scheduler import DEFAULT_MAX_ROWS
 from kaki.errors import KakiError, ParamError
 from kaki.loading import generation_defaults, load_model, resolve_model_path
 from kaki.model import CausalLM
 from kaki.quant import as_spec
-from kaki.sampling import SamplingParams, speculative_k
+from kaki.sampling import DEFAULT_DRAFT, SamplingParams, parse_speculate
 from kaki.saving import save_model_dir
 from kaki.tokenizer import Tokenizer
 from kaki.tp import start
@@ -43,18 +44,52 @@ class Completion:
 class LLM:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, path: str | None = None,
                  generation_defaults: dict | None = None, tokenizer_files: dict | None = None,
-                 speculative: str | None = None):
+                 speculate: str | None = None):
         """tokenizer_files: what `save` writes for the tokenizer (name -> text, bytes or a file to
         copy) where `path` does not hold transformers' tokenizer files (Adept's release);
-        speculative: "ngram[:K]" or None, for requests whose params do not say (kaki.engine.speculative)."""
-        speculative_k(speculative)
-        self.speculative = speculative
+        speculate: "ngram[:K]" or None, for requests whose params do not say (kaki.engine.speculative;
+        "draft[:K]" once `set_draft` has given a draft model)."""
+        self.draft: DraftModel | None = None
+        self.speculate = speculate
         self.model = model
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
         self.path = path
         self.generation_defaults = generation_defaults or {}
         self.tokenizer_files = tokenizer_files
+
+    @property
+    def speculate(self) -> str | None:
+        """Speculative decoding for requests whose params do not say: "ngram[:K]", "draft[:K]"
+        (with `draft`), "off" or None."""
+        return self._speculate
+
+    @speculate.setter
+    def speculate(self, value: str | None) -> None:
+        if parse_speculate(value)[0] == "draft" and self.draft is None:
+            raise ParamError("speculate", f"is {value!r} but no draft model is set (kaki.load(..., draft_model=DIR) "
+                             "or LLM.set_draft)")
+        self._speculate = value
+
+    speculative = speculate  # the earlier name
+
+    def set_draft(self, draft: "LLM | str | os.PathLike | None", k: int | None = None) -> None:
+        """Speculate with a draft model (an LLM, or a directory loaded with this model's dtype and
+        device) drafting up to `k` tokens per step, for every request that does not say; None
+        turns it off. The draft must use this model's tokenizer."""
+        if draft is None:
+            self.draft = None
+            if parse_speculate(self._speculate)[0] == "draft":
+                self._speculate = None
+            return
+        if getattr(self.model, "tp", None) is not None:
+            raise KakiError("a draft model does not run with tensor parallelism yet; use speculate='ngram'")
+        if not isinstance(draft, LLM):
+            draft = load(draft, dtype=self.model.dtype, device=str(self.model.device))
+        check_same_vocabulary(self.tokenizer, draft.tokenizer, self.config.vocab_size, draft.config.vocab_size,
+                              name=f"draft model {draft.path or ''}".strip())
+        self.draft = DraftModel(draft.model, self.config.vocab_size, k or DEFAULT_DRAFT)
+        self.speculate = f"draft:{self.draft.k}"
 
     @property
     def context_length(self) -> int:
@@ -118,7 +153,7 @@ class LLM:
         finally ([], completions)."""
         ids = [self.encode_prompt(p, add_bos) for p in prompts]
         sched = Scheduler(self.model, self.eos_ids, max_rows=self.max_batch_size, max_len=self.context_length,
-                          prefix_cache=self.prefix_cache, speculative=self.speculative)
+                          prefix_cache=self.prefix_cache, speculative=self.speculate, draft=self.draft)
         index = {sched.add_request(p, sp): i for i, (p, sp) in enumerate(zip(ids, params))}
         seqs = [sched.sequence(seq_id) for seq_id in index]
         texts = [TextSequence(self.tokenizer, p, sp.stop) for p, sp in zip(ids, params)]
@@ -161,18 +196,27 @@ class LLM:
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-         progress: bool = False, quantize=None, quantize_head: bool = True, speculative: str | None = None,
-         tensor_parallel: int = 1) -> LLM:
+         progress: bool = False, quantize=None, quantize_head: bool = True, speculate: str | None = None,
+         draft_model=None, draft_k: int | None = None, tensor_parallel: int = 1,
+         speculative: str | None = None) -> LLM:
     """Load a model directory (transformers layout, or Adept's Megatron release) with its
     tokenizer, ready to generate.
 
     quantize: "int8" or "int4" (or "int4:GROUP", or a kaki.quant.QuantSpec) quantizes the linear
     layers tensor by tensor while loading (the lm_head too unless quantize_head=False); a
-    checkpoint saved quantized loads as it is stored without it. speculative: "ngram[:K]" turns
-    prompt-lookup speculative decoding on for every request that does not say (LLM.speculative).
+    checkpoint saved quantized loads as it is stored without it. speculate: "ngram[:K]" turns
+    prompt-lookup speculative decoding on for every request that does not say (LLM.speculate;
+    `speculative` is its earlier name); draft_model: a directory (or LLM) of a smaller model with the
+    same tokenizer that drafts up to draft_k tokens per step instead (LLM.set_draft).
     tensor_parallel: N > 1 loads this process's rank of the model split over N processes (run
     under `torchrun --nproc-per-node N`; kaki.tp), reading only its slices of the weights."""
     spec = as_spec(quantize, quantize_head)
+    if speculative is not None and speculate is not None and speculative != speculate:
+        raise ParamError("speculate", "is given twice (speculate and its old name speculative); give one")
+    speculate = speculate if speculate is not None else speculative
+    if draft_k is not None and draft_model is None:
+        raise ParamError("draft_k", "needs draft_model")
+    parse_speculate(speculate)
     model_dir = resolve_model_path(path_or_id)
     tp, dev = start(tensor_parallel, pick_device(device))
     if is_release_dir(model_dir):
@@ -180,9 +224,17 @@ def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype = "auto", de
             raise KakiError("--quantize does not apply to Adept's release layout directly; convert it "
                             "first (kaki convert SRC DST --to hf --quantize int8) and load DST")
         model, tokenizer, files = load_release(model_dir, dtype=dtype, device=str(dev), progress=progress, tp=tp)
-        return LLM(model, tokenizer, str(model_dir), tokenizer_files=files, speculative=speculative)
-    cfg = read_config(model_dir)
-    dt = pick_dtype(dtype, cfg, dev)
-    model = load_model(model_dir, cfg, dt, dev, progress, quantize=spec, tp=tp)
-    tokenizer = Tokenizer.from_dir(model_dir, cfg)
-    return LLM(model, tokenizer, str(model_dir), generation_defaults(model_dir), speculative=speculative)
+        llm = LLM(model, tokenizer, str(model_dir), tokenizer_files=files)
+    else:
+        cfg = read_config(model_dir)
+        dt = pick_dtype(dtype, cfg, dev)
+        model = load_model(model_dir, cfg, dt, dev, progress, quantize=spec, tp=tp)
+        tokenizer = Tokenizer.from_dir(model_dir, cfg)
+        llm = LLM(model, tokenizer, str(model_dir), generation_defaults(model_dir))
+    if draft_model is not None:
+        if speculate not in (None, "off") and parse_speculate(speculate)[0] != "draft":
+            raise ParamError("speculate", f"is {speculate!r} but a draft_model is given too; give one of them")
+        llm.set_draft(draft_model, draft_k if draft_k is not None else parse_speculate(speculate or "draft")[1])
+    elif speculate is not None:
+        llm.speculate = speculate
+    return llm

@@ -8,7 +8,7 @@ gives the same tokens whatever else shares its batch.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 
 import torch
 
@@ -29,11 +29,16 @@ class SamplingParams:
     logprobs: bool = False  # logprob of each generated token
     top_logprobs: int = 0  # and of this many most likely alternatives
     prompt_logprobs: bool = False  # logprob of each prompt token given the ones before it
-    # Speculative decoding (kaki.engine.speculative): "ngram" or "ngram:K" (K drafted tokens at most
-    # per step), "off", or None for the engine's default.
-    speculative: str | None = None
+    # Speculative decoding (kaki.engine.speculative): "ngram[:K]" (prompt lookup), "draft[:K]" (the
+    # engine's draft model), K drafted tokens at most per step; "off"; or None for the engine's default.
+    speculate: str | None = None
+    speculative: InitVar[str | None] = None  # the earlier name of `speculate`, still accepted
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, speculative: str | None = None) -> None:
+        if speculative is not None:
+            if self.speculate is not None and self.speculate != speculative:
+                raise ParamError("speculate", "is given twice (speculate and its old name speculative); give one")
+            self.speculate = speculative
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -64,8 +69,8 @@ class SamplingParams:
             bad("stop_token_ids", "must be a list of token ids")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
             bad("top_logprobs", f"must be a whole number from 0 to 20, got {self.top_logprobs!r}")
-        if self.speculative is not None:
-            speculative_k(self.speculative)
+        if self.speculate is not None:
+            parse_speculate(self.speculate)
 
     @property
     def greedy(self) -> bool:
@@ -73,7 +78,7 @@ class SamplingParams:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} | {"speculative"}
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ParamError(unknown[0], f"is not a sampling parameter; known: {', '.join(sorted(names))}")
@@ -87,19 +92,26 @@ class SamplingParams:
 
 MAX_DRAFT = 16  # drafted tokens per step at most: a verify pass over more rarely pays on a CPU
 DEFAULT_DRAFT = 4
+DRAFTERS = ("ngram", "draft")  # prompt lookup; a draft model (kaki.engine.draft)
 
 
-def speculative_k(value: str | None, field: str = "speculative") -> int:
-    """Drafted tokens per step for a `speculative` setting: 0 for "off" or None, K for "ngram"
-    (DEFAULT_DRAFT) or "ngram:K"; anything else is a ParamError naming `field`."""
+def parse_speculate(value: str | None, field: str = "speculate") -> tuple[str, int]:
+    """(drafter, K) for a `speculate` setting: ("off", 0) for "off" or None; ("ngram", K) or
+    ("draft", K) for "ngram[:K]" or "draft[:K]" (K default DEFAULT_DRAFT); anything else is a
+    ParamError naming `field`."""
     if value is None or value == "off":
-        return 0
-    kind, _, k = value.partition(":") if isinstance(value, str) else ("", "", "")
-    if kind == "ngram" and not k:
-        return DEFAULT_DRAFT
-    if kind == "ngram" and k.isdigit() and 1 <= int(k) <= MAX_DRAFT:
-        return int(k)
-    raise ParamError(field, f"must be 'off', 'ngram' or 'ngram:K' with K from 1 to {MAX_DRAFT}, got {value!r}")
+        return "off", 0
+    kind, colon, k = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if kind in DRAFTERS and not colon:
+        return kind, DEFAULT_DRAFT
+    if kind in DRAFTERS and k.isdigit() and 1 <= int(k) <= MAX_DRAFT:
+        return kind, int(k)
+    raise ParamError(field, f"must be 'off', 'ngram[:K]' or 'draft[:K]' with K from 1 to {MAX_DRAFT}, got {value!r}")
+
+
+def speculative_k(value: str | None, field: str = "speculate") -> int:
+    """Drafted tokens per step at most for a `speculate` setting (0: off)."""
+    return parse_speculate(value, field)[1]
 
 
 def _is_number(x) -> bool:

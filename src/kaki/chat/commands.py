@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kaki.citations import format_sources
+from kaki.engine.speculative import summary as decode_summary
 from kaki.errors import KakiError
 
 
@@ -183,6 +184,8 @@ def _stats(shell, arg: str) -> None:
                      f"{st.processed_tokens:,} processed")
         lines.append(f"last reply: {st.new_tokens:,} tokens in {st.total_s:.2f} s ({st.tokens_per_s:.1f} tokens/s), "
                      f"first token after {st.first_token_s:.3f} s, ended by {r.finish_reason}")
+        if st.decode_steps:
+            lines.append(f"last reply's decoding: {decode_summary(vars(st))}")
     lines.append(f"prompt tokens processed this session: {s.total_processed:,}")
     pc = s.prefix_cache
     if pc is not None:

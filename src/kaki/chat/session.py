@@ -142,6 +142,12 @@ class ReplyStats:
     new_tokens: int = 0
     first_token_s: float = 0.0
     total_s: float = 0.0
+    # Speculative decoding (kaki chat --speculate/--draft-model): tokens drafted and accepted, and
+    # the decode steps (target passes) and the tokens they gave.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    decode_steps: int = 0
+    decode_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -158,7 +164,8 @@ class Reply:
     def __init__(self, llm, prompt_ids: list[int], params: SamplingParams, on_done: Callable,
                  sched: Scheduler | None = None):
         self.prompt_ids = prompt_ids
-        self.sched = sched or Scheduler(llm.model, llm.eos_ids, max_rows=1, max_len=llm.context_length)
+        self.sched = sched or Scheduler(llm.model, llm.eos_ids, max_rows=1, max_len=llm.context_length,
+                                        speculative=llm.speculate, draft=llm.draft)
         self.seq_id = self.sched.add_request(prompt_ids, params)  # a prompt that cannot fit raises here
         self.seq = self.sched.sequence(self.seq_id)
         self.out = TextSequence(llm.tokenizer, prompt_ids, params.stop)
@@ -172,7 +179,9 @@ class Reply:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.tokens
+        # The text's ids, not the sequence's: with speculation the sequence may hold drafts past a
+        # stop string that ended the text.
+        return self.out.token_ids
 
     def __iter__(self) -> Iterator[str]:
         if self._pieces is None:
@@ -192,6 +201,7 @@ class Reply:
         t0 = time.perf_counter()
         sched, out = self.sched, self.out
         prefilled = sched.prefilled_tokens
+        spec_before = sched.spec.as_stats()
         try:
             while not out.finished and sched.has_work:
                 for event in sched.step():
@@ -218,6 +228,8 @@ class Reply:
             self.stats.total_s = time.perf_counter() - t0
             self.stats.new_tokens = len(self.token_ids)
             self.stats.processed_tokens = sched.prefilled_tokens - prefilled
+            for key, value in sched.spec.as_stats().items():
+                setattr(self.stats, key, value - spec_before[key])
             self._on_done(self)
 
     def run(self) -> "Reply":
@@ -298,7 +310,7 @@ class ChatSession:
                 budget = self.cache_tokens * RowCache.bytes_per_token(model.config, model.dtype)
                 prefix = PrefixCache(model.config, model.dtype, model.device, budget, block_size=1)
             self._sched = Scheduler(model, llm.eos_ids, max_rows=1, max_len=llm.context_length,
-                                    prefix_cache=prefix)
+                                    prefix_cache=prefix, speculative=llm.speculate, draft=llm.draft)
         return self._sched
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from kaki.cli.speculate import add_speculate_args, apply_speculate
 from kaki.cli.common import (add_model_args, add_moderation_args, add_sampling_args, add_tensor_parallel_arg,
                              default_model, load_from_args, moderator_from_args, sampling_kwargs, start_ranks)
 
@@ -33,6 +34,7 @@ def register(sub) -> None:
                    help="passages retrieved per question, best first, as many as fit (default: the "
                         "model's generation_config.json retrieval_k, else 3)")
     add_moderation_args(p)
+    add_speculate_args(p)
     p.set_defaults(func=run)
 
 
@@ -54,6 +56,7 @@ def run(args) -> int:
         print(f"[loading {args.model or default_model()} ...]", file=sys.stderr, flush=True)
     moderator = moderator_from_args(args)  # first: a bad --moderation-block fails before the big load
     llm = load_from_args(args)
+    apply_speculate(llm, args)  # before the ranks part: a refused draft model stops every rank
     if not start_ranks(llm):
         return 0  # another rank of a tensor-parallel job: rank 0 reads the terminal
     fmt = format_for_llm(llm, args.chat_format)

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from kaki.cli.speculate import add_speculate_args, apply_speculate, decode_summary
 from kaki.cli.common import (add_model_args, add_sampling_args, add_tensor_parallel_arg, load_from_args, sampling_kwargs,
                              start_ranks)
 
@@ -28,44 +29,15 @@ def register(sub) -> None:
     p.add_argument("--no-prompt", dest="echo", action="store_false",
                    help="print only the generated text (default: each prompt followed by its completion)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    add_speculative_arg(p)
+    add_speculate_args(p)
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print what decoding did to stderr (tokens per target pass, drafts accepted)")
     p.set_defaults(func=run)
 
 
-def speculative_arg(value: str) -> str:
-    """--speculative's type: 'off', 'ngram' or 'ngram:K', checked before the model loads."""
-    from kaki.errors import ParamError
-    from kaki.sampling import speculative_k
-    try:
-        speculative_k(value)
-    except ParamError as e:
-        raise argparse.ArgumentTypeError(e.message) from None
-    return value
-
-
-def add_speculative_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculative", type=speculative_arg, default=None, metavar="ngram[:K]|off",
-                   help="prompt-lookup speculative decoding: draft up to K tokens (default 4) that followed "
-                        "an earlier match of the last few tokens, verify them in one pass; greedy output is "
-                        "unchanged, copying replies come faster (default: off)")
-
-
 # Escapes a user types in a shell argument for the characters a chat prompt needs ("human: hi\n\nadept:").
 ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 SEPARATOR = "\n---\n"  # between the results of several prompts
-
-
-def decode_summary(stats: dict) -> str:
-    """One line for --verbose: tokens per target pass per sequence, and the drafts' fate."""
-    steps, tokens = stats["decode_steps"], stats["decode_tokens"]
-    line = f"kaki generate: {tokens} tokens decoded in {steps} steps (a sequence in a target pass): " \
-           f"{tokens / max(steps, 1):.2f} per step"
-    drafted, kept = stats["spec_draft_tokens"], stats["spec_accepted_tokens"]
-    if drafted:
-        line += f"; speculative: {kept} of {drafted} drafted tokens accepted ({kept / drafted:.0%})"
-    return line
 
 
 def unescape(text: str) -> str:
@@ -92,11 +64,10 @@ def run(args) -> int:
     if args.stream and len(prompts) != 1:
         raise KakiError("--stream takes exactly one prompt")
     llm = load_from_args(args)
+    apply_speculate(llm, args)  # before the ranks part: a refused draft model stops every rank
     if not start_ranks(llm):
         return 0  # another rank of a tensor-parallel job: rank 0 prints
     kw = sampling_kwargs(args)
-    if args.speculative is not None:
-        llm.speculative = args.speculative
     # One form for every mode: the prompt (unless --no-prompt), then its completion, one newline;
     # several prompts' results are separated by a line of three dashes.
     if args.stream:
@@ -107,11 +78,11 @@ def run(args) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         if args.verbose:
-            print(decode_summary(llm.last_stats), file=sys.stderr)
+            print(f"kaki generate: {decode_summary(llm.last_stats)}", file=sys.stderr)
         return 0
     results = llm.generate(prompts, add_bos=args.add_bos, **kw)
     if args.verbose:
-        print(decode_summary(llm.last_stats), file=sys.stderr)
+        print(f"kaki generate: {decode_summary(llm.last_stats)}", file=sys.stderr)
     if args.json:
         for c in results:
             print(json.dumps({"prompt": c.prompt, "text": c.text, "token_ids": c.token_ids,

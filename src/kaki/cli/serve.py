@@ -8,7 +8,7 @@ import sys
 
 from kaki.cli.common import (add_model_args, add_moderation_args, add_tensor_parallel_arg, load_from_args,
                              moderator_from_args, start_ranks)
-from kaki.cli.generate import add_speculative_arg
+from kaki.cli.speculate import add_speculate_args, apply_speculate
 
 
 def register(sub) -> None:
@@ -58,7 +58,7 @@ def register(sub) -> None:
                    help="passages retrieved per request, best first (default: the model's "
                         "generation_config.json retrieval_k, else 3)")
     add_moderation_args(p)
-    add_speculative_arg(p)
+    add_speculate_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -91,7 +91,7 @@ def run(args) -> int:
     llm = load_from_args(args)
     if not start_ranks(llm):
         return 0  # another rank of a tensor-parallel job: rank 0 serves HTTP and runs the scheduler
-    llm.speculative = args.speculative  # every request's default (the engine's scheduler reads it)
+    apply_speculate(llm, args)  # every request's default (the engine's scheduler reads it)
     config = EngineConfig()
     for name in ("max_batch_size", "max_seq_len", "max_queue", "max_prefill_tokens", "prefix_cache_mb"):
         if getattr(args, name) is not None:

@@ -24,10 +24,11 @@ from loguru import logger
 from kaki.engine.kv import RowCache
 from kaki.engine.prefix import Block, PrefixCache
 from kaki.engine.sampler import Pick, pick_tokens, prompt_logprobs
-from kaki.engine.speculative import NgramDrafter, SpecCounters, verify
+from kaki.engine.draft import DraftModel
+from kaki.engine.speculative import AdaptiveK, NgramDrafter, SpecCounters, verify
 from kaki.errors import KakiError, ParamError
 from kaki.model import CausalLM
-from kaki.sampling import SamplingParams, speculative_k
+from kaki.sampling import SamplingParams, parse_speculate
 
 DEFAULT_MAX_ROWS = 32
 
@@ -81,7 +82,7 @@ class Sequence:
     reused_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     row: int | None = None  # in the RowCache while running
     blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks held, from the first
-    drafter: NgramDrafter | None = None  # with speculative decoding
+    drafter: AdaptiveK | None = None  # with speculative decoding: an NgramDrafter, or K for the draft model
     _seen: torch.Tensor | None = None
 
     def seen_ids(self) -> torch.Tensor:
@@ -106,13 +107,14 @@ class Sequence:
 class Scheduler:
     def __init__(self, model: CausalLM, eos_ids, *, max_rows: int = DEFAULT_MAX_ROWS, max_len: int | None = None,
                  prefix_cache: PrefixCache | None = None, max_prefill_tokens: int | None = None,
-                 limit_text: str | None = None, speculative: str | None = None):
+                 limit_text: str | None = None, speculative: str | None = None, draft: DraftModel | None = None):
         """max_len: prompt + new tokens per sequence (default the model's context);
         max_prefill_tokens: padded prompt tokens prefilled in one step (None: every free row's
         newcomer at once), so a burst of prompts does not stall the running sequences;
         limit_text: what a prompt that does not fit is told the limit is (see `fit`);
-        speculative: "ngram[:K]" or "off"/None, for sequences whose params do not say
-        (kaki.engine.speculative)."""
+        speculative: "ngram[:K]", "draft[:K]" or "off"/None, for sequences whose params do not say
+        (kaki.engine.speculative); draft: the draft model "draft" drafts with (kaki.engine.draft;
+        this scheduler's own: its cache mirrors this one's rows)."""
         self.model = model
         context = model.config.max_position_embeddings
         self.max_len = max_len or context
@@ -126,7 +128,8 @@ class Scheduler:
         self.eos = frozenset(eos_ids)
         self.prefix = prefix_cache
         self.max_prefill_tokens = max_prefill_tokens
-        speculative_k(speculative)  # a bad setting fails here, not at the first step
+        self.draft = draft.fresh() if draft is not None else None
+        self._check_speculate(speculative, "speculative")  # a bad setting fails here, not at the first step
         self.speculative = speculative
         self.spec = SpecCounters()
         self.cache: RowCache | None = None  # allocated (and grown) to what the sequences need
@@ -151,6 +154,7 @@ class Scheduler:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, max_new: int | None = None) -> int:
         """Queue a sequence; returns its id. max_new defaults to params.max_new_tokens; either is
         cut to what fits in max_len (a ParamError when the prompt alone does not fit)."""
+        self._check_speculate(params.speculate, "speculate")
         prompt = list(prompt_ids)
         max_new = self.fit(len(prompt), params.max_new_tokens if max_new is None else max_new)
         if self.leader is not None:  # queued on every rank, with rank 0's seed when it has none
@@ -161,6 +165,11 @@ class Scheduler:
         self._seqs[seq.id] = seq
         self.waiting.append(seq)
         return seq.id
+
+    def _check_speculate(self, setting: str | None, field: str) -> None:
+        if parse_speculate(setting, field)[0] == "draft" and self.draft is None:
+            raise ParamError(field, f"is {setting!r} but no draft model is loaded (kaki.load(..., draft_model=DIR), "
+                             "--draft-model DIR); use 'ngram[:K]' or 'off'")
 
     def fit(self, n_prompt: int, max_new: int | None, *, cap: bool = True, field: str = "max_new_tokens",
             prompt_field: str = "prompt") -> int:
@@ -219,8 +228,8 @@ class Scheduler:
 
     def _decode(self) -> list[Event]:
         seqs = list(self.running)
-        drafts = [self._draft(s) for s in seqs]
-        events = self._verify(seqs, drafts) if any(drafts) else self._decode_one(seqs)
+        drafts, qs = self._drafts(seqs)
+        events = self._verify(seqs, drafts, qs) if any(drafts) else self._decode_one(seqs)
         self.spec.decode_steps += len(seqs)
         self.spec.decode_tokens += sum(e.token is not None for e in events)
         return events
@@ -238,18 +247,37 @@ class Scheduler:
         self._store_blocks(seqs)
         return self._sample(seqs, logits[:, -1].float())
 
-    def _draft(self, s: Sequence) -> list[int]:
-        """The tokens speculated to follow `s` ([] without speculation or a match)."""
-        setting = s.params.speculative if s.params.speculative is not None else self.speculative
-        if s.drafter is None:
-            k = speculative_k(setting)
-            if k == 0:
-                return []
-            s.drafter = NgramDrafter(s.prompt, k)
-        # One token comes from the target after the drafts: within max_new, the cache has room.
-        return s.drafter.propose(s.tokens, s.max_new - len(s.tokens) - 1)
+    def _drafts(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """The tokens speculated to follow each sequence ([] without speculation or a match), and
+        the distributions a draft model sampled them from (None: greedy, or a point mass)."""
+        drafts: list[list[int]] = [[] for _ in seqs]
+        ks = [0] * len(seqs)  # tokens each sequence asks of the draft model
+        for b, s in enumerate(seqs):
+            if s.drafter is None:
+                kind, k = parse_speculate(s.params.speculate if s.params.speculate is not None else self.speculative)
+                if k == 0:
+                    continue
+                s.drafter = NgramDrafter(s.prompt, k) if kind == "ngram" else AdaptiveK(k)
+            # One token comes from the target after the drafts: within max_new, the cache has room.
+            room = s.max_new - len(s.tokens) - 1
+            if isinstance(s.drafter, NgramDrafter):
+                drafts[b] = s.drafter.propose(s.tokens, room)
+            else:
+                ks[b] = s.drafter.next_k(room)
+        if not any(ks):
+            return drafts, [None] * len(seqs)
+        try:
+            model_drafts, qs = self.draft.propose(seqs, ks, self.cache.rows, self.cache.capacity)
+        except Exception as e:  # noqa: BLE001 (a failed draft pass costs its drafts, not the sequences)
+            logger.opt(exception=e).warning("engine: the draft model's pass failed; decoding without its drafts")
+            self.draft = self.draft.fresh()  # its cache may be half written: start it again
+            return drafts, [None] * len(seqs)
+        for b, k in enumerate(ks):
+            if k:
+                drafts[b] = model_drafts[b]
+        return drafts, qs
 
-    def _verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Event]:
+    def _verify(self, seqs: list[Sequence], drafts: list[list[int]], qs: list[torch.Tensor | None]) -> list[Event]:
         """One target pass over each row's [last token, drafts] (right-padded), the drafts
         accepted or not (kaki.engine.speculative.verify), and the rejected positions dropped from
         the cache."""
@@ -272,13 +300,15 @@ class Scheduler:
         picks: list[list[Pick] | Exception | None] = []
         for b, (s, d) in enumerate(zip(seqs, drafts)):
             try:
-                verdict = verify(logits[b, :len(d) + 1], s, d)
+                verdict = verify(logits[b, :len(d) + 1], s, d, qs[b])
             except Exception as e:  # noqa: BLE001 (this row's request alone fails, as in pick_tokens)
                 picks.append(e.with_traceback(None))
                 continue
             # The cache keeps the last token and the kept drafts; the target's own pick is fed next step.
             self.cache.trim(s.row, len(d) - verdict.accepted)
             if d:
+                if not isinstance(s.drafter, NgramDrafter):  # the draft model's cache rolls back with the target's
+                    self.draft.rollback(s.row, len(d), verdict.accepted)
                 s.drafter.feedback(len(d), verdict.accepted)
                 self.spec.draft_tokens += len(d)
                 self.spec.accepted_tokens += verdict.accepted
@@ -437,6 +467,8 @@ class Scheduler:
             last = len(self.running) - 1
             if s.row != last:
                 self.cache.move(last, s.row)
+                if self.draft is not None:
+                    self.draft.move(last, s.row)
                 moved = self.running[last]
                 moved.row, self.running[s.row] = s.row, moved
             else:

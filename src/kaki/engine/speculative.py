@@ -36,29 +36,55 @@ PAUSE_AFTER = 3  # drafts in a row with nothing accepted before the drafter paus
 MAX_PAUSE = 32  # steps; the pause doubles on each further miss up to this
 
 
-class NgramDrafter:
+class AdaptiveK:
+    """How many tokens one sequence drafts per step, adapted to how its drafts fare: all kept,
+    more next time (up to k_max); some rejected, fewer; nothing kept PAUSE_AFTER times in a row,
+    no drafting for a while (doubling up to MAX_PAUSE steps)."""
+
+    def __init__(self, k: int):
+        self.k_max = self.k = k
+        self._misses = 0
+        self._pause = 0  # steps left without drafting
+        self._backoff = 1
+
+    def next_k(self, room: int) -> int:
+        """Tokens to draft this step: min(k, room), or 0 while pausing."""
+        if self._pause > 0:
+            self._pause -= 1
+            return 0
+        return max(0, min(self.k, room))
+
+    def feedback(self, drafted: int, accepted: int) -> None:
+        if accepted == drafted:
+            self.k = min(self.k_max, self.k + 2)
+        else:
+            self.k = max(1, self.k - 1)
+        if accepted:
+            self._misses, self._backoff = 0, 1
+            return
+        self._misses += 1
+        if self._misses >= PAUSE_AFTER:
+            self._pause, self._backoff = self._backoff, min(MAX_PAUSE, 2 * self._backoff)
+            self._misses = 0
+
+
+class NgramDrafter(AdaptiveK):
     """One sequence's prompt-lookup drafter: its ids so far and an index from each n-gram to
     where the tokens after its latest occurrence start."""
 
     def __init__(self, prompt: list[int], k: int, max_n: int = MAX_N, min_n: int = MIN_N):
+        super().__init__(k)
         self.ids = list(prompt)
         self.n_prompt = len(prompt)
-        self.k_max = self.k = k
         self.max_n, self.min_n = max_n, min_n
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 1  # continuation starts [1, _indexed) are in the index
-        self._misses = 0
-        self._pause = 0  # steps left without drafting
-        self._backoff = 1
 
     def propose(self, tokens: list[int], room: int) -> list[int]:
         """Up to min(k, room) tokens to follow prompt + `tokens` (the sequence's generated ids so
         far), or [] when nothing earlier matches its end (or the drafter is pausing)."""
         self.ids += tokens[len(self.ids) - self.n_prompt:]
-        if self._pause > 0:
-            self._pause -= 1
-            return []
-        k = min(self.k, room)
+        k = self.next_k(room)
         if k <= 0:
             return []
         ids, n_ids = self.ids, len(self.ids)
@@ -73,21 +99,6 @@ class NgramDrafter:
                 return ids[p:p + k]
         return []
 
-    def feedback(self, drafted: int, accepted: int) -> None:
-        """Adapt to how the last draft fared: all kept, draft more next time (up to k_max); some
-        rejected, fewer; nothing kept PAUSE_AFTER times in a row, stop drafting for a while."""
-        if accepted == drafted:
-            self.k = min(self.k_max, self.k + 2)
-        else:
-            self.k = max(1, self.k - 1)
-        if accepted:
-            self._misses, self._backoff = 0, 1
-            return
-        self._misses += 1
-        if self._misses >= PAUSE_AFTER:
-            self._pause, self._backoff = self._backoff, min(MAX_PAUSE, 2 * self._backoff)
-            self._misses = 0
-
 
 @dataclass
 class Verdict:
@@ -95,9 +106,11 @@ class Verdict:
     accepted: int  # drafts kept
 
 
-def verify(logits: torch.Tensor, row: Row, draft: list[int]) -> Verdict:
+def verify(logits: torch.Tensor, row: Row, draft: list[int], q: torch.Tensor | None = None) -> Verdict:
     """Accept a prefix of `draft` against the target's fp32 logits (k + 1, V) at the positions of
-    [last token, d_1 .. d_k] (row j scores the token after j drafts), and pick the token after it."""
+    [last token, d_1 .. d_k] (row j scores the token after j drafts), and pick the token after it.
+    q: the distributions (k, V) the drafts were sampled from (a draft model's, processed as p is),
+    or None for a deterministic drafter (q a point mass at each draft)."""
     params, g = row.params, row.generator
     penalty = params.repetition_penalty != 1.0
     seen = row.seen_ids() if penalty else None
@@ -127,12 +140,17 @@ def verify(logits: torch.Tensor, row: Row, draft: list[int]) -> Verdict:
                     break
                 continue
             p = sampling.target_probs(lg, params)
-            # u < p(d) with u uniform in [0, 1): kept with probability p(d) (min(1, p/q), q(d) = 1).
-            if float(torch.rand((), generator=g, device=g.device, dtype=p.dtype)) < float(p[d]):
+            qj = None if q is None else q[j].to(p.dtype)
+            # u * q(d) < p(d) with u uniform in [0, 1): kept with probability min(1, p(d) / q(d)).
+            qd = 1.0 if qj is None else float(qj[d])
+            if float(torch.rand((), generator=g, device=g.device, dtype=p.dtype)) * qd < float(p[d]):
                 picks.append(Pick(d))
                 continue
-            residual = p.clone()
-            residual[d] = 0  # max(p - q, 0): q is a point mass at d
+            if qj is None:
+                residual = p.clone()
+                residual[d] = 0  # max(p - q, 0): q is a point mass at d
+            else:
+                residual = (p - qj).clamp(min=0)
             total = float(residual.sum())
             t = int(torch.multinomial(residual / total, 1, generator=g)) if total > 0 else d
             picks.append(Pick(t))
@@ -156,3 +174,15 @@ class SpecCounters:
     def as_stats(self) -> dict:
         return {"spec_draft_tokens": self.draft_tokens, "spec_accepted_tokens": self.accepted_tokens,
                 "decode_steps": self.decode_steps, "decode_tokens": self.decode_tokens}
+
+
+def summary(stats: dict) -> str:
+    """One line from SpecCounters' stats (kaki generate --verbose, chat's /stats): tokens per target
+    pass per sequence, and the drafts' fate."""
+    steps, tokens = stats["decode_steps"], stats["decode_tokens"]
+    line = f"{tokens} tokens decoded in {steps} steps (a sequence in a target pass): " \
+           f"{tokens / max(steps, 1):.2f} tokens per target pass"
+    drafted, kept = stats["spec_draft_tokens"], stats["spec_accepted_tokens"]
+    if drafted:
+        line += f"; speculative: {kept} of {drafted} drafted tokens accepted ({kept / drafted:.0%})"
+    return line

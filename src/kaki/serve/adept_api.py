@@ -56,7 +56,7 @@ async def generate(body: AdeptRequest, request: Request) -> AdeptResponse:
             max_new_tokens=max_new, temperature=body.temperature, top_k=body.top_k,
             top_p=body.top_p if body.top_p > 0 else 1.0,  # Adept's 0 means off; kaki's off is 1
             seed=None if body.random_seed == -1 else body.random_seed,
-            logprobs=body.logprobs, prompt_logprobs=body.logprobs)
+            logprobs=body.logprobs, prompt_logprobs=body.logprobs, speculate=None if body.speculate else "off")
         screen.decided[k] = decided = await screen.check_input([body.prompts[k]])
         if decided is None or not decided.blocked:
             run.append(k)

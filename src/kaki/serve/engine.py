@@ -31,7 +31,7 @@ from kaki.engine.kv import kv_cache_bytes
 from kaki.engine.scheduler import Event
 from kaki.errors import KakiError, ParamError
 from kaki.serve.client import EngineStopped, Handle, Output, QueueFull, SeqRequest, token_text
-from kaki.serve.metrics import Metrics
+from kaki.serve.metrics import SPEC_COUNTERS, Metrics
 
 __all__ = ["Engine", "EngineConfig", "EngineStopped", "Handle", "Output", "QueueFull", "SeqRequest",
            "check_kv_budget", "token_text"]
@@ -99,7 +99,7 @@ class Engine:
         self._stats = self.scheduler.stats()
         # The worker's own: records of unfinished sequences by scheduler id.
         self._live: dict[int, _Live] = {}
-        self._counted = dict.fromkeys(("prompt_tokens", "prefix_hit_tokens", "prefix_evictions"), 0)
+        self._counted = dict.fromkeys(("prompt_tokens", "prefix_hit_tokens", "prefix_evictions", *SPEC_COUNTERS), 0)
         self._state = "new"  # new -> running -> stopped
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # the last step failure, for /health
@@ -110,7 +110,7 @@ class Engine:
         prefix = PrefixCache(model.config, model.dtype, model.device, prefix_bytes) if prefix_bytes else None
         return Scheduler(
             model, self.llm.eos_ids, max_rows=cfg.max_batch_size, max_len=self.max_seq_len, prefix_cache=prefix,
-            max_prefill_tokens=cfg.max_prefill_tokens, speculative=self.llm.speculative,
+            max_prefill_tokens=cfg.max_prefill_tokens, speculative=self.llm.speculate, draft=self.llm.draft,
             limit_text=f"this server takes at most {self.max_seq_len:,} tokens per sequence (prompt + reply; "
                        "`kaki serve --max-seq-len`)")
 
@@ -293,10 +293,12 @@ class Engine:
         self.metrics.queue_depth.set(waiting)
         for key, counter in (("prompt_tokens", self.metrics.prompt_tokens),
                              ("prefix_hit_tokens", self.metrics.prefix_hit_tokens),
-                             ("prefix_evictions", self.metrics.prefix_evictions)):
+                             ("prefix_evictions", self.metrics.prefix_evictions),
+                             *((key, getattr(self.metrics, key)) for key in SPEC_COUNTERS)):
             if key in stats and stats[key] > self._counted[key]:
                 counter.inc(stats[key] - self._counted[key])
                 self._counted[key] = stats[key]
+        self.metrics.note_speculation()
         if "prefix_bytes" in stats:
             self.metrics.prefix_bytes.set(stats["prefix_bytes"])
 

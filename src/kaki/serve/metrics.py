@@ -17,6 +17,14 @@ BATCH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 2
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# The scheduler's speculative-decoding counters (kaki.engine.speculative.SpecCounters): each is a
+# Metrics attribute of the same name, a Prometheus counter kaki_<name>.
+SPEC_COUNTERS = {
+    "spec_draft_tokens": "tokens drafted for verification",
+    "spec_accepted_tokens": "drafted tokens the model accepted",
+    "decode_steps": "decode steps: one sequence in one target forward pass",
+    "decode_tokens": "tokens those decode steps gave (more than the steps when drafts are accepted)",
+}
 
 
 class Metrics:
@@ -53,8 +61,24 @@ class Metrics:
                                          "label", ["where", "label"], registry=r)
         self.moderation_blocked = Counter("kaki_moderation_blocked", "texts --moderation blocked, by where",
                                           ["where"], registry=r)
+        # Speculative decoding (`kaki serve --speculate`/--draft-model): the counters give rates over
+        # any window (accepted / drafted, tokens / steps); the two gauges are those ratios since start.
+        for name, doc in SPEC_COUNTERS.items():
+            setattr(self, name, Counter(f"kaki_{name}", doc, registry=r))
+        self.spec_acceptance = Gauge("kaki_spec_acceptance_rate", "drafted tokens accepted / drafted, since start",
+                                     registry=r)
+        self.tokens_per_pass = Gauge("kaki_tokens_per_target_pass", "tokens per decode step (a sequence in a "
+                                     "target forward pass), since start; 1 without speculation", registry=r)
         self._max = 0
         self._lock = threading.Lock()
+
+    def note_speculation(self) -> None:
+        """The two ratio gauges from the counters."""
+        total = lambda name: self.registry.get_sample_value(f"kaki_{name}_total") or 0.0  # noqa: E731
+        if total("spec_draft_tokens"):
+            self.spec_acceptance.set(total("spec_accepted_tokens") / total("spec_draft_tokens"))
+        if total("decode_steps"):
+            self.tokens_per_pass.set(total("decode_tokens") / total("decode_steps"))
 
     def observe_max_batch(self, n: int) -> None:
         with self._lock:

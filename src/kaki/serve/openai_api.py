@@ -57,7 +57,8 @@ def _sampling(body, engine: EngineClient, max_new: int, seed: int | None, **extr
         repetition_penalty=pick(body.repetition_penalty, "repetition_penalty", 1.0),
         seed=seed, stop=list(body.stop or []) + extra.pop("stop", []),
         # A set: the engine tests every new token against it.
-        stop_token_ids=frozenset(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, **extra)
+        stop_token_ids=frozenset(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+        speculate=None if body.speculate else "off", **extra)
 
 
 def _seed(body, j: int) -> int | None:

@@ -109,6 +109,7 @@ class AdeptRequest(BaseModel):
     add_BOS: bool = False
     random_seed: int = -1  # -1: not seeded
     no_log: bool = False
+    speculate: bool = True  # kaki's extra: false opts out of the server's speculative decoding
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +172,8 @@ class AdeptRequest(BaseModel):
             raise ParamError("random_seed", f"random_seed must be at most 2**64-1 ({MAX_SEED})")
         if not isinstance(b.get("no_log", False), bool):
             raise ParamError("no_log", "no_log must be a boolean value")
+        if not isinstance(b.get("speculate", True), bool):
+            raise ParamError("speculate", "speculate must be a boolean value")
         if any(len(p) == 0 for p in prompts) and not b.get("add_BOS", False):
             raise ParamError("prompts", "Empty prompts require add_BOS=true")
         return b
@@ -228,6 +231,8 @@ class _OpenAIBase(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    # kaki's extra: false decodes this request without speculation (`kaki serve --speculate`/--draft-model).
+    speculate: bool = True
 
     @model_validator(mode="before")
     @classmethod
