@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import sys
 
 from kaki.cli.common import (add_model_args, add_moderation_args, add_tensor_parallel_arg, load_from_args,
@@ -114,6 +115,10 @@ def run(args) -> int:
         print(f"kaki serve: moderation by {moderator.describe()}", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.graceful_timeout))
+    if getattr(llm.model, "leader", None) is not None:
+        # uvicorn raises the SIGTERM it handled again once it has shut down: ignored, so that the
+        # other ranks are told to stop below and the job ends cleanly (torchrun then waits for them).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful shutdown
     return stop_ranks(llm)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import itertools
 import os
 import random
@@ -259,7 +260,7 @@ def start(llm) -> bool:
     atexit.register(_finish, llm)
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # Unwind (finally blocks, atexit) so that the followers are told to stop, not left to time out.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, functools.partial(_exit_on_sigterm, model.leader))
     return True
 
 
@@ -283,5 +284,5 @@ def failure(llm) -> str | None:
     return leader.failure if leader is not None else None
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    sys.exit(128 + signum)
+def _exit_on_sigterm(leader: Leader, signum, frame) -> None:
+    sys.exit(1 if leader.failure else 128 + signum)  # 1: a lost rank (the leader sent it), else as killed
