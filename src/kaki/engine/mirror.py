@@ -185,9 +185,9 @@ def _first_line(e: Exception) -> str:
 # ---------------------------------------------------------------------- followers
 
 
-def follow(model, group) -> None:
-    """Replay rank 0's calls and steps on this rank's shard until rank 0 stops; RankLost when
-    rank 0 is gone."""
+def follow(llm, group) -> None:
+    """Replay rank 0's calls and steps on this rank's shard of `llm` (and its draft model, which
+    every rank loads whole) until rank 0 stops; RankLost when rank 0 is gone."""
     schedulers: dict[int, Scheduler] = {}
     prefixes: dict[int, PrefixCache] = {}
     after: dict[int, int] = {}  # each scheduler's digest after its last step here
@@ -204,7 +204,7 @@ def follow(model, group) -> None:
             raise RankLost(f"tensor-parallel rank {rank} decided a step differently from rank 0 (other tokens "
                            "sampled or other sequences ended); the ranks must see identical logits, so the job stops")
         for op in msg.ops:
-            _replay(op, model, schedulers, prefixes)
+            _replay(op, llm, schedulers, prefixes)
             if op[0] == "drop":
                 after.pop(op[1], None)
         if msg.step is not None:
@@ -214,15 +214,19 @@ def follow(model, group) -> None:
             return
 
 
-def _replay(op: tuple, model, schedulers: dict, prefixes: dict) -> None:
-    kind, key = op[0], op[1]
+def _replay(op: tuple, llm, schedulers: dict, prefixes: dict) -> None:
+    kind, key, model = op[0], op[1], llm.model
     if kind == "prefix":
         prefixes[key] = PrefixCache(model.config, model.dtype, model.device, op[2], block_size=op[3])
     elif kind == "new":
         pid, settings = op[2], dict(op[3])
         eos = settings.pop("eos_ids")
+        draft = getattr(llm, "draft", None) if settings.pop("draft") else None
+        if draft is None and op[3]["draft"]:
+            raise KakiError(f"tensor-parallel rank 0 speculates with a draft model but rank {dist.get_rank()} "
+                            "has none; start every rank with the same --draft-model")
         schedulers[key] = Scheduler(model, eos, prefix_cache=prefixes.get(pid) if pid is not None else None,
-                                    **settings)
+                                    draft=draft, **settings)
     elif kind == "drop":
         schedulers.pop(key, None)
         prefixes.pop(key, None)
@@ -250,7 +254,7 @@ def start(llm) -> bool:
     group = control_group()  # a collective: every rank makes it here
     if dist.get_rank() != 0:
         try:
-            follow(model, group)
+            follow(llm, group)
         finally:
             teardown()  # gloo's threads must not outlive the interpreter (an abort at exit)
         return False

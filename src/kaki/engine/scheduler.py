@@ -147,7 +147,7 @@ class Scheduler:
         if self.leader is not None:
             self.leader.created(self, eos_ids=sorted(self.eos), max_rows=max_rows, max_len=max_len,
                                 prefix_cache=prefix_cache, max_prefill_tokens=max_prefill_tokens,
-                                limit_text=limit_text, speculative=speculative)
+                                limit_text=limit_text, speculative=speculative, draft=draft is not None)
 
     # ------------------------------------------------------------------------ callers
 
