@@ -24,12 +24,23 @@ from kaki.engine import Scheduler
 from kaki.engine.draft import DraftModel
 from kaki.errors import KakiError, ParamError
 from kaki.loading import load_model
-from kaki.sampling import SamplingParams, target_probs
+from kaki.cli.speculate import MAX_DRAFT_K
+from kaki.sampling import MAX_DRAFT, SamplingParams, target_probs
 
 from helpers import copy_tokenizer, make_hf_model, random_prompts
 from test_speculative import ForwardCount, run
 
 GREEDY = dict(temperature=0.0, ignore_eos=True, logprobs=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine
+    OpenMP's hand-offs cost milliseconds per op (a batch of 64 rows ran 15x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def noisy_copy(hf_model, noise: float, seed: int = 1):
@@ -123,8 +134,8 @@ def tiny_vocab_model(tmp: Path, seed: int):
 
 def test_sampling_with_a_draft_model_has_the_target_distribution(tmp_path):
     """Over 3,000 seeds, the first two tokens sampled with a draft model (another random model of
-    the same 8-token vocabulary) match the exact joint distribution of plain sampling; so do plain
-    sampling's own (the bound is loose enough for it)."""
+    the same 8-token vocabulary) match the exact joint distribution of plain sampling (the expected
+    total-variation distance of 3,000 draws from it is about 0.03 here)."""
     target, other = tiny_vocab_model(tmp_path / "t", 0), tiny_vocab_model(tmp_path / "d", 7)
     V, n = 8, 3000
     prompt = [3, 5, 4, 6]
@@ -144,11 +155,10 @@ def test_sampling_with_a_draft_model_has_the_target_distribution(tmp_path):
             counts[toks[0], toks[1]] += 1
         return counts / n, stats
 
-    plain, _ = joint()
     spec, stats = joint(speculative="draft:1", draft=DraftModel(other, V, 1))
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"], stats  # kept and rejected
     tv = lambda a: 0.5 * float((a - exact).abs().sum())  # noqa: E731
-    assert tv(plain) < 0.06 and tv(spec) < 0.06, (tv(plain), tv(spec))
+    assert tv(spec) < 0.06, tv(spec)
     # The rule matters: keeping every draft would give the draft's own distribution.
     with torch.inference_mode():
         q = target_probs(other(torch.tensor([prompt]))[0, -1].float(), params)
@@ -190,6 +200,7 @@ def test_llm_api_and_cli(pair, family_dirs, capsys):
     assert kaki_main(common + ["--draft-k", "3", "x"]) == 2
     assert "--draft-k needs --draft-model" in capsys.readouterr().err
     assert kaki_main(common + ["--draft-model", str(draft.path), "--speculate", "ngram", "x"]) == 2
+    assert MAX_DRAFT_K == MAX_DRAFT  # the CLI's copy of the bound (it starts without torch)
     with pytest.raises(SystemExit) as e:
         kaki_main(common + ["--draft-k", "0", "x"])
     assert e.value.code == 2
