@@ -28,19 +28,9 @@ from kaki.cli.speculate import MAX_DRAFT_K
 from kaki.sampling import MAX_DRAFT, SamplingParams, target_probs
 
 from helpers import copy_tokenizer, make_hf_model, random_prompts
-from test_speculative import ForwardCount, run
+from test_speculative import one_thread, run  # noqa: F401 (one_thread: autouse, one intra-op thread)
 
 GREEDY = dict(temperature=0.0, ignore_eos=True, logprobs=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine
-    OpenMP's hand-offs cost milliseconds per op (a batch of 64 rows ran 15x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def noisy_copy(hf_model, noise: float, seed: int = 1):
