@@ -26,7 +26,6 @@ from kaki.errors import KakiError
 from kaki.model import CausalLM
 from kaki.sampling import DEFAULT_DRAFT, MAX_DRAFT
 
-PROBE_IDS = 64  # ids per tokenizer compared piece by piece beyond the vocabulary size
 
 
 def check_same_vocabulary(target_tok, draft_tok, target_vocab: int, draft_vocab: int, name: str = "the draft model") -> None:
