@@ -20,7 +20,7 @@ import torch
 import kaki
 from kaki.cli import main as kaki_main
 from kaki.config import read_config
-from kaki.engine import Scheduler
+from kaki.engine import PrefixCache, Scheduler
 from kaki.engine.draft import DraftModel
 from kaki.errors import KakiError, ParamError
 from kaki.loading import load_model
@@ -77,6 +77,25 @@ def test_greedy_equals_plain_in_fewer_passes(pair):
                               draft=draft_of(target, draft))
     assert alone[0][0] == plain[0][0]
     assert calls < len(alone[0][0]), f"{calls} target passes for {len(alone[0][0])} tokens"
+
+
+def test_prefix_cached_prompts(pair):
+    """Prompts whose keys the target's prefix cache holds (the draft has none: it prefills them)."""
+    target, draft = pair
+    m = target.model
+    base = random_prompts([24], seed=9)[0]
+    prompts = [base, base + [5, 9], base[:13] + [7]]
+    sp = SamplingParams(max_new_tokens=20, **GREEDY)
+    plain, _, _ = run(m, target.eos_ids, prompts, sp)
+    sched = Scheduler(m, target.eos_ids, max_rows=4, speculative="draft", draft=draft_of(target, draft),
+                      prefix_cache=PrefixCache(m.config, m.dtype, m.device, 1 << 22, block_size=4))
+    for i, p in enumerate(prompts + prompts):  # the second round loads the first round's blocks
+        seq = sched.sequence(sched.add_request(p, sp))
+        while sched.has_work:
+            sched.step()
+        assert seq.tokens == plain[i % 3][0]
+    stats = sched.stats()
+    assert stats["prefix_hit_tokens"] > 0 and stats["spec_accepted_tokens"] > 0
 
 
 def test_stops_and_limits_inside_a_drafted_block(pair):

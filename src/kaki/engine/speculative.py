@@ -1,25 +1,28 @@
-"""Speculative decoding with prompt lookup (n-gram drafts): several tokens per target pass.
+"""Speculative decoding: several tokens per target pass, from prompt lookup (n-gram drafts) here or
+a draft model (kaki.engine.draft).
 
 Batch-1 decoding on a CPU reads every weight once per token; checking K drafted tokens in the
 same pass costs little more, so each accepted draft is a token for (nearly) free. Grounded
-replies copy spans of their prompt, so the drafter needs no second model: it finds the latest
-earlier occurrence of the sequence's last n tokens (n from `max_n` down to `min_n`) in its prompt
-and output, and proposes the tokens that followed it.
+replies copy spans of their prompt, so the n-gram drafter needs no second model: it finds the
+latest earlier occurrence of the sequence's last n tokens (n from `max_n` down to `min_n`) in its
+prompt and output, and proposes the tokens that followed it.
 
 The scheduler runs the target once over [last token, d_1 .. d_k] per row and hands each row's
 logits (k + 1, V) to `verify`:
 - greedy rows keep the drafts that equal the argmax, then the argmax after the last of them:
   token for token what plain greedy decoding gives;
-- sampling rows use speculative sampling for a point-mass draft: d_j is kept with probability
-  p(d_j) under the distribution plain sampling draws from (repetition penalty, temperature,
-  top-k, top-p: `kaki.sampling.target_probs`), else the token comes from p with d_j removed and
-  renormalised (max(p - q, 0) for q one-hot). The output has plain sampling's distribution; the
-  random draws come from the sequence's own generator, so a seeded request gives the same tokens
-  whatever else runs (though not the tokens it gives without speculation: the draws differ).
+- sampling rows use speculative sampling: d_j is kept with probability min(1, p(d_j) / q(d_j)),
+  p the distribution plain sampling draws from (repetition penalty, temperature, top-k, top-p:
+  `kaki.sampling.target_probs`) and q the drafter's (a point mass for n-gram drafts, so
+  min(1, p(d_j))); else the token comes from max(p - q, 0) renormalised (for a point mass: p with
+  d_j removed). The output has plain sampling's distribution; the random draws come from the
+  sequence's own generator, so a seeded request gives the same tokens whatever else runs (though
+  not the tokens it gives without speculation: the draws differ).
 
-Rejected positions are dropped from the KV cache by the scheduler (`RowCache.lengths` moved back).
-A drafter that keeps missing drafts fewer tokens, and after repeated misses pauses (a verify pass
-over k + 1 tokens costs more than a plain one on a large model).
+Rejected positions are dropped from the KV cache by the scheduler (`RowCache.trim`), and from the
+draft model's cache with it. A sequence whose drafts keep missing drafts fewer tokens, and after
+repeated misses pauses (`AdaptiveK`: a verify pass over k + 1 tokens costs more than a plain one
+on a large model).
 """
 
 from __future__ import annotations
