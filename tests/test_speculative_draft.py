@@ -114,6 +114,22 @@ def test_stops_and_limits_inside_a_drafted_block(pair):
         assert got[0][0] == toks[:toks.index(stop) + 1] and got[0][2] == "stop"
 
 
+def test_seeded_sampling_ignores_neighbours(pair):
+    """A seeded sampled request drafts and verifies with its own generator: the same tokens alone
+    and beside other requests (whose prompts pad the draft's catch-up pass differently)."""
+    target, draft = pair
+    prompts = random_prompts([9, 40, 17], seed=12)
+    sp = SamplingParams(max_new_tokens=30, temperature=0.8, top_k=40, seed=21, ignore_eos=True)
+    others = [SamplingParams(max_new_tokens=25, temperature=1.0, seed=5, ignore_eos=True, repetition_penalty=1.2),
+              SamplingParams(max_new_tokens=12, **GREEDY)]
+    alone, stats, _ = run(target.model, target.eos_ids, prompts[:1], sp, speculative="draft:4",
+                          draft=draft_of(target, draft))
+    both, _, _ = run(target.model, target.eos_ids, prompts, [sp] + others, speculative="draft:4",
+                     draft=draft_of(target, draft))
+    assert both[0][0] == alone[0][0] and len(alone[0][0]) == 30
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"], stats
+
+
 def test_draft_cache_after_rollback_equals_a_fresh_prefill(pair):
     target, draft = pair
     sched = Scheduler(target.model, target.eos_ids, max_rows=2, speculative="draft:5",
