@@ -60,9 +60,8 @@ class Leader:
     """Rank 0's side: the schedulers' hooks record calls (`Scheduler.leader`), `stepping` sends
     them with each step, a thread sends heartbeats while nothing steps."""
 
-    def __init__(self, group, model):
+    def __init__(self, group):
         self.group = group
-        self.model = model
         self.failure: str | None = None
         self.stopped = False
         # One message at a time, and none while a step runs: the followers are then in the step's
@@ -127,7 +126,7 @@ class Leader:
         try:
             if not self.stopped:
                 self.stopped = True
-                self._send(Message(self._take_ops(), stop=True), quiet=True)
+                self._send(Message(self._take_ops(), stop=True, check=self._check), quiet=True)
         finally:
             self._lock.release()
         self._beat.join(heartbeat_interval())
@@ -164,7 +163,8 @@ class Leader:
                 continue  # a message went out lately, or a step is running
             try:
                 if not self.stopped:
-                    self._send(Message(self._take_ops()))
+                    self._send(Message(self._take_ops(), check=self._check))
+                    self._check = None
             except RankLost:
                 return
             finally:
@@ -260,7 +260,7 @@ def start(llm) -> bool:
         return False
     if getattr(model, "leader", None) is not None:
         raise KakiError("kaki.engine.mirror.start was already called for this model")
-    model.leader = Leader(group, model)
+    model.leader = Leader(group)
     atexit.register(_finish, llm)
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # Unwind (finally blocks, atexit) so that the followers are told to stop, not left to time out.
