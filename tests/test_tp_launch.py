@@ -33,6 +33,7 @@ from test_serve_http import SEED_CURL, Server, model_dir  # noqa: F401
 TIMEOUT_S = 3  # KAKI_COLLECTIVE_TIMEOUT of every launch
 START_S = 60  # the most a launch may take to answer /health
 ENGINE = dict(max_batch_size=4, prefix_cache_mb=8)  # the prefix cache is on: n=2 shares a prompt
+SPECULATE = "ngram:3"  # drafts accepted and rejected: every rank must roll back alike
 
 
 def free_port() -> int:
@@ -48,7 +49,7 @@ def env(**extra) -> dict:
 def serve_argv(model_dir: Path, port: int) -> list[str]:
     return ["serve", "--model", str(model_dir), "--dtype", "float32", "--device", "cpu", "--port", str(port),
             "--tensor-parallel", "2", "--max-batch-size", str(ENGINE["max_batch_size"]),
-            "--prefix-cache-mb", str(ENGINE["prefix_cache_mb"]), "--log-level", "warning"]
+            "--prefix-cache-mb", str(ENGINE["prefix_cache_mb"]), "--speculate", SPECULATE, "--log-level", "warning"]
 
 
 def torchrun(*argv: str) -> list[str]:
@@ -79,10 +80,15 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="module")
 def one_rank_url(model_dir):
-    llm = kaki.load(model_dir, dtype="float32", device="cpu")
+    llm = kaki.load(model_dir, dtype="float32", device="cpu", speculate=SPECULATE)
     s = Server(create_app(Engine(llm, EngineConfig(**ENGINE), model_name=model_dir.name)))
     yield s.url
     s.stop()
+
+
+def metric(url: str, name: str) -> float:
+    line = next(x for x in httpx.get(url + "/metrics", timeout=5).text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
 
 
 def ask_everything(url: str, model: str) -> dict:
@@ -124,6 +130,8 @@ def test_two_rank_server_answers_like_one_rank(model_dir, one_rank_url, tmp_path
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
         assert httpx.get(url + "/health", timeout=5).status_code == 200
         assert p.poll() is None
+        drafted, accepted = (metric(url, f"kaki_spec_{k}_tokens_total") for k in ("draft", "accepted"))
+        assert drafted > accepted > 0, (drafted, accepted)
         # SIGTERM on rank 0 alone: it shuts down and tells rank 1 to stop; torchrun, which would
         # stop every rank itself had one failed, exits 0 only when both ended cleanly.
         os.kill(rank_pids(p.pid)[0], signal.SIGTERM)
