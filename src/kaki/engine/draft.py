@@ -13,7 +13,8 @@ prefix of the sequence, and the next step catches up from there.
 Greedy sequences draft the draft's argmax; sampling ones draw from the draft's distribution q,
 processed as the target's p is (repetition penalty, temperature, top-k, top-p), with the
 sequence's own generator, and q goes to the acceptance rule (min(1, p/q), residual max(0, p - q)).
-All drafting rows run together: one catch-up pass (left-padded), then one pass per further draft.
+All drafting rows run together: one catch-up pass (left-padded; a catch-up longer than K + 1 ids,
+such as a newcomer's prompt, runs its row alone first), then one pass per further draft.
 """
 
 from __future__ import annotations
@@ -116,6 +117,14 @@ class DraftModel:
                 self.owner[b], cache.lengths[b] = s.id, 0
             n = len(s.prompt) + len(s.tokens)
             feeds[b] = s.ids(cache.lengths[b], n)  # everything the row does not hold, the last token included
+            extra = len(feeds[b]) - (self.k + 1)
+            if extra > 0:
+                # A newcomer's prompt (or a long pause) runs alone first: the shared pass below is
+                # padded to its longest feed, and every row would pay for this one's.
+                cache.use(b, b + 1)
+                self.model(torch.tensor([feeds[b][:extra]], device=dev), None, cache, last_only=True)
+                self.passes += 1
+                feeds[b] = feeds[b][extra:]
         drafts: list[list[int]] = [[] for _ in range(B)]
         qs: list[list[torch.Tensor] | None] = [None if seqs[b].params.greedy else [] for b in range(B)]
         S = max(len(f) for f in feeds)

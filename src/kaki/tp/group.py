@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kaki.distributed import collective_timeout
+from kaki.distributed import init
 from kaki.errors import KakiError
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -92,9 +93,8 @@ def join(size: int, device: torch.device) -> TensorParallel:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise KakiError(f"tensor_parallel={size} runs one process per rank: start it with "
                             f"`torchrun --nproc-per-node {size} ...` (or initialise torch.distributed first)")
-        backend = "nccl" if device.type == "cuda" else "gloo"
         # Every collective gives up after the timeout (kaki.distributed): a rank that died ends the others.
-        dist.init_process_group(backend, timeout=collective_timeout())
+        init(device)
     world = dist.get_world_size()
     if world != size:
         raise KakiError(f"tensor_parallel={size} but {world} processes were started; start "
