@@ -31,6 +31,9 @@ DEFAULT_TIMEOUT_S = 600
 # (and at least four times per timeout), so only a rank that is gone lets a wait time out.
 MAX_HEARTBEAT_S = 5.0
 TRAINING_TIMEOUT = timedelta(minutes=30)
+# The ranks reach the process group (and the control group, after loading their shards) at their
+# own pace: joining may take this long, whatever the collective timeout.
+JOIN_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass
@@ -86,8 +89,18 @@ def check_world(tensor_parallel: int, command: str) -> None:
 def init(device: torch.device, timeout: timedelta | None = None) -> None:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU) once; timeout None: the collective
     timeout."""
-    if world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout or collective_timeout())
+    if dist.is_initialized():
+        return
+    timeout = timeout or collective_timeout()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=max(timeout, JOIN_TIMEOUT))
+    _shorten(timeout, None)
+
+
+def _shorten(timeout: timedelta, group) -> None:
+    """The timeout of a group's collectives from now on, once every rank has joined it. torch
+    has no public call for it: without one, the join timeout stays."""
+    if timeout < JOIN_TIMEOUT and hasattr(dist.distributed_c10d, "_set_pg_timeout"):
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 _control: object | None = None
@@ -98,7 +111,9 @@ def control_group():
     every rank calls this at the same point (kaki.engine.mirror.start)."""
     global _control
     if _control is None:
-        _control = dist.new_group(backend="gloo", timeout=collective_timeout())
+        timeout = collective_timeout()
+        _control = dist.new_group(backend="gloo", timeout=max(timeout, JOIN_TIMEOUT))
+        _shorten(timeout, _control)
     return _control
 
 
@@ -119,7 +134,8 @@ def setup(device: str) -> Dist:
         torch.cuda.set_device(dev)
     # Training's ranks wait at barriers while rank 0 writes a checkpoint (minutes for a big model
     # with its optimizer state): torch's own default (30 minutes) unless the timeout is set.
-    init(dev, None if "KAKI_COLLECTIVE_TIMEOUT" in os.environ else TRAINING_TIMEOUT)
+    if world > 1:
+        init(dev, None if "KAKI_COLLECTIVE_TIMEOUT" in os.environ else TRAINING_TIMEOUT)
     return Dist(rank, world, local, dev)
 
 

@@ -113,7 +113,12 @@ class Leader:
                                "no step can run")
             self._send(Message(self._take_ops(), sched.mirror_id, check=self._check))
             self._check = None
+            error = sched.error
             yield
+            if sched.error is not error:
+                # A failed pass (a collective that timed out or lost its peer, or memory on one
+                # rank) leaves the ranks unsure to be in step: the job ends rather than diverge.
+                self._fail(f"a forward pass of a tensor-parallel step failed on rank 0 ({sched.error})")
             self._check = (sched.mirror_id, digest(sched))
 
     # ------------------------------------------------------------------ messages
@@ -144,17 +149,21 @@ class Leader:
         try:
             dist.broadcast_object_list([msg], src=0, group=self.group)
         except Exception as e:  # noqa: BLE001 (gloo raises RuntimeError or DistBackendError alike)
-            self.stopped = True
-            self.failure = (f"tensor-parallel rank 0 lost another rank ({type(e).__name__}: {_first_line(e)}); "
-                            "every rank of the job must run to the end, so this one stops too")
+            why = f"tensor-parallel rank 0 lost another rank ({type(e).__name__}: {_first_line(e)})"
             if quiet:
+                self.stopped, self.failure = True, why
                 return
-            if threading.current_thread() is not threading.main_thread():
-                # The main thread (the server, or a shell waiting for input) learns of it this way.
-                logger.error("kaki: {}", self.failure)
-                os.kill(os.getpid(), signal.SIGTERM)
-            raise RankLost(self.failure) from None
+            self._fail(why)
         self._last_sent = time.monotonic()
+
+    def _fail(self, why: str) -> None:
+        self.stopped = True
+        self.failure = f"{why}; every rank of the job must run to the end, so this one stops too"
+        if threading.current_thread() is not threading.main_thread():
+            # The main thread (the server, or a shell waiting for input) learns of it this way.
+            logger.error("kaki: {}", self.failure)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise RankLost(self.failure) from None
 
     def _heartbeat(self) -> None:
         every = heartbeat_interval()
@@ -208,8 +217,13 @@ def follow(llm, group) -> None:
             if op[0] == "drop":
                 after.pop(op[1], None)
         if msg.step is not None:
-            schedulers[msg.step].step()
-            after[msg.step] = digest(schedulers[msg.step])
+            sched = schedulers[msg.step]
+            error = sched.error
+            sched.step()
+            if sched.error is not error:
+                raise RankLost(f"a forward pass of a tensor-parallel step failed on rank {rank} ({sched.error}); "
+                               "every rank of the job must run to the end, so this one stops too")
+            after[msg.step] = digest(sched)
         if msg.stop:
             return
 
