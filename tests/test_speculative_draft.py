@@ -24,6 +24,7 @@ from kaki.engine import PrefixCache, Scheduler
 from kaki.engine.draft import DraftModel
 from kaki.errors import KakiError, ParamError
 from kaki.loading import load_model
+from kaki.paths import bundled_model
 from kaki.cli.speculate import MAX_DRAFT_K
 from kaki.sampling import MAX_DRAFT, SamplingParams, target_probs
 
@@ -77,6 +78,42 @@ def test_greedy_equals_plain_in_fewer_passes(pair):
                               draft=draft_of(target, draft))
     assert alone[0][0] == plain[0][0]
     assert calls < len(alone[0][0]), f"{calls} target passes for {len(alone[0][0])} tokens"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gptj"])
+def test_greedy_equals_plain_every_family(family, family_dirs, spm_dir, tmp_path):
+    hf, path = family_dirs[family]
+    noisy_copy(hf, 0.01).save_pretrained(tmp_path)
+    copy_tokenizer(spm_dir, tmp_path)
+    target = kaki.load(path, dtype="float32", device="cpu")
+    draft = kaki.load(tmp_path, dtype="float32", device="cpu")
+    prompts = random_prompts([6, 19, 11], seed=13)
+    sp = SamplingParams(max_new_tokens=16, **GREEDY)
+    plain, _, _ = run(target.model, target.eos_ids, prompts, sp)
+    spec, stats, _ = run(target.model, target.eos_ids, prompts, sp, speculative="draft:3",
+                         draft=draft_of(target, draft, 3))
+    assert [spec[i][0] for i in range(3)] == [plain[i][0] for i in range(3)]
+    assert stats["spec_draft_tokens"] > 0
+
+
+def test_bundled_model_drafting_for_itself():
+    """kaki-tiny as its own draft (no smaller model shares its tokenizer): every greedy draft is
+    kept, so the replies take far fewer target passes than tokens, and equal plain decoding's."""
+    path = bundled_model()
+    if path is None:
+        pytest.skip("no bundled model in this checkout (models/kaki-tiny)")
+    llm = kaki.load(path, dtype="float32", device="cpu")
+    llm.prefix_cache_bytes = 0
+    prompt = "human: How do I read a file line by line in Python?\n\nadept:"
+    plain = llm.generate(prompt, max_new_tokens=40, temperature=0.0, ignore_eos=True)[0]
+    llm.set_draft(llm, 4)
+    spec = llm.generate(prompt, max_new_tokens=40, temperature=0.0, ignore_eos=True)[0]
+    assert spec.token_ids == plain.token_ids
+    stats = llm.last_stats
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    # One sequence: a decode step is one target pass (the draft being the same module, a forward
+    # hook would count its passes too).
+    assert stats["decode_steps"] * 3 < stats["decode_tokens"]
 
 
 def test_prefix_cached_prompts(pair):
