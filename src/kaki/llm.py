@@ -82,8 +82,7 @@ class LLM:
             if parse_speculate(self._speculate)[0] == "draft":
                 self._speculate = None
             return
-        if getattr(self.model, "tp", None) is not None:
-            raise KakiError("a draft model does not run with tensor parallelism yet; use speculate='ngram'")
+        # Under tensor parallelism every rank loads the draft whole (it is small) and drafts alike.
         if not isinstance(draft, LLM):
             draft = load(draft, dtype=self.model.dtype, device=str(self.model.device))
         check_same_vocabulary(self.tokenizer, draft.tokenizer, self.config.vocab_size, draft.config.vocab_size,

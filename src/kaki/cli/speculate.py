@@ -45,7 +45,8 @@ def add_speculate_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_speculate(llm, args: argparse.Namespace) -> None:
-    """Set the loaded model's speculation from the flags (the draft model loads here)."""
+    """Set the loaded model's speculation from the flags (the draft model loads here, on every rank
+    of a tensor-parallel job: each drafts with its own whole copy)."""
     if args.draft_k is not None and args.draft_model is None:
         raise KakiError("--draft-k needs --draft-model DIR")
     if args.draft_model is not None:
