@@ -1,6 +1,6 @@
 """Launching tensor parallelism on CPU (gloo): `torchrun --nproc-per-node 2 -m kaki serve|generate
 --tensor-parallel 2` answers as one process does (rank 0 runs HTTP and the scheduler, rank 1 follows
-its steps); a rank that dies ends the other with an error within the collective timeout, not a hang;
+its steps); a rank that dies or hangs ends the other with an error within the collective timeout;
 SIGTERM on rank 0 stops both.
 
 Each launch costs seconds on two cores: one torchrun server, one torchrun generate, and two
