@@ -135,6 +135,19 @@ def test_prefix_cached_prompts(pair):
     assert stats["prefix_hit_tokens"] > 0 and stats["spec_accepted_tokens"] > 0
 
 
+def test_rows_that_do_not_draft_between_and_around_drafting_ones(pair):
+    """Per-request settings: rows that opt out (or draft by prompt lookup) sit before, between and
+    after the draft model's rows; everyone gets plain greedy's tokens."""
+    target, draft = pair
+    prompts = random_prompts([7, 15, 10, 22, 5], seed=14)
+    settings = ["off", "draft:4", "ngram:3", "draft:2", "off"]
+    sps = [SamplingParams(max_new_tokens=14, speculate=x, **GREEDY) for x in settings]
+    plain, _, _ = run(target.model, target.eos_ids, prompts, SamplingParams(max_new_tokens=14, **GREEDY))
+    spec, stats, _ = run(target.model, target.eos_ids, prompts, sps, draft=draft_of(target, draft))
+    assert [spec[i][0] for i in range(5)] == [plain[i][0] for i in range(5)]
+    assert stats["spec_draft_tokens"] > 0
+
+
 def test_stops_and_limits_inside_a_drafted_block(pair):
     target, draft = pair
     prompt = random_prompts([14], seed=5)[0]
@@ -301,7 +314,7 @@ def metric(text: str, name: str) -> float:
 
 
 def test_server_opt_out_and_metrics(pair):
-    """kaki serve with a draft model: 16 concurrent clients get plain greedy's text; a request with
+    """kaki serve with a draft model: 16 concurrent clients (a few opting out) get plain greedy's text; a request with
     `speculate: false` (OpenAI and Adept routes) drafts nothing; /metrics shows acceptance and tokens
     per target pass."""
     from kaki.serve.app import create_app
@@ -328,8 +341,8 @@ def test_server_opt_out_and_metrics(pair):
             assert bad.status_code == 400 and "speculate" in bad.text
             got = [None] * len(prompts)
 
-            def client(i):
-                got[i] = c.post("/v1/completions", json=body(i)).json()["choices"][0]["text"]
+            def client(i):  # every fifth opts out: drafting and plain rows share the batch
+                got[i] = c.post("/v1/completions", json=body(i, speculate=i % 5 != 2)).json()["choices"][0]["text"]
 
             threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
             for t in threads:

@@ -28,7 +28,6 @@ from kaki.model import CausalLM
 from kaki.sampling import DEFAULT_DRAFT, MAX_DRAFT
 
 
-
 def check_same_vocabulary(target_tok, draft_tok, target_vocab: int, draft_vocab: int, name: str = "the draft model") -> None:
     """A KakiError unless the draft's tokenizer gives every id the same piece as the target's (and
     the same eos/bos): draft ids are target ids, or verification compares different tokens."""
@@ -86,12 +85,9 @@ class DraftModel:
     def move(self, src: int, dst: int) -> None:
         """The target moved row `src`'s sequence to row `dst`: so does the draft's cache."""
         if self.cache is None or src >= self.cache.rows:
-            return
-        if dst < self.cache.rows:
-            self.cache.move(src, dst)
-            self.owner[dst] = self.owner[src]
-        self.owner[src] = None
-        self.cache.lengths[src] = 0
+            return  # never drafted for: the owner check starts `dst` afresh
+        self.cache.move(src, dst)  # dst < src: the scheduler fills holes with its last row
+        self.owner[dst], self.owner[src] = self.owner[src], None
 
     def rollback(self, row: int, drafted: int, accepted: int) -> None:
         """The target kept `accepted` of the `drafted` tokens of this row's last draft: drop the
@@ -127,14 +123,16 @@ class DraftModel:
                 feeds[b] = feeds[b][extra:]
         drafts: list[list[int]] = [[] for _ in range(B)]
         qs: list[list[torch.Tensor] | None] = [None if seqs[b].params.greedy else [] for b in range(B)]
+        # The passes run on rows [lo, hi), the span of the drafting ones (the rest are padding).
+        lo, hi = active[0], active[-1] + 1
         S = max(len(f) for f in feeds)
-        ids = torch.zeros(B, S, dtype=torch.long)
-        valid = torch.zeros(B, S, dtype=torch.bool)
+        ids = torch.zeros(hi - lo, S, dtype=torch.long)
+        valid = torch.zeros(hi - lo, S, dtype=torch.bool)
         for b in active:  # left-padded: each row's last id is in the last column
-            ids[b, S - len(feeds[b]):] = torch.tensor(feeds[b], dtype=torch.long)
-            valid[b, S - len(feeds[b]):] = True
+            ids[b - lo, S - len(feeds[b]):] = torch.tensor(feeds[b], dtype=torch.long)
+            valid[b - lo, S - len(feeds[b]):] = True
         for j in range(max(ks)):
-            cache.use(0, B)
+            cache.use(lo, hi)
             ids, valid = ids.to(dev), valid.to(dev)
             logits = self.model(ids, None, cache, None if bool(valid.all()) else valid, last_only=True)
             self.passes += 1
@@ -143,15 +141,15 @@ class DraftModel:
                 logits = torch.nn.functional.pad(logits, (0, self.vocab - logits.shape[-1]), value=float("-inf"))
             for b in active:
                 if j < ks[b]:
-                    drafts[b].append(self._pick(seqs[b], logits[b], drafts[b], qs[b]))
+                    drafts[b].append(self._pick(seqs[b], logits[b - lo], drafts[b], qs[b]))
             # The next pass feeds each row's newest draft, for rows that draft another.
             more = [b for b in active if j + 1 < ks[b]]
             if not more:
                 break
-            ids = torch.zeros(B, 1, dtype=torch.long)
-            valid = torch.zeros(B, 1, dtype=torch.bool)
+            ids = torch.zeros(hi - lo, 1, dtype=torch.long)
+            valid = torch.zeros(hi - lo, 1, dtype=torch.bool)
             for b in more:
-                ids[b, 0], valid[b, 0] = drafts[b][-1], True
+                ids[b - lo, 0], valid[b - lo, 0] = drafts[b][-1], True
         return drafts, [torch.stack(q) if q else None for q in qs]
 
     def _pick(self, s, logits: torch.Tensor, drafted: list[int], q: list | None) -> int:
@@ -159,7 +157,8 @@ class DraftModel:
         distribution it was drawn from (sampling rows)."""
         params = s.params
         if params.repetition_penalty != 1.0:
-            seen = torch.cat([s.seen_ids(), torch.tensor(drafted, dtype=torch.long, device=s.seen_ids().device)])
+            seen = s.seen_ids()
+            seen = torch.cat([seen, torch.tensor(drafted, dtype=torch.long, device=seen.device)])
             logits = sampling.apply_repetition_penalty(logits, seen.to(logits.device), params.repetition_penalty)
         if params.greedy:
             return int(torch.argmax(logits))
