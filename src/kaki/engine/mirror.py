@@ -11,10 +11,13 @@ tokens (a request without a seed gets one from rank 0, so its generator draws al
 Messages are pickled objects on kaki.distributed's gloo control group (the ranks are one job's
 processes). Between steps a follower waits for the next message for as long as rank 0 is idle:
 rank 0 sends a heartbeat every `heartbeat_interval()`, so a wait that reaches the collective
-timeout means rank 0 is gone, as does a step whose collectives time out. A lost rank ends the
-job: a follower exits with an error, rank 0 raises `RankLost` from the step (and, when it was not
-the main thread that found out, e.g. the server's engine thread or the heartbeat, sends itself
-SIGTERM so that the server shuts down); `stop()` (at exit, or SIGTERM) lets the followers go.
+timeout means rank 0 is gone. Within a step the collectives time out the same way, and a step
+whose forward pass failed on any rank (a peer lost or hung, memory) ends the job, since the ranks
+could no longer be sure to run the same steps; so does a follower that decided a step otherwise
+than rank 0 (each message carries a digest of rank 0's last step). The job ends with `RankLost`:
+a follower exits with an error, rank 0 raises it from the step (and, when it was not the main
+thread that found out, e.g. the server's engine thread or the heartbeat, sends itself SIGTERM so
+that the server shuts down). `stop()` (at exit, or SIGTERM) lets the followers go.
 
     llm = kaki.load(path, tensor_parallel=2)       # under torchrun --nproc-per-node 2
     if mirror.start(llm):                         # rank 0; the others follow inside start()
@@ -294,12 +297,6 @@ def stop(llm) -> str | None:
 def _finish(llm) -> None:
     stop(llm)
     teardown()
-
-
-def failure(llm) -> str | None:
-    """Why the ranks stopped (a lost rank), or None."""
-    leader = getattr(llm.model, "leader", None)
-    return leader.failure if leader is not None else None
 
 
 def _exit_on_sigterm(leader: Leader, signum, frame) -> None:
