@@ -270,6 +270,9 @@ def start(llm) -> bool:
         return True
     group = control_group()  # a collective: every rank makes it here
     if dist.get_rank() != 0:
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C in a terminal reaches every rank: rank 0 decides (stop a reply, or end and tell us).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             follow(llm, group)
         finally:
