@@ -32,7 +32,8 @@ from test_serve_http import SEED_CURL, Server, model_dir  # noqa: F401
 
 TIMEOUT_S = 2  # KAKI_COLLECTIVE_TIMEOUT of every launch (joining gets minutes: kaki.distributed)
 START_S = 60  # the most a launch may take to answer /health
-ENGINE = dict(max_batch_size=4, prefix_cache_mb=8)  # the prefix cache is on: n=2 shares a prompt
+ENGINE = dict(max_batch_size=4, prefix_cache_mb=8)  # the prefix cache is on: n=2 shares a long prompt
+LONG = "Once upon a time, in a small town by the sea, there lived an old fisherman and his wife, who"
 SPECULATE = "ngram:3"  # drafts accepted and rejected: every rank must roll back alike
 
 
@@ -104,7 +105,7 @@ def ask_everything(url: str, model: str) -> dict:
     c = client.completions.create(model=model, prompt=["The history of", "In a small town"], max_tokens=16,
                                   temperature=0)
     out["greedy"] = [ch.text for ch in c.choices]
-    c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=16, temperature=1.0,
+    c = client.completions.create(model=model, prompt=LONG, max_tokens=16, temperature=1.0,
                                   seed=7, n=2)
     out["seeded_n2"] = [ch.text for ch in c.choices]
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello, who are you?"}],
@@ -132,6 +133,7 @@ def test_two_rank_server_answers_like_one_rank(model_dir, one_rank_url, tmp_path
         assert p.poll() is None
         drafted, accepted = (metric(url, f"kaki_spec_{k}_tokens_total") for k in ("draft", "accepted"))
         assert drafted > accepted > 0, (drafted, accepted)
+        assert metric(url, "kaki_prefix_cache_hit_tokens_total") > 0  # the second of n=2 reused the first's blocks
         # SIGTERM on rank 0 alone: it shuts down and tells rank 1 to stop; torchrun, which would
         # stop every rank itself had one failed, exits 0 only when both ended cleanly.
         os.kill(rank_pids(p.pid)[0], signal.SIGTERM)
