@@ -43,11 +43,12 @@ def run_case(case: dict, spec: dict, size: int) -> dict:
     greedy = llm.generate(spec["prompts"], temperature=0, max_new_tokens=spec["max_new_tokens"])
     # The same prompts again: their prefixes now come from the prefix cache.
     sampled = llm.generate(spec["prompts"], temperature=1.0, seed=7, max_new_tokens=spec["max_new_tokens"])
+    unseeded = llm.generate(spec["prompts"], temperature=1.0, max_new_tokens=spec["max_new_tokens"])
     speculated = llm.generate(spec["prompts"], temperature=0, speculative="ngram:3",
                               max_new_tokens=spec["max_new_tokens"])
     kinds = sorted({type(m).__name__ for n, m in llm.model.named_modules() if n.endswith("mlp.dense_4h_to_h")})
     return {"logits": logits, "greedy": [c.token_ids for c in greedy], "sampled": [c.token_ids for c in sampled],
-            "speculated": [c.token_ids for c in speculated],
+            "speculated": [c.token_ids for c in speculated], "unseeded": [c.token_ids for c in unseeded],
             "bytes": state_bytes(llm.model), "heads": llm.model.config.num_attention_heads,
             "kv_heads": llm.model.config.num_key_value_heads, "down_proj": kinds}
 

@@ -115,6 +115,7 @@ def assert_ranks_agree(ranks: list[dict], name: str) -> None:
     for b in ranks[1:]:
         assert torch.equal(a["logits"], b[name]["logits"])
         assert a["greedy"] == b[name]["greedy"] and a["sampled"] == b[name]["sampled"]
+        assert a["unseeded"] == b[name]["unseeded"]  # ranks draw the same seed for unseeded requests
 
 
 @pytest.mark.parametrize("family", FLOAT_CASES)

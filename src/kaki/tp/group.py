@@ -11,6 +11,7 @@ same full logits and samples the same token.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,18 @@ def join(size: int, device: torch.device) -> TensorParallel:
     if world != size:
         raise KakiError(f"tensor_parallel={size} but {world} processes were started; start "
                         f"`torchrun --nproc-per-node {size}` (one process per rank)")
+    share_random_seed(device)
     return TensorParallel(dist.get_rank(), world)
+
+
+def share_random_seed(device: torch.device) -> None:
+    """Seed Python's `random` alike on every rank: an unseeded request draws its sampling seed
+    from it (SamplingParams.make_generator), and ranks that drew different seeds would sample
+    different tokens and feed the split model different inputs."""
+    seed = torch.tensor([random.getrandbits(62)], dtype=torch.int64,
+                        device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(seed, src=0)
+    random.seed(int(seed.item()))
 
 
 def rank_device(device: torch.device) -> torch.device:
