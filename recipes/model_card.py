@@ -92,7 +92,7 @@ def measure(model_dir: Path, limit: int = 0, dtype: str = "float32") -> dict:
     }
 
 
-STAGES = ("pretrain", "chat", "ground", "lookup")
+STAGES = ("pretrain", "chat", "ground", "lookup", "user")
 
 
 def training_summary(work: Path, previous: dict | None = None) -> dict:
@@ -175,6 +175,11 @@ Hardware: {hardware}; precision {precision}. Recipe: `recipes/kaki-tiny.sh` (res
   `.. class::`, section titles, howtos) by `recipes/prepare_data.py`; then drills that make it
   answer from the passages in its prompt (quote, single-passage and pick-one-of-three), and
   lookup drills that ask from a description to a name ("Which function returns ...?").
+- Last, user-style paraphrases of those questions ("python get the square root of x", "how do i
+  check if ...": `recipes/paraphrase.py`), each with the passage the demo index retrieves for it
+  in the prompt, as `make chat` shows it (`recipes/user_drills.py`). No evaluation question is
+  among them in any framing ("python ...", "how do i ..."): `--exclude` drops them and
+  `tests/test_user_questions.py` checks.
 - The weights are released under the same terms as kaki itself.
 
 ## What it cannot do

@@ -86,6 +86,7 @@ def test_recipe_smoke_runs_end_to_end(tmp_path):
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["pretrain"]["steps"] == 4 and card["training"]["chat"]["steps"] == 3
     assert card["training"]["ground"]["steps"] == 2
+    assert card["training"]["lookup"]["steps"] == 2 and card["training"]["user"]["steps"] == 2
     import kaki
 
     llm = kaki.load(out, dtype="float32", device="cpu")

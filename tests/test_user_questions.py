@@ -56,3 +56,67 @@ def test_no_user_question_is_a_passage_question_or_a_generated_training_question
                 last = m["content"].split("\n")[-1]
                 generated.add(norm(last.removeprefix("Question:")))
     assert generated and not user & generated
+
+
+def asked(records: list[dict]) -> list[str]:
+    """The questions of chat records, without the context block."""
+    return [m["content"].rpartition("Question: ")[2] for r in records for m in r["messages"] if m["role"] == "user"]
+
+
+def test_no_evaluation_question_is_in_the_user_style_training_data(tmp_path):
+    """kaki-tiny's last stage trains on user-style paraphrases (recipes/user_drills.py) of the
+    passages' questions: run as the recipe runs it (on the committed reST subset, over a BM25 index
+    of its passages), none of them asks an evaluation question, even with its framing ("python ...",
+    "how do i ...", "... in python") added or dropped."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from paraphrase import core
+
+    from kaki.retrieval import Chunking, build_index
+
+    data = tmp_path / "data"
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "prepare_data.py"), "--src",
+                        str(ROOT / "data" / "smoke"), "--out", str(data)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    build_index([data / "passages.jsonl"], tmp_path / "index", chunking=Chunking(mode="none"), embedder="none")
+    evals = [ROOT / "data" / "eval" / "user-questions.jsonl", ROOT / "data" / "eval" / "questions.jsonl"]
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "user_drills.py"), "--src", str(ROOT / "data" / "smoke"),
+                        "--index", str(tmp_path / "index"), "--out", str(data / "user.jsonl"),
+                        "--exclude", *map(str, evals)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    trained = asked(read(data / "user.jsonl"))
+    assert len(trained) >= 50
+    assert all(q == q.lower() for q in trained)  # typed the way people type, not the docs' way
+    evaluated = {core(q["question"]) for f in evals for q in read(f)}
+    assert not evaluated & {core(q) for q in trained}
+    assert not {norm(q["question"]) for f in evals for q in read(f)} & {norm(q) for q in trained}
+    # The exclusion is what keeps them out: a question asked by an evaluation set (here one the
+    # generator does produce, reframed) disappears from the training data in every framing.
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text(json.dumps({"question": f"How do I {core(trained[0])}?"}) + "\n")
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "user_drills.py"), "--src", str(ROOT / "data" / "smoke"),
+                        "--index", str(tmp_path / "index"), "--out", str(data / "probed.jsonl"),
+                        "--exclude", str(probe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    left = {core(q) for q in asked(read(data / "probed.jsonl"))}
+    assert core(trained[0]) not in left and len(left) >= len({core(q) for q in trained}) - 1
+
+
+def test_paraphrases_are_what_people_type():
+    """A doc sentence becomes the request a user types, and framing is stripped for the overlap
+    check (`core`)."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import rst
+    from paraphrase import core, user_answer, verb_phrase
+
+    def entry(first: str, title: str = "math.sqrt") -> "rst.Passage":
+        return rst.Passage(id=f"library/x:{title}", kind="function", title=title, source="library/x",
+                           text=first, first_paragraph=first, module=title.rpartition(".")[0])
+
+    assert verb_phrase(entry("Return the square root of x.")) == "get the square root of x"
+    assert verb_phrase(entry("Return True if path refers to an existing path, otherwise False.")) == \
+        "check if path refers to an existing path"
+    assert verb_phrase(entry("Reverses the elements of the deque in-place.")) == "reverse the elements of the deque in-place"
+    assert verb_phrase(entry("The number of seconds since the epoch.")) is None  # not an imperative
+    assert user_answer(entry("Return the square root of x.")).startswith("math.sqrt(): Return the square root")
+    assert core("How do I remove duplicates from a list?") == core("python remove duplicates from a list") \
+        == core("remove duplicates from a list in python") == "remove duplicates from a list"
