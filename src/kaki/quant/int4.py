@@ -89,21 +89,33 @@ def cpu_pack(q: torch.Tensor) -> torch.Tensor:
 
 def cpu_unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """Inverse of cpu_pack: the [N, K] values 0..15 (uint8)."""
+    return cpu_unpack_t(packed, N, K, torch.empty(K, N, dtype=torch.uint8)).t().contiguous()
+
+
+def cpu_unpack_t(packed: torch.Tensor, N: int, K: int, out: torch.Tensor) -> torch.Tensor:
+    """cpu_unpack's values transposed, written into `out` ([K, N], any dtype, e.g. a float buffer
+    a training backward dequantizes in place). Each block of the layout holds its rows input by
+    input, which is already W^T's order: writing [K, N] takes no transposing copy, where [N, K]
+    would (one pass per nibble, each writing runs of block/2 neighbouring values)."""
     block, split = _cpu_block_n()
     flat = packed.reshape(-1)
-    out = torch.empty(N, K, dtype=torch.uint8)
     full = N // block * block
     if full:
         b = flat[: full * K // 2].view(full // block, K, block // 2)  # (blocks, K, block/2) bytes
-        if split:
-            rows = torch.cat([b & 15, b >> 4], dim=2)  # rows j | rows j + block/2
-        else:
-            rows = torch.stack([b & 15, b >> 4], dim=3).reshape(full // block, K, block)
-        out[:full] = rows.transpose(1, 2).reshape(full, K)
+        dst = out[:, :full].unflatten(1, (full // block, block)).transpose(0, 1)  # (blocks, K, block)
+        if split:  # byte j: rows j | rows j + block/2
+            dst[..., :block // 2].copy_(b & 15)
+            dst[..., block // 2:].copy_(b >> 4)
+        else:  # byte j: rows 2j, 2j + 1
+            pairs = dst.unflatten(-1, (block // 2, 2))
+            pairs[..., 0].copy_(b & 15)
+            pairs[..., 1].copy_(b >> 4)
     tail = N - full
     if tail:  # 16, 32 or 48 rows, always neighbour pairs
         t = flat[full * K // 2:].view(K, tail // 2)
-        out[full:] = torch.stack([t & 15, t >> 4], dim=2).reshape(K, tail).t()
+        pairs = out[:, full:].unflatten(1, (tail // 2, 2))
+        pairs[..., 0].copy_(t & 15)
+        pairs[..., 1].copy_(t >> 4)
     return out
 
 
@@ -215,16 +227,14 @@ class Int4Linear(nn.Module):
             return cpu_unpack(self._packed, self.out_features, self.in_features)
         return unpack(self.weight)
 
-    def value_rows(self, rows: int):
-        """(first row, [n, K] codes 0..15) blocks of `rows` rows (a multiple of 64: whole blocks of
-        the CPU packing), so training's backward (kaki.quant.train) never unpacks the whole matrix."""
-        N, K = self.out_features, self.in_features
-        for a in range(0, N, rows):
-            b = min(a + rows, N)
-            if self.weight.shape[0] == N:
-                yield a, unpack(self.weight[a:b])
-            else:
-                yield a, cpu_unpack(self._packed.view(-1)[a * K // 2:b * K // 2], b - a, K)
+    def values_t(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows a..b's codes 0..15 transposed into `out` ([K, b - a], any dtype), from whichever
+        copy the layer keeps; `a` a multiple of 64 (whole blocks of the CPU packing). Training's
+        backward (kaki.quant.train) dequantizes a block of rows at a time this way."""
+        if self.weight.shape[0] == self.out_features:
+            return out.copy_(unpack(self.weight[a:b]).t())
+        K = self.in_features
+        return cpu_unpack_t(self._packed.view(-1)[a * K // 2:b * K // 2], b - a, K, out)
 
     def plain_weight(self) -> torch.Tensor:
         return self.weight if self.weight.shape[0] == self.out_features else pack(self.values())

@@ -6,7 +6,10 @@ own F.linear would save W, and for a quantized or bf16 layer run in fp32 that is
 cast copy the size of the weight, per layer, alive until backward: for Persimmon-8B 36 layers of
 ~0.8 GB. `FrozenLinear` saves nothing: its forward runs the layer as inference does (the int8 and
 int4 kernels), its backward dequantizes the weight again in blocks of rows and accumulates the
-product block by block, so at most one block (`BLOCK_ELEMS` weights) exists at a time.
+product block by block, so at most one block (`BLOCK_ELEMS` weights) exists at a time. An int4
+block is dequantized straight from the CPU kernel's blocked layout into one reused buffer, in W^T's
+order (which is that layout's own), so backward costs the float GEMM plus a few passes over a 16 MB
+buffer rather than an unpacking, a transposing copy and fresh temporaries per block.
 
 The gradient is that of the quantized layer itself (the linear map with the dequantized weight),
 which is what the loss was computed with; the int4 kernels round activations to bf16 in forward,
@@ -30,24 +33,37 @@ QUANTIZED = (int8.Int8Linear, int4.Int4Linear)
 
 
 def _rows_per_block(layer) -> int:
-    # A multiple of 64: whole blocks of the int4 CPU packing (see Int4Linear.value_rows).
+    # A multiple of 64: whole blocks of the int4 CPU packing (see Int4Linear.values_t).
     return max(64, BLOCK_ELEMS // layer.in_features // 64 * 64)
 
 
-def weight_blocks(layer: nn.Module, dtype: torch.dtype):
-    """(first row, weight rows in `dtype`) blocks of a frozen linear layer's [N, K] weight."""
+def weight_blocks_t(layer: nn.Module, dtype: torch.dtype):
+    """(first row a, W[a:a + n].t() as [K, n] in `dtype`) blocks of a frozen linear layer's
+    [N, K] weight. Transposed because that is the int4 CPU layout's own order (Int4Linear.values_t),
+    so its blocks dequantize in place with no transposing copy; the GEMMs take either orientation
+    at the same speed. An int4 block is only valid until the next one (they share one buffer)."""
     rows = _rows_per_block(layer)
+    N = layer.out_features
     if isinstance(layer, int8.Int8Linear):
         for a, q in layer.int8_rows(rows):
-            yield a, int8.dequantize(q, layer.weight_scale[a:a + len(q)], dtype)
+            yield a, int8.dequantize(q, layer.weight_scale[a:a + len(q)], dtype).t()
     elif isinstance(layer, int4.Int4Linear):
-        for a, q in layer.value_rows(rows):
-            b = a + len(q)
-            yield a, int4.dequantize_values(q, layer.weight_scale[a:b], layer.weight_zero[a:b], dtype)
+        K, group = layer.in_features, layer.group
+        buf = torch.empty(K, min(rows, N), dtype=dtype)
+        for a in range(0, N, rows):
+            b = min(a + rows, N)
+            wt = layer.values_t(a, b, buf[:, :b - a])
+            # int4.dequantize_values' arithmetic, (q - 8) * scale + zero in `dtype`, in place on
+            # the [K/group, group, n] view (scale and zero are per row and group of inputs; made
+            # contiguous [K/group, n] so the broadcast runs along memory, ~8x faster than strided).
+            scale = layer.weight_scale[a:b].t().contiguous().to(dtype)[:, None]
+            zero = layer.weight_zero[a:b].t().contiguous().to(dtype)[:, None]
+            wt.unflatten(0, (K // group, group)).sub_(8).mul_(scale).add_(zero)
+            yield a, wt
     else:
         w = layer.weight
-        for a in range(0, w.shape[0], rows):
-            yield a, w[a:a + rows].to(dtype)
+        for a in range(0, N, rows):
+            yield a, w[a:a + rows].to(dtype).t()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -72,8 +88,8 @@ def base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(dtype), layer.weight, layer.bias)
     y = x.new_empty(*x.shape[:-1], layer.out_features, dtype=dtype)
     xd = x.to(dtype)
-    for a, w in weight_blocks(layer, dtype):
-        y[..., a:a + len(w)] = F.linear(xd, w)
+    for a, wt in weight_blocks_t(layer, dtype):
+        y[..., a:a + wt.shape[1]] = xd @ wt
     return y + layer.bias.to(dtype) if layer.bias is not None else y
 
 
@@ -82,8 +98,8 @@ def input_grad(layer: nn.Module, grad: torch.Tensor, dtype: torch.dtype) -> torc
     (the input's)."""
     g = grad.reshape(-1, layer.out_features)
     gx = g.new_zeros(g.shape[0], layer.in_features)
-    for a, w in weight_blocks(layer, g.dtype):
-        gx.addmm_(g[:, a:a + len(w)], w)
+    for a, wt in weight_blocks_t(layer, g.dtype):
+        gx.addmm_(g[:, a:a + wt.shape[1]], wt.t())
     return gx.reshape(*grad.shape[:-1], layer.in_features).to(dtype)
 
 
