@@ -407,36 +407,51 @@ def test_resume_refuses_another_base_format(root, tmp_path, capsys):
     assert "--quantize int8 (now None)" in capsys.readouterr().err
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("n", [48, 176, 320])
 @pytest.mark.parametrize("fmt", ["int4", "int8", "bf16"])
-def test_block_wise_input_gradient_equals_the_dequantized_product(monkeypatch, fmt, n):
-    """FrozenLinear's backward, grad @ W over blocks of W's rows (int4: dequantized from the CPU
+def test_block_wise_input_gradient_equals_the_dequantized_product(monkeypatch, fmt, n, device):
+    """FrozenLinear's backward, grad @ W over blocks of W's rows (int4 on CPU: dequantized from the
     kernel's blocked layout, transposed, into one reused buffer), equals grad @ the dequantized
-    weight, with blocks small enough that a layer has several and a partial last one."""
+    weight, with blocks small enough that a layer has several and a partial last one. On CUDA the
+    layers hold their plain codes, as the trainer loads them there, and the forward runs the
+    same blocks."""
     from kaki.quant import int4, int8
     from kaki.quant.train import base_output, input_grad
 
     monkeypatch.setattr("kaki.quant.train.BLOCK_ELEMS", 64 * 128)  # 64 rows of 128 inputs a block
+    dev = torch.device(device)
     g = torch.Generator().manual_seed(n)
     w = torch.randn(n, 128, generator=g)
-    if fmt == "int4":
-        layer = int4.Int4Linear(128, n, bias=False, group=32)
-    elif fmt == "int8":
-        layer = int8.Int8Linear(128, n, bias=False)
-    else:
-        layer = torch.nn.Linear(128, n, bias=False, dtype=torch.bfloat16).requires_grad_(False)
     if fmt == "bf16":
+        layer = torch.nn.Linear(128, n, bias=False, dtype=torch.bfloat16, device=dev).requires_grad_(False)
         layer.weight.copy_(w)
         ref_w = layer.weight.float()
     else:
-        layer.set_float(w, torch.device("cpu"))
+        layer = int4.Int4Linear(128, n, bias=False, group=32) if fmt == "int4" else int8.Int8Linear(128, n, bias=False)
+        layer.set_float(w, dev, keep_plain=dev.type == "cuda")
         ref_w = layer.dequantized(torch.float32)
-    if fmt == "int4":  # only the blocked copy is kept; the reference comes from the plain codes
+    if fmt == "int4" and dev.type == "cpu":  # only the blocked copy is kept; the reference is from plain codes
         assert layer.kernel == "int4pack-cpu" and layer.weight.numel() == 0
         ref_w = int4.dequantize(*int4.quantize(w, 32))
-    grad, x = torch.randn(2, 5, n, generator=g), torch.randn(2, 5, 128, generator=g)
-    torch.testing.assert_close(input_grad(layer, grad, torch.float32), grad @ ref_w, rtol=1e-5, atol=1e-5)
-    if fmt != "int8":  # int8's own kernel rounds activations; the block path runs for the others
-        if fmt == "int4":
-            layer.kernel = "dequantize"
-        torch.testing.assert_close(base_output(layer, x), x @ ref_w.t(), rtol=1e-5, atol=1e-5)
+    grad, x = torch.randn(2, 5, n, generator=g).to(dev), torch.randn(2, 5, 128, generator=g).to(dev)
+    torch.testing.assert_close(input_grad(layer, grad, torch.float32), grad @ ref_w.to(dev), rtol=1e-5, atol=1e-5)
+    if fmt == "int4" and dev.type == "cpu":  # the kernel rounds activations: check the block path
+        layer.kernel = "dequantize"
+    if fmt == "bf16" or layer.kernel == "dequantize":
+        torch.testing.assert_close(base_output(layer, x), x @ ref_w.t().to(dev), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("base", list(BASES))
+def test_lora_over_a_frozen_base_on_cuda(root, tmp_path, base):
+    """The CUDA path end to end (plain codes, block-dequantized GEMMs, bf16 autocast): the loss falls."""
+    _, bases, data = root
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(bases["llama"]), "--data", str(data), "--out", str(out), "--max-steps", "8",
+                 "--eval-every", "1", "--save-every", "0", "--device", "cuda", *COMMON, *BASES[base]]) == 0
+    ev = evals(out)
+    assert len(ev) == 8 and ev[-1] < ev[0] - 0.05, ev

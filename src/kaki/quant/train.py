@@ -49,7 +49,7 @@ def weight_blocks_t(layer: nn.Module, dtype: torch.dtype):
             yield a, int8.dequantize(q, layer.weight_scale[a:a + len(q)], dtype).t()
     elif isinstance(layer, int4.Int4Linear):
         K, group = layer.in_features, layer.group
-        buf = torch.empty(K, min(rows, N), dtype=dtype)
+        buf = torch.empty(K, min(rows, N), dtype=dtype, device=layer.weight_scale.device)
         for a in range(0, N, rows):
             b = min(a + rows, N)
             wt = layer.values_t(a, b, buf[:, :b - a])
