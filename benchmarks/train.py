@@ -9,21 +9,26 @@ step (ABAB...) so machine noise falls on both alike. Prints tokens/s for each an
 the fastest step of each (on a shared machine the minimum is the least noisy estimate; the median
 is printed too).
 
-    .venv/bin/python benchmarks/train.py --lora-bases [--quick] [--bases float32,bfloat16,int8,int4]
+    .venv/bin/python benchmarks/train.py --lora-bases [--quick] [--bases float32,bfloat16,int8,int4,peft]
 
 LoRA (r=16, all linear layers) over a float32, bfloat16, int8 and int4 base of the ~1B model the
 decode benchmark builds (hidden 2048, 16 layers, vocab 32000; --quick: hidden 512, 4 layers), at
 sequence 256, batch 1, activation checkpointing on, side by side with transformers + peft on the
 float32 base. Each configuration runs in its own process: peak RSS minus the RSS before the model
 loads (the framework's first-use costs warmed first), tokens/s of the fastest and median timed
-step. Then `kaki train --dry-run`'s table for Persimmon-8B (benchmarks/persimmon-8b/config.json).
+step, each against the float32 run with the issue's targets (int8 RSS <= 0.45x, int4 <= 0.35x,
+tokens/s >= 0.7x). A configuration gets --timeout seconds; one stopped early keeps the steps it
+finished, so the rest still run. Then `kaki train --dry-run`'s table for Persimmon-8B
+(benchmarks/persimmon-8b/config.json; --no-dry-run skips it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,25 +90,47 @@ else:
     params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
 g = torch.Generator().manual_seed(0)
-times = []
 for i in range(steps + 1):
     ids = torch.randint(3, 32000, (batch, seq + 1), generator=g)
     t0 = time.perf_counter()
     loss_fn(ids[:, :-1], ids[:, 1:]).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if i:
-        times.append(time.perf_counter() - t0)
-print(json.dumps({"grew": rss_bytes(peak=True) - start, "times": times}))
+    # One line per step (step 0 is the warm-up), so a run cut short by --timeout still reports.
+    print(json.dumps({"step": i, "time": time.perf_counter() - t0, "grew": rss_bytes(peak=True) - start}), flush=True)
 """
 
 
-def lora_bases(args) -> None:
-    import json
-    import os
-    import statistics
-    import subprocess
+# Targets of issue #20 against the float32-base run: peak RSS (int8, int4) and tokens/s (every base).
+RSS_TARGET = {"int8": 0.45, "int4": 0.35}
+SPEED_TARGET = 0.7
 
+
+def run_one(path: Path, base: str, args) -> dict:
+    """One configuration in a fresh process: {"times": timed steps, "grew": peak RSS over the
+    baseline, "cut": why it stopped early or None}; stops the process after --timeout seconds and
+    keeps the steps it finished."""
+    argv = [sys.executable, "-c", LORA_RUN, str(path), base, str(args.steps), str(LORA_SEQ), str(LORA_BATCH),
+            str(LORA_R)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+        p = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env)
+        try:
+            rc, cut = p.wait(timeout=args.timeout), None
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc, cut = p.wait(), f"stopped after {args.timeout:.0f} s"
+        out.seek(0)
+        err.seek(0)
+        rows = [json.loads(line) for line in out.read().splitlines() if line.startswith("{")]
+        if rc != 0 and cut is None:
+            cut = f"exit {rc}: {err.read()[-1500:]}"
+    steps = [r for r in rows if "step" in r]
+    return {"times": [r["time"] for r in steps if r["step"] > 0], "grew": steps[-1]["grew"] if steps else None,
+            "cut": cut}
+
+
+def lora_bases(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from decode import CONFIG, QUICK, make_checkpoint
 
@@ -113,23 +140,32 @@ def lora_bases(args) -> None:
     path = make_checkpoint(root, "float32", dict(cfg))
     tokens = LORA_SEQ * LORA_BATCH
     print(f"LoRA r={LORA_R} (all linear layers) on {path.name}: seq {LORA_SEQ} x batch {LORA_BATCH}, activation "
-          f"checkpointing, fp32 compute, {torch.get_num_threads()} threads, {args.steps} timed steps after 1; "
+          f"checkpointing, fp32 compute, {args.threads or torch.get_num_threads()} threads, {args.steps} timed steps after 1; "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.1f}")
     rows = {}
-    for base in args.bases.split(",") + ["peft"]:
-        p = subprocess.run([sys.executable, "-c", LORA_RUN, str(path), base, str(args.steps), str(LORA_SEQ),
-                            str(LORA_BATCH), str(LORA_R)], capture_output=True, text=True)
-        if p.returncode != 0:
-            print(f"  {base}: failed\n{p.stderr[-2000:]}")
-            continue
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        rows[base] = r
+    for base in args.bases.split(","):
+        t0 = time.perf_counter()
+        r = rows[base] = run_one(path, base, args)
         name = "transformers+peft (float32)" if base == "peft" else f"kaki, {base} base"
-        ratio = f"  {r['grew'] / rows['float32']['grew']:.2f}x RSS, " \
-                f"{min(rows['float32']['times']) / min(r['times']):.2f}x tokens/s of float32" if "float32" in rows else ""
-        print(f"  {name:28s} peak RSS +{r['grew'] / 1e9:6.2f} GB  {tokens / min(r['times']):7.1f} tokens/s "
-              f"(median {tokens / statistics.median(r['times']):7.1f}){ratio}")
+        took = f"[{time.perf_counter() - t0:.0f} s{'; ' + r['cut'] if r['cut'] else ''}]"
+        if not r["times"]:
+            print(f"  {name:28s} no timed step {took}")
+            continue
+        line = (f"  {name:28s} peak RSS +{r['grew'] / 1e9:6.2f} GB  {tokens / min(r['times']):7.1f} tokens/s "
+                f"(median {tokens / statistics.median(r['times']):7.1f})")
+        ref = rows.get("float32")
+        if ref and ref["times"] and base != "float32":
+            rss, speed = r["grew"] / ref["grew"], min(ref["times"]) / min(r["times"])
+            line += f"  {rss:.2f}x RSS"
+            if base in RSS_TARGET:
+                line += f" (target <= {RSS_TARGET[base]}x: {'met' if rss <= RSS_TARGET[base] else 'MISSED'})"
+            line += f", {speed:.2f}x tokens/s of float32"
+            if base != "peft":
+                line += f" (target >= {SPEED_TARGET}x: {'met' if speed >= SPEED_TARGET else 'MISSED'})"
+        print(f"{line} {took}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+    if args.no_dry_run:
+        return
     config = Path(__file__).resolve().parent / "persimmon-8b"
     from kaki.cli import main as kaki_main
     for flags in (["--quantize", "int4"], ["--dtype", "bfloat16"]):
@@ -148,7 +184,13 @@ def lora_bases(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lora-bases", action="store_true", help="LoRA over float/bf16/int8/int4 bases vs peft")
-    ap.add_argument("--bases", default="float32,bfloat16,int8,int4")
+    ap.add_argument("--bases", default="float32,bfloat16,int8,int4,peft",
+                    help="with --lora-bases: in this order; ratios are against float32, so keep it first")
+    ap.add_argument("--timeout", type=float, default=3600,
+                    help="with --lora-bases: seconds per configuration; a run stopped keeps its finished steps")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="with --lora-bases: torch threads per run (OMP_NUM_THREADS); default torch's own")
+    ap.add_argument("--no-dry-run", action="store_true", help="with --lora-bases: skip the Persimmon-8B tables")
     ap.add_argument("--quick", action="store_true", help="with --lora-bases: the small model")
     ap.add_argument("--cache", default=os.environ.get("KAKI_BENCH_DIR", "/tmp/kaki-bench"),
                     help="where the random checkpoints are written (shared with decode.py)")
