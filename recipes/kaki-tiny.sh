@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild kaki-tiny, the bundled demo model, from scratch with kaki's own commands:
 #   data (Python 3.11 docs) -> tokenizer -> pretraining -> chat tuning -> grounding drills
-#   -> lookup drills -> user-style questions -> bf16 export -> model card.
+#   -> lookup drills -> [user-style questions: USER_STEPS=300] -> bf16 export -> model card.
 #
-#   recipes/kaki-tiny.sh            full run (~2.5 h on 2 CPU cores); needs `apt-get install python3.11-doc`
+#   recipes/kaki-tiny.sh            full run (~2 h on 2 CPU cores); needs `apt-get install python3.11-doc`
 #   recipes/kaki-tiny.sh --smoke    a few steps on the committed data/smoke subset (CI runs this)
 #
 # Every stage is resumable: run the same command again after an interruption and it continues
@@ -38,7 +38,12 @@ else
   # What the shipped model ran (see its card): 6.6 M pretraining tokens, 4.9 M chat tokens, then
   # the grounding drills. PT_STOP < PT_STEPS stops early on the same schedule (a short session).
   PT_STEPS=${PT_STEPS:-800}; PT_STOP=${PT_STOP:-$PT_STEPS}; CHAT_STEPS=${CHAT_STEPS:-1200}
-  GROUND_STEPS=${GROUND_STEPS:-2000}; LOOKUP_STEPS=${LOOKUP_STEPS:-800}; USER_STEPS=${USER_STEPS:-300}; SEQ=1024; BATCH=8; EVAL_LIMIT=0
+  GROUND_STEPS=${GROUND_STEPS:-2000}; LOOKUP_STEPS=${LOOKUP_STEPS:-800}; SEQ=1024; BATCH=8; EVAL_LIMIT=0
+  # The user-style stage is off in the shipped build: 300 steps of it (3e-4, 1.2 M tokens) from
+  # the shipped weights left the user-question figures where they were (reply 30% -> 30%, end to
+  # end 54% -> 55%, that one question a chance key-term match), so the model was not replaced.
+  # USER_STEPS=300 runs it; the smoke run always does, so it keeps working.
+  USER_STEPS=${USER_STEPS:-0}
   CHAT_SEQ=512  # 97% of the chat examples (passages included) fit in 512 tokens
   CONFIG=$ROOT/recipes/kaki-tiny.config.json
   if [ ! -d "$SRC" ]; then
@@ -106,7 +111,7 @@ log "7/10 user-style questions grounded as \`make chat\` grounds them"
 # copied for those. recipes/user_drills.py rewrites each passage's description in those forms and
 # puts the passage the demo index retrieves for it in the prompt, as `make chat` does. The
 # evaluation sets' questions are excluded (and tests/test_user_questions.py checks).
-if [ ! -f "$D/user.jsonl" ]; then
+if [ "$USER_STEPS" -gt 0 ] && [ ! -f "$D/user.jsonl" ]; then
   if [ "$SMOKE" = 1 ]; then
     # BM25 over the smoke subset: seconds, and the pipeline is what the smoke run checks.
     "${KAKI[@]}" index build "$D/passages.jsonl" --out "$WORK/index" --no-chunk --rebuild --embedder none --quiet
@@ -120,12 +125,16 @@ if [ ! -f "$D/user.jsonl" ]; then
     --exclude "$ROOT/data/eval/user-questions.jsonl" "$ROOT/data/eval/questions.jsonl"
 fi
 
-log "8/10 user-style questions ($USER_STEPS steps)"
+log "8/10 user-style questions ($USER_STEPS steps; 0 skips the stage)"
 # The lookup and grounding drills stay in the mix (two fifths), so those skills are kept.
-tune lookup user "$USER_STEPS" 5e-4 "$D/user.jsonl:3,$D/lookup.jsonl:1,$D/ground.jsonl:1"
+FINAL=lookup
+if [ "$USER_STEPS" -gt 0 ]; then
+  tune lookup user "$USER_STEPS" 3e-4 "$D/user.jsonl:3,$D/lookup.jsonl:1,$D/ground.jsonl:1"
+  FINAL=user
+fi
 
 log "9/10 export bf16 to $OUT"
-"$PY" - "$WORK/user" "$OUT" <<'PYEOF'
+"$PY" - "$WORK/$FINAL" "$OUT" <<'PYEOF'
 import sys
 import kaki
 llm = kaki.load(sys.argv[1], dtype="float32", device="cpu")

@@ -21,6 +21,11 @@ VECTORS = ROOT / "data" / "pydocs" / "vectors.npz"
 # retrieval_k); 3 is kaki's default (kaki.retrieval.grounding.DEFAULT_K), measured too.
 RETRIEVAL_K = 1
 RETRIEVAL_K_DEFAULT = 3
+# Prompts generated together: one batch per question set (58 and 84 prompts) instead of batches of
+# 16, so each set runs one decoding loop. For a 10 M-parameter model on a CPU a decoding step costs
+# mostly per-step overhead, so the card's recompute (tests/test_demo_model.py) took 39-47 s instead
+# of 52 s on a shared 2-core machine, with the same figures.
+EVAL_BATCH = 96
 
 
 def demo_index(tmp: Path) -> Path:
@@ -66,19 +71,19 @@ def measure(model_dir: Path, limit: int = 0, dtype: str = "float32") -> dict:
     if limit:
         passages, questions, users = passages[:limit], questions[:limit], users[:limit]
     ppl = perplexity(llm, passages)
-    with_ctx = answer_accuracy(llm, questions, context=True)
-    without = answer_accuracy(llm, questions, context=False)
+    with_ctx = answer_accuracy(llm, questions, context=True, batch_size=EVAL_BATCH)
+    without = answer_accuracy(llm, questions, context=False, batch_size=EVAL_BATCH)
     retrieval = {}
     with tempfile.TemporaryDirectory() as tmp:
         index = demo_index(Path(tmp))
         for k in (RETRIEVAL_K, RETRIEVAL_K_DEFAULT):
             retrieved, gold_share = retrieved_questions(index, questions, k)
-            res = answer_accuracy(llm, retrieved, context=True)
+            res = answer_accuracy(llm, retrieved, context=True, batch_size=EVAL_BATCH)
             retrieval[k] = {"contains": round(res.contains, 4), "exact": round(res.exact, 4), "k": k,
                             "mode": "dense", "gold_retrieved": round(gold_share, 4)}
         with Retriever.open(index) as r:
-            useful_retrieved = usefulness(llm, users, r, k=RETRIEVAL_K).to_json()
-    useful_alone = usefulness(llm, users, None).to_json()
+            useful_retrieved = usefulness(llm, users, r, k=RETRIEVAL_K, batch_size=EVAL_BATCH).to_json()
+    useful_alone = usefulness(llm, users, None, batch_size=EVAL_BATCH).to_json()
     return {
         "eval_passages": len(passages), "eval_questions": len(questions),
         "eval_loss": round(ppl.loss, 4), "eval_perplexity": round(ppl.perplexity, 2),
@@ -175,12 +180,7 @@ Hardware: {hardware}; precision {precision}. Recipe: `recipes/kaki-tiny.sh` (res
   `.. class::`, section titles, howtos) by `recipes/prepare_data.py`; then drills that make it
   answer from the passages in its prompt (quote, single-passage and pick-one-of-three), and
   lookup drills that ask from a description to a name ("Which function returns ...?").
-- Last, user-style paraphrases of those questions ("python get the square root of x", "how do i
-  check if ...": `recipes/paraphrase.py`), each with the passage the demo index retrieves for it
-  in the prompt, as `make chat` shows it (`recipes/user_drills.py`). No evaluation question is
-  among them in any framing ("python ...", "how do i ..."): `--exclude` drops them and
-  `tests/test_user_questions.py` checks.
-- The weights are released under the same terms as kaki itself.
+{user_stage}- The weights are released under the same terms as kaki itself.
 
 ## What it cannot do
 
@@ -189,6 +189,15 @@ Hardware: {hardware}; precision {precision}. Recipe: `recipes/kaki-tiny.sh` (res
 - It is not a general chat model: off-topic questions get docs-flavoured nonsense.
 - It has no safety tuning and no knowledge after Python 3.11; it cannot run code.
 - Its context is {ctx} tokens; long conversations are trimmed by the chat shell.
+"""
+
+
+# The card's line for the last stage, when the build ran it (recipes/kaki-tiny.sh: USER_STEPS).
+USER_STAGE = """- Last, user-style paraphrases of those questions ("python get the square root of x", "how do i
+  check if ...": `recipes/paraphrase.py`), each with the passage the demo index retrieves for it
+  in the prompt, as `make chat` shows it (`recipes/user_drills.py`). No evaluation question is
+  among them in any framing ("python ...", "how do i ..."): `--exclude` drops them and
+  `tests/test_user_questions.py` checks.
 """
 
 
@@ -250,6 +259,7 @@ def main() -> None:
         ret_e=metrics["accuracy_with_retrieval"]["exact"],
         u=metrics["useful_with_retrieval"], u0=metrics["useful_without_retrieval"],
         training="\n".join(lines) or "- (no training metrics found)",
+        user_stage=USER_STAGE if "user" in training else "",
         hardware=f"{platform.machine()} CPU, 2 cores", precision=args.precision)
     (model_dir / "README.md").write_text(text)
     (model_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")

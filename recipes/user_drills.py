@@ -7,11 +7,11 @@ root of x", "python os.path.exists") are searched in INDEX (the demo index: dens
 chat` searches), and the passage it returns is put in the prompt with kaki.chat_format's context
 block, as the chat shell does. The reply is the answering passage's name and first sentences.
 Where retrieval found the answering passage the model learns to copy it, name first; where it did
-not, the record is kept three ways so that neither habit (copying, recalling) crowds out the
-other: the answering passage alone (retrieval as it should have been: half of them), the retrieved one
-and the answering one together (pick the one that answers), or the retrieved one alone with the
-answer recalled (what `make chat` will show it on a retrieval miss). Held-out passages are skipped, as
-everywhere in the recipe.
+not, the answering passage is put in the prompt alone (two thirds: retrieval as it should have
+been) or next to the retrieved one (pick the one that answers). The reply is always copyable from
+the prompt: a first version also trained replies naming a passage the prompt did not hold (the
+retrieved one alone, the answer recalled), and that taught the model to make names up, the very
+fault it had. Held-out passages are skipped, as everywhere in the recipe.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from prepare_data import answer_for, answer_in_context, as_context, is_held_out,
 from kaki.chat_format import with_context  # noqa: E402
 
 # How a record whose question retrieval missed is grounded (see the module docstring).
-MISS_WEIGHTS = {"gold": 2, "pick": 1, "recall": 1}
+MISS_WEIGHTS = {"gold": 2, "pick": 1}
 BATCH = 256
 
 
 def grounded(records: list[dict], tops: list, gold: dict[str, dict], seed: int) -> tuple[list[dict], dict]:
     """Chat records from paraphrase records, the passage retrieved first for each, and the
     answering passages as a prompt shows them (`{"title", "text"}` by passage id)."""
-    out, counts = [], {"hit": 0, "gold": 0, "pick": 0, "recall": 0}
+    out, counts = [], {"hit": 0, "gold": 0, "pick": 0}
     for rec, top in zip(records, tops):
         rng = random.Random(f"{seed}:ground-user:{rec['passage_id']}:{rec['question']}")
         if top.ref == rec["passage_id"]:
@@ -47,8 +47,7 @@ def grounded(records: list[dict], tops: list, gold: dict[str, dict], seed: int) 
         else:
             kind = rng.choices(list(MISS_WEIGHTS), weights=list(MISS_WEIGHTS.values()))[0]
             right = gold[rec["passage_id"]]
-            ctx = {"gold": [right], "pick": rng.sample([top.as_context(), right], 2),
-                   "recall": [top.as_context()]}[kind]
+            ctx = [right] if kind == "gold" else rng.sample([top.as_context(), right], 2)
         counts[kind] += 1
         content = with_context(rec["question"], ctx)
         out.append({"messages": [{"role": "user", "content": content},
