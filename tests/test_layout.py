@@ -23,17 +23,11 @@ LAZY_ALLOWED: dict[str, dict[str, str]] = {
     # jinja2 takes ~0.1 s to import and only a tokenizer's own chat_template needs it; chat_format is
     # imported by `kaki index query`, which starts without torch.
     "kaki/chat_format.py": {"kaki.jinja_sandbox": "start-up time"},
-    # kaki.model -> kaki.small_m -> kaki.quant.native -> kaki.quant (this package's __init__) ->
-    # kaki.quant.load -> kaki.model: breaking it moves code owned by the CPU and quantization work.
-    "kaki/quant/__init__.py": {"kaki.quant.load": "cycle through kaki.model"},
-    "kaki/quant/load.py": {"kaki.model": "cycle through kaki.small_m"},
     # kaki.retrieval imports numpy (the retrieval extra), which the serve extra does not bring.
     "kaki/serve/openai_api.py": {"kaki.retrieval": "needs the retrieval extra"},
 }
 # Import cycles (counting function-level imports too) still present, each listed whole.
-KNOWN_CYCLES = [
-    {"kaki.model", "kaki.quant", "kaki.quant.load", "kaki.small_m"},
-]
+KNOWN_CYCLES: list[set[str]] = []
 
 
 def _modules() -> dict[str, Path]:

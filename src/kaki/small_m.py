@@ -59,7 +59,7 @@ from torch import nn
 from kaki import cpu, kernels
 from kaki.errors import KakiError
 from kaki.files import write_file_atomically
-from kaki.quant import native
+from kaki.paths import cache_root
 
 PATHS = ("linear", "mm", "split")
 CHOICES = ("auto", *PATHS)
@@ -174,7 +174,7 @@ def choose(weight: torch.Tensor, bias: torch.Tensor | None, parts: int,
 
 
 def cache_file() -> Path:
-    return native.cache_dir().parent / CACHE_NAME
+    return cache_root() / CACHE_NAME
 
 
 def cache_key(shape: tuple[int, int], dtype: torch.dtype, threads: int, one_core: frozenset[int] = frozenset()) -> str:

@@ -11,6 +11,8 @@ docs/quantization.md has the formats, the kernels chosen per device and the meas
 from __future__ import annotations
 
 from kaki.checkpoint import renamer
+from kaki.quant.load import QuantLinear, linear_shapes
+from kaki.quant.load import quantize_model as _quantize_model
 from kaki.quant.spec import DEFAULT_INT4_GROUP, FORMATS, INT4_GROUP_SIZES, QuantSpec, as_spec
 
 __all__ = ["QuantSpec", "as_spec", "FORMATS", "INT4_GROUP_SIZES", "DEFAULT_INT4_GROUP", "exact_keys",
@@ -19,8 +21,7 @@ __all__ = ["QuantSpec", "as_spec", "FORMATS", "INT4_GROUP_SIZES", "DEFAULT_INT4_
 
 def quantize_model(model, spec):
     """Quantize an already loaded CausalLM in place; `spec` as kaki.load's `quantize`."""
-    from kaki.quant.load import quantize_model as run
-    return run(model, as_spec(spec))
+    return _quantize_model(model, as_spec(spec))
 
 
 def is_quantized(model) -> bool:
@@ -29,8 +30,6 @@ def is_quantized(model) -> bool:
 
 def exact_keys(model) -> set[str]:
     """Checkpoint keys that a save must write in their own dtype (quantization scales and zeros)."""
-    from kaki.quant.load import QuantLinear
-
     rename = renamer(model.config.model_type, to_checkpoint=True)
     keys = set()
     for name, mod in model.named_modules():
@@ -42,8 +41,6 @@ def exact_keys(model) -> set[str]:
 def weight_bytes(cfg, spec: QuantSpec | None, float_bytes: int = 2) -> int:
     """Bytes of a model's weights held in `spec`'s format (None: all floats of `float_bytes`);
     the input embedding, norms and biases stay floats."""
-    from kaki.quant.load import linear_shapes
-
     total = cfg.num_parameters() * float_bytes
     if spec is None:
         return total

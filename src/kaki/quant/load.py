@@ -21,6 +21,7 @@ from torch import nn
 from kaki.checkpoint import TensorSource, renamer, validate
 from kaki.config import ModelConfig
 from kaki.errors import CheckpointError, KakiError
+from kaki.model import CausalLM
 from kaki.quant import int4, int8
 from kaki.quant.spec import QuantSpec
 
@@ -68,8 +69,6 @@ def target_modules(model: nn.Module, spec: QuantSpec) -> list[str]:
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """{module name: (out_features, in_features)} of every linear layer, from a meta model."""
-    from kaki.model import CausalLM
-
     with torch.device("meta"):
         model = CausalLM(cfg)
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -105,8 +104,6 @@ def prepare(cfg: ModelConfig, sources: dict[str, TensorSource], quantize: QuantS
             keep_plain: bool = False, tp=None):
     """(meta model with quantized layers, sources, placer) for `assign_weights`; tp: one rank's
     part of a tensor-parallel model (kaki.tp), whose sources are already its slices."""
-    from kaki.model import CausalLM
-
     spec, is_stored = resolve(cfg, quantize, where)
     if is_stored:
         _, names = stored_spec(cfg, where)

@@ -40,6 +40,7 @@ import torch
 from loguru import logger
 
 from kaki.errors import KakiError
+from kaki.paths import cache_root
 
 HERE = Path(__file__).parent
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -64,8 +65,7 @@ MAX_K = 65536  # every build's integer sums are exact up to this many inputs (th
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("KAKI_CACHE_DIR") or Path.home() / ".cache" / "kaki"
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _cpu_flags() -> str:
