@@ -30,7 +30,8 @@ import torch.nn.functional as F
 def candidates(N: int, K: int) -> dict:
     from kaki.errors import KakiError
     from kaki.kernels import linear as kaki_linear
-    from kaki.quant import int4, int8, native
+    from kaki import native
+    from kaki.quant import int4, int8
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g) * K ** -0.5

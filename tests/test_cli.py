@@ -174,7 +174,7 @@ def test_bad_flags_and_paths(tmp_path, model_dir):
 
 def test_notes_on_the_terminal_are_plain_sentences(model_dir, monkeypatch):
     """kaki's own notes (here: int8 falling back to fbgemm) print as the message alone, not
-    loguru's `2026-... | INFO | kaki.quant.native:fallback:220 - ...` debug line."""
+    loguru's `2026-... | INFO | kaki.native:fallback:220 - ...` debug line."""
     import re
     monkeypatch.setenv("KAKI_NO_NATIVE", "1")
     r = run_kaki("generate", "--model", model_dir, "--dtype", "float32", "-n", 2, "--quantize", "int8", "hi")

@@ -1,4 +1,4 @@
-"""kaki's own int8 CPU kernel (kaki/quant/int8_kernel*.c through kaki.quant.native), in every
+"""kaki's own int8 CPU kernel (kaki/quant/int8_kernel*.c through kaki.native), in every
 variant this CPU runs: their integer arithmetic is exact, so each output must equal, to the bit, a
 float64 model of that arithmetic; odd shapes exercise every tail (rows, weight rows, inputs not a
 multiple of the vector width, inputs beyond one int32 accumulation chunk). The AVX2 builds must
@@ -21,7 +21,8 @@ import torch
 from loguru import logger
 
 from kaki.errors import KakiError
-from kaki.quant import int8, native
+from kaki import native
+from kaki.quant import int8
 
 RUNNABLE = [v for v in native.VARIANTS if not native.missing(v)]
 AVX2 = ("avx2", "avx2-vnni")

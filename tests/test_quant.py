@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 import kaki
 from kaki.errors import KakiError
-from kaki.quant import QuantSpec, as_spec, int4, int8, native, quantize_model, weight_bytes
+from kaki import native
+from kaki.quant import QuantSpec, as_spec, int4, int8, quantize_model, weight_bytes
 
 from test_int8_native import variant_params
 

@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 import kaki
 from kaki.errors import KakiError
-from kaki.quant import as_spec, int4, int8, native, weight_bytes
+from kaki import native
+from kaki.quant import as_spec, int4, int8, weight_bytes
 
 from helpers import copy_tokenizer, make_hf_model, prefer_text_pieces, random_prompts
 from test_int8_native import variant_params

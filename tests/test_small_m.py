@@ -14,7 +14,7 @@ import torch
 from loguru import logger
 
 import kaki
-from kaki import kernels, small_m
+from kaki import kernels, native, small_m
 from kaki.errors import KakiError
 
 from helpers import hf_model_dir
@@ -45,8 +45,13 @@ def _logits(model, rows: int) -> torch.Tensor:
 def test_each_forced_path_gives_f_linear_logits(path, family_dirs, monkeypatch):
     """KAKI_SMALL_M=<path> sends every layer's 1-8 row products down that path (counted), and
     the logits at 1, 2, 3, 4 and 8 rows equal plain F.linear's (KAKI_PLAIN_LINEAR)."""
+    if path == "native" and native.variant() is None:  # no native library here: a clear error instead
+        monkeypatch.setenv("KAKI_SMALL_M", path)
+        with pytest.raises(KakiError, match="KAKI_SMALL_M=native"):
+            _logits(kaki.load(family_dirs["llama"][1], dtype="float32", device="cpu").model, 2)
+        return
     calls = []
-    for name in ("mm_rows", "split_rows"):
+    for name in ("mm_rows", "split_rows", "native_rows"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     monkeypatch.setenv("KAKI_SMALL_M", path)
@@ -56,7 +61,7 @@ def test_each_forced_path_gives_f_linear_logits(path, family_dirs, monkeypatch):
     assert plan.source == "KAKI_SMALL_M" and plan.paths
     assert all(set(p.values()) == {path} for p in plan.paths.values())
     assert all(m.small_m is not None for m in small_m._layers(model))
-    assert {"linear": set(), "mm": {"mm_rows"}, "split": {"split_rows"}}[path] == set(calls) or \
+    assert {"linear": set(), "mm": {"mm_rows"}, "split": {"split_rows"}, "native": {"native_rows"}}[path] == set(calls) or \
         (path == "split" and torch.get_num_threads() < 2)
     monkeypatch.setenv("KAKI_PLAIN_LINEAR", "1")
     for rows, logits in got.items():
@@ -220,12 +225,12 @@ def test_timing_is_capped_per_model_and_resumed_at_a_later_load(tmp_path, spm_di
 def test_bad_small_m_value_is_a_clear_error(family_dirs, monkeypatch):
     monkeypatch.setenv("KAKI_SMALL_M", "fastest")
     model = kaki.load(family_dirs["llama"][1], dtype="float32", device="cpu").model
-    with pytest.raises(KakiError, match="KAKI_SMALL_M must be one of auto, linear, mm, split, not 'fastest'"):
+    with pytest.raises(KakiError, match="KAKI_SMALL_M must be one of auto, linear, mm, split, native, not 'fastest'"):
         _logits(model, 1)
     r = subprocess.run([sys.executable, "-m", "kaki", "info"], capture_output=True, text=True,
                        env={**os.environ, "KAKI_SMALL_M": "fastest"}, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
-        "kaki info: error: KAKI_SMALL_M must be one of auto, linear, mm, split, not 'fastest'"
+        "kaki info: error: KAKI_SMALL_M must be one of auto, linear, mm, split, native, not 'fastest'"
 
 
 def test_training_and_small_layers_take_f_linear(family_dirs):

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import nn
 
+from kaki import native
+
 SMALL_M_MAX_ROWS = 8  # row counts up to this follow a layer's small-M plan; more is a prompt: F.linear
 UPCAST_MIN_ROWS = 16
 
@@ -142,9 +144,22 @@ def split_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return torch.cat([first] + [f.result() for f in futures], dim=-1)
 
 
+def native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
+    """kaki's own small-M product (kaki.native.f32_rows: the weight streamed once for all the
+    rows, on `parts` OpenMP threads of its own, also inside one-core steps); F.linear for other
+    dtypes."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    return native.f32_rows(x, weight, bias, threads=parts)
+
+
 def products(parts: int) -> dict[str, Callable]:
-    """The small-M candidates by name, `split` over `parts` threads (kaki.small_m.PATHS)."""
-    return {"linear": F.linear, "mm": mm_rows, "split": functools.partial(split_rows, parts=parts)}
+    """The small-M candidates by name, `split` over `parts` threads (kaki.small_m.PATHS), and
+    `native` where kaki's native library builds on this machine (kaki.native)."""
+    out = {"linear": F.linear, "mm": mm_rows, "split": functools.partial(split_rows, parts=parts)}
+    if native.variant() is not None:
+        out["native"] = functools.partial(native_rows, parts=parts)
+    return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -10,6 +10,10 @@ Candidates (PATHS; the products are kaki.kernels.products):
 - "linear": F.linear.
 - "mm": (W @ x.T).T, a GEMM whose long side is the weight's rows.
 - "split": the weight's rows split over torch's threads, concurrently (MKL's GEMV uses one core).
+- "native": kaki's own C product (kaki.native.f32_rows, fp32 only, where the native library
+  builds): the weight streamed once for all the rows, on its own threads. MKL packs the weight
+  for a GEMM of 2+ rows, so there 2 rows cost twice 1 (8192x2048 on the AVX-512 machine: 2.9 ms at
+  1 row, 5.9 at 2 split, 6.1 at 4), which is what verifying speculative drafts and batched decode run.
 One-core steps: at 1-4 rows, where fp32 weights of 16 MB or more are most of a model's timed
 bytes (and there are 2+ threads), the whole forward pass runs this thread's torch ops on one core
 (kernels.one_thread_here), and every candidate is timed that way: between layers torch's own
@@ -34,7 +38,7 @@ Cache: $KAKI_CACHE_DIR (default ~/.cache/kaki)/small_m.json, one entry per CPU m
 dispatch level and version, dtype, thread count, weight shape and one-core buckets, rewritten
 atomically. It holds
 only names from PATHS: anything else in it is ignored. KAKI_SMALL_M_RETUNE=1 times every shape
-again and overwrites its entries; KAKI_SMALL_M=linear|mm|split uses one path for every layer,
+again and overwrites its entries; KAKI_SMALL_M=linear|mm|split|native uses one path for every layer,
 whatever its size, without timing (auto, the default, times).
 """
 
@@ -61,7 +65,7 @@ from kaki.errors import KakiError
 from kaki.files import write_file_atomically
 from kaki.paths import cache_root
 
-PATHS = ("linear", "mm", "split")
+PATHS = ("linear", "mm", "split", "native")
 CHOICES = ("auto", *PATHS)
 BUCKETS = (1, 2, 4, 8)
 TUNE_MIN_NUMEL = 1 << 20  # 4 MB in fp32: under it a product is microseconds and any path will do
@@ -76,7 +80,8 @@ SPLIT_BASELINE_NUMEL = 1 << 22
 # cores such timings picked one-core F.linear and batch-1 decode fell from 7.9 to 3.5 tok/s.
 SPLIT_KEEP_GAIN = 1.5
 CACHE_NAME = "small_m.json"
-CACHE_VERSION = 4  # 2: choices made against `baseline`; 3: one-core buckets in the key; 4: SPLIT_KEEP_GAIN
+CACHE_VERSION = 5  # 2: choices made against `baseline`; 3: one-core buckets in the key; 4: SPLIT_KEEP_GAIN;
+# 5: the native candidate
 MAX_CACHE_BYTES = 1 << 20
 
 
@@ -150,7 +155,8 @@ def choose(weight: torch.Tensor, bias: torch.Tensor | None, parts: int,
     `weight` at each of BUCKETS rows, those in `one_core` with this thread on one core (as such
     steps run). Returns {"paths": {"1": name, ...}, "ms": {"1": {name: ms}}}."""
     if candidates is None:
-        candidates = {n: f for n, f in kernels.products(parts).items() if n != "split" or parts > 1}
+        candidates = {n: f for n, f in kernels.products(parts).items()
+                      if (n != "split" or parts > 1) and (n != "native" or weight.dtype == torch.float32)}
     K = weight.shape[1]
     n = max(1, min(weight.shape[0], TIME_MAX_BYTES // (K * weight.element_size())))
     w, b = weight[:n], bias[:n] if bias is not None else None
@@ -259,6 +265,9 @@ def _build(model: nn.Module, threads: int, force: str | None, clock: Callable[[]
         return plan
     products = kernels.products(threads)
     one_core = one_core_buckets({s: len(ms) for s, ms in groups(layers).items()}, threads, force)
+    if force == "native" and "native" not in products:
+        raise KakiError("KAKI_SMALL_M=native needs kaki's native library, which is not available here "
+                        "(`kaki info` says why); use linear, mm or split")
     if force is not None:
         shapes = groups(layers, 0)
         chosen = {s: {b: force for b in BUCKETS} for s in shapes}
@@ -282,7 +291,9 @@ def _build(model: nn.Module, threads: int, force: str | None, clock: Callable[[]
         plan.source = ((f"timed in {clock() - start:.1f} s" if new else "cached") + f", {cache_file()}"
                        + (f"; {left} shape(s) left to time at a later load, F.linear until then" if left else ""))
     for s, per_bucket in chosen.items():
-        row_plan = (F.linear, *(products[per_bucket[bucket(r)]] for r in range(1, kernels.SMALL_M_MAX_ROWS + 1)))
+        # A path this process cannot run (a cached native choice with KAKI_NO_NATIVE set) is F.linear.
+        row_plan = (F.linear, *(products.get(per_bucket[bucket(r)], F.linear)
+                                for r in range(1, kernels.SMALL_M_MAX_ROWS + 1)))
         for m in shapes[s]:
             m.small_m = row_plan
     plan.paths = chosen

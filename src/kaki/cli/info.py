@@ -20,7 +20,8 @@ def register(sub) -> None:
 
 def int8_kernel() -> tuple[str, str]:
     """(kernel int8 layers use on this CPU, why): kaki's native build by name, or the fallback."""
-    from kaki.quant import int8, native
+    from kaki import native
+    from kaki.quant import int8
 
     kernel = int8.cpu_kernel()
     if kernel == "native":

@@ -2,7 +2,7 @@
 
 Kernels, measured (docs/quantization.md has the tables):
 - x86 CPU with AVX2 (or AVX512-VNNI, or AVX-VNNI): kaki's own (int8_kernel*.c, built on first
-  use by kaki.quant.native, in the variant the CPU's flags allow): activations rounded to 16 bits
+  use by kaki.native, in the variant the CPU's flags allow): activations rounded to 16 bits
   per row, integer products in VNNI / vpmaddwd instructions, the result exact in integers; one C
   call per layer, so none of the elementwise torch ops that the fbgemm path below needs around
   its GEMM. On AVX512-VNNI faster than fbgemm at 1-8 rows and as fast for prompts, with ~100x
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kaki.errors import KakiError
-from kaki.quant import native
+from kaki import native
 
 QMAX = 127  # symmetric: -128 is never used, so -w and w quantize to opposite values
 # Rows per fbgemm matrix. Packing copies a block twice over (quantized tensor, packed matrix), so
@@ -206,7 +206,7 @@ class Int8Linear(nn.Module):
         self._pending: list[torch.Tensor] = []  # rows not packed yet
         self._filled = 0
         self._rowsum: torch.Tensor | None = None  # native kernel: each weight row's sum
-        self.variant: str | None = None  # native kernel: which build (kaki.quant.native.VARIANTS)
+        self.variant: str | None = None  # native kernel: which build (kaki.native.VARIANTS)
 
     def set_float(self, w: torch.Tensor, device: torch.device, keep_plain: bool = False) -> None:
         self.set_quantized(*quantize(w.to(device)), keep_plain=keep_plain)

@@ -1,5 +1,5 @@
 /* y = x W^T * scale + bias for W int8 [N, K] (one scale per output row) and x float32 [M, K]:
- * kaki's int8 product for CPUs with AVX512-VNNI (kaki/quant/native.py builds and loads this
+ * kaki's int8 product for CPUs with AVX512-VNNI (kaki/native.py builds and loads this
  * file; docs/quantization.md has the measurements that made it worth writing).
  *
  * Why our own: fbgemm's dynamic int8 GEMM (what quantize_dynamic runs) rounds the activations to
@@ -288,3 +288,6 @@ int kaki_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, cons
     free(step);
     return 0;
 }
+
+/* The float32 small-M product rides in the same library (its file says why). */
+#include "rows_f32.h"

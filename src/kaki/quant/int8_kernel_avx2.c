@@ -1,6 +1,6 @@
 /* y = x W^T * scale + bias for W int8 [N, K] (one scale per output row) and x float32 [M, K]:
  * kaki's int8 product for x86 CPUs with AVX2 and no AVX512-VNNI (int8_kernel.c is that one).
- * kaki/quant/native.py builds this file twice, with explicit flags rather than -march=native, so
+ * kaki/native.py builds this file twice, with explicit flags rather than -march=native, so
  * that both builds can be made and tested on any AVX2 machine (AVX-512 ones included):
  *   "avx2":      -mavx2 -mfma              (vpmaddwd + vpaddd)
  *   "avx2-vnni": -mavx2 -mfma -mavxvnni    (AVX-VNNI's 256-bit vpdpwssd: the same in one instruction)
@@ -246,3 +246,6 @@ int kaki_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *w, cons
     free(step);
     return 0;
 }
+
+/* The float32 small-M product rides in the same library (its file says why). */
+#include "rows_f32.h"

@@ -26,7 +26,8 @@ from kaki.errors import KakiError
 from kaki.loading import resolve_model_path
 from kaki.lora import apply_lora
 from kaki.model import CausalLM
-from kaki.quant import as_spec, int4, int8, native
+from kaki import native
+from kaki.quant import as_spec, int4, int8
 from kaki.quant.load import stored_spec, swap, target_modules, untie_head
 from kaki.quant.train import QUANTIZED
 from kaki.train.base import base_format, check_base_options, seq_len_for

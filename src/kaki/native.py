@@ -1,5 +1,6 @@
-"""kaki's own int8 CPU kernel: built with the system C compiler on first use, cached, and called
-through ctypes, in one of several variants chosen by the CPU's flags.
+"""kaki's own CPU kernels: built with the system C compiler on first use, cached, and called
+through ctypes, in one of several variants chosen by the CPU's flags. Each variant's library holds
+the int8 product (int8_linear) and the float32 small-M product (f32_rows, quant/rows_f32.h).
 
 Variants, best first (`VARIANTS`; `variant()` says which one this process uses):
 - "avx512-vnni" (int8_kernel.c): VNNI's vpdpbusd on 512-bit vectors. Built with -march=native:
@@ -42,7 +43,8 @@ from loguru import logger
 from kaki.errors import KakiError
 from kaki.paths import cache_root
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent / "quant"  # the C sources (the int8 kernel came first)
+HEADERS = ("rows_f32.h",)  # included by every variant's source
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
@@ -95,7 +97,8 @@ def cache_path(name: str, cc: str) -> Path:
     v = VARIANTS[name]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     cpu = _cpu_flags() if "-march=native" in v.flags else ""
-    key = hashlib.sha256("\0".join([v.source.read_text(), version, cpu, *COMMON_FLAGS, *v.flags]).encode())
+    sources = [v.source.read_text(), *((HERE / h).read_text() for h in HEADERS)]
+    key = hashlib.sha256("\0".join([*sources, version, cpu, *COMMON_FLAGS, *v.flags]).encode())
     return cache_dir() / f"int8_kernel-{name}-{key.hexdigest()[:16]}.so"
 
 
@@ -147,6 +150,10 @@ def _open(path: Path) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    rows = lib.kaki_f32_rows
+    rows.restype = ctypes.c_int
+    rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -264,3 +271,23 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rowsum: t
     if rc:
         raise MemoryError(f"int8_linear: no memory for {M} x {K} quantized activations")
     return y
+
+
+def f32_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1,
+             variant: str | None = None) -> torch.Tensor:
+    """x (..., K) @ weight (N, K).T + bias, all float32, by the library's small-M product
+    (quant/rows_f32.h): the weight streamed once for up to 8 rows of x, on `threads` threads.
+    Meant for 1-8 rows; more run in blocks of 8 (each streams the weight again)."""
+    lib = library(variant)
+    K = x.shape[-1]
+    N = weight.shape[0]
+    if lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape[1] != K:
+        raise ValueError("f32_rows takes float32 x (..., K) and weight (N, K), with the native library built")
+    x2 = x.reshape(-1, K).contiguous()
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
+    if x2.shape[0]:
+        lib.kaki_f32_rows(x2.data_ptr(), x2.shape[0], K, weight.data_ptr(),
+                          bias.data_ptr() if bias is not None else None, N, y.data_ptr(), threads)
+    return y.view(*x.shape[:-1], N)
