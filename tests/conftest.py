@@ -20,6 +20,19 @@ def pytest_report_header(config):
     return machine_line()
 
 
+# The files that take longest (a minute or more of one core each), run first: `make test` deals
+# whole files to two xdist workers in collection order, so starting with the long ones keeps one
+# worker from running a long file alone at the end. Order only; nothing is skipped.
+SLOW_FIRST = ["test_demo_model.py", "test_demo_recipe.py", "test_quant_quality.py", "test_web_chat.py",
+              "test_train_quantized.py", "test_retrieval.py", "test_moderation_chat.py", "test_tp_launch.py",
+              "test_train_dist.py", "test_cli.py", "test_tensor_parallel.py", "test_train_friction.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
 def spm_proto() -> bytes:
     return train_sentencepiece()

@@ -140,7 +140,7 @@ def env(monkeypatch, tmp_path):
 @pytest.fixture
 def logs():
     messages: list[str] = []
-    handle = logger.add(lambda m: messages.append(m.record["message"]), level="INFO")
+    handle = logger.add(lambda m: messages.append(m.record["message"]), level="DEBUG")
     yield messages
     logger.remove(handle)
 

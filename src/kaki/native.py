@@ -181,7 +181,9 @@ def _load(name: str) -> ctypes.CDLL | None:
     """Variant `name`, built if need be, or None where it cannot run or be built (logged once)."""
     lacking = missing(name)
     if lacking:
-        logger.info("this CPU lacks {} for the {} int8 kernel", ", ".join(lacking), name)
+        # Debug only: probing the variants best-first meets this on most CPUs (an AVX2 laptop lacks
+        # the AVX-512 ones), and float32 models probe too (the small-M `native` product).
+        logger.debug("this CPU lacks {} for the {} int8 kernel", ", ".join(lacking), name)
         return None
     cc = _compiler()
     if cc is None:

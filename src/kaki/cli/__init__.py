@@ -9,8 +9,10 @@ import sys
 
 # kaki's notes on a terminal are sentences for the user, not a debug trace: loguru's default
 # handler (made when loguru is first imported, below this line) prints only the message, not a
-# timestamp and module path. LOGURU_FORMAT/LOGURU_LEVEL set by the user still win.
+# timestamp and module path; and from INFO up (loguru's default is DEBUG: which kernel build was
+# probed is for LOGURU_LEVEL=DEBUG). LOGURU_FORMAT/LOGURU_LEVEL set by the user still win.
 os.environ.setdefault("LOGURU_FORMAT", "{message}")
+os.environ.setdefault("LOGURU_LEVEL", "INFO")
 
 from kaki.errors import KakiError, RankLost  # noqa: E402
 
