@@ -24,11 +24,12 @@ setup: $(STAMP)
 # setting), as `kaki info` names it; pytest's own header with it is hidden by -q.
 # Two xdist workers, whole files each (module fixtures built once), one thread each: most tests wait
 # on subprocesses (a CLI run imports torch) and leave a core idle, so two workers on two cores take
-# ~0.65x the time of one; two threads each would oversubscribe the cores. TEST_WORKERS=0 runs serially.
+# ~0.65x the time of one; two threads each would oversubscribe the cores. Files go out in collection
+# order (tests/conftest.py puts the slowest first), not xdist's most-tests-first. TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
 test: $(STAMP) chromium
 	@$(BIN)/python -c "from kaki.cli.info import machine, machine_line; print('machine:', machine_line(machine(strict=False)))"
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The browser tests (tests/test_web_chat.py) drive Debian's Chromium: Playwright's own browser
 # download is not used. Installed through apt when missing and make runs as root (CI does);
