@@ -210,20 +210,27 @@ def test_a_burst_is_prefilled_within_the_token_budget_per_step(llm, monkeypatch)
         assert tokens == llm.generate([r.prompt_ids], params=r.params)[0].token_ids
 
 
-def test_a_bug_in_the_loop_fails_what_is_in_flight_and_the_engine_goes_on(llm, monkeypatch):
-    """An exception outside the scheduler's own isolation (here: delivering an output) ends the
-    sequences in flight with "error"; the engine starts over with a fresh scheduler and the next
-    request gets the answer it gets alone."""
+def engine_failing_at(llm, monkeypatch, n: int, error: Exception) -> Engine:
+    """An engine whose n-th delivery of an output raises `error` (outside the scheduler's own
+    isolation), once."""
     engine = Engine(llm, EngineConfig(max_batch_size=2, max_seq_len=64))
     deliver, calls = engine._deliver, []
 
     def broken(event, now):
         calls.append(event)
-        if len(calls) == 3:
-            raise RuntimeError("a bug")
+        if len(calls) == n:
+            raise error
         deliver(event, now)
 
     monkeypatch.setattr(engine, "_deliver", broken)
+    return engine
+
+
+def test_a_bug_in_the_loop_fails_what_is_in_flight_and_the_engine_goes_on(llm, monkeypatch):
+    """An exception outside the scheduler's own isolation (here: delivering an output) ends the
+    sequences in flight with "error"; the engine starts over with a fresh scheduler and the next
+    request gets the answer it gets alone."""
+    engine = engine_failing_at(llm, monkeypatch, 3, RuntimeError("a bug"))
     engine.start()
     ids = llm.encode_prompt("the man of the world")
     sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -234,3 +241,26 @@ def test_a_bug_in_the_loop_fails_what_is_in_flight_and_the_engine_goes_on(llm, m
     tokens, _, reason = collect(engine.submit([SeqRequest(ids, sp)]))
     engine.shutdown()
     assert (tokens, reason) == (llm.generate([ids], params=sp)[0].token_ids, "length")
+
+
+def test_a_lost_rank_fails_what_is_in_flight_without_a_traceback(llm, monkeypatch):
+    """RankLost (a tensor-parallel rank is gone; the mirror has already said why in one line and
+    stops the server) is not a bug of the loop: the sequences in flight end with its message, and
+    the log gets no "engine step failed" traceback."""
+    from loguru import logger
+
+    from kaki.errors import RankLost
+
+    engine = engine_failing_at(llm, monkeypatch, 2, RankLost("tensor-parallel rank 0 lost another rank"))
+    logged: list[str] = []
+    sink = logger.add(logged.append, level="DEBUG", format="{message}")
+    try:
+        engine.start()
+        ids = llm.encode_prompt("the man of the world")
+        outs = [out for _, out in engine.submit([SeqRequest(ids, SamplingParams(max_new_tokens=8, ignore_eos=True))])]
+        engine.shutdown()
+    finally:
+        logger.remove(sink)
+    assert [o.error for o in outs if o.finish_reason] == ["tensor-parallel rank 0 lost another rank"]
+    assert engine.error == "tensor-parallel rank 0 lost another rank"
+    assert not any("Traceback" in m or "engine step failed" in m for m in logged), logged

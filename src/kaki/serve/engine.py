@@ -29,7 +29,7 @@ from kaki.chat_format import format_for_llm
 from kaki.engine import PrefixCache, Scheduler, Sequence, TextSequence
 from kaki.engine.kv import kv_cache_bytes
 from kaki.engine.scheduler import Event
-from kaki.errors import KakiError, ParamError
+from kaki.errors import KakiError, ParamError, RankLost
 from kaki.serve.client import EngineStopped, Handle, Output, QueueFull, SeqRequest, token_text
 from kaki.serve.metrics import SPEC_COUNTERS, Metrics
 
@@ -241,6 +241,11 @@ class Engine:
             now = time.perf_counter()
             for event in events:
                 self._deliver(event, now)
+        except RankLost as e:
+            # A tensor-parallel rank is gone: the mirror has logged why in one line and is stopping
+            # the server; what is in flight fails with that reason, with no traceback (not a bug).
+            self.error = str(e)
+            self._reset(self.error)
         except Exception as e:  # a bug in this loop: fail what is in flight, keep serving
             logger.exception("engine step failed")
             self.error = f"{type(e).__name__}: {e}"
