@@ -45,8 +45,12 @@ def copy_model(src: Path, dst: Path, config: dict | None = None, drop_config: tu
 
 def run_cli(*args, timeout: float = 120) -> tuple[int, str, list[str], int]:
     """(exit code, stdout, stderr lines, peak RSS in KB) of `kaki ARGS` in a fresh interpreter."""
-    code = ("import resource, sys; from kaki.cli import main; rc = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    # The interpreter's own high-water mark (VmHWM), not getrusage's ru_maxrss: Linux keeps the
+    # forking parent's peak in ru_maxrss across exec, so a pytest worker grown past the limit by
+    # earlier tests failed this check for a CLI that peaked at ~240 MB.
+    code = ("import sys; from kaki.cli import main; rc = main(sys.argv[1:]); "
+            "hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')]; "
+            "print(hwm[0] if hwm else -1, file=sys.stderr); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=ENV,
                        timeout=timeout, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT)))
     *lines, rss = r.stderr.strip().splitlines() or ["0"]
