@@ -13,6 +13,8 @@ is kept (the machine may be shared; contention only ever slows a run down):
 - int4: kaki's Int4Linear (`_weight_int4pack_mm_for_cpu`, bf16 activations) at groups 32/64/128.
 
     .venv/bin/python benchmarks/quant_kernels.py [--shapes 16384x4096,4096x16384] [--rows 1,8,32]
+    .venv/bin/python benchmarks/quant_kernels.py --shapes 6144x2048,2048x2048,8192x2048,2048x8192 \
+        --stream 16 --rows 1,8 --rounds 10      # the ~1B model's decode step, from memory
 """
 
 from __future__ import annotations
@@ -92,6 +94,40 @@ def measure(N: int, K: int, rows: list[int], rounds: int) -> dict:
     return best
 
 
+def stream(shapes: list[tuple[int, int]], copies: int, rows: list[int], rounds: int) -> dict:
+    """A decode step's weight traffic: every shape `copies` times, each its own weight, called in
+    turn, so each layer comes from memory as in a model's step (the ~1B model's is 0.87 GB of int8,
+    far past any L3; one layer timed alone may sit in the cache). kaki's int8 layer (the kernel in
+    use here) against fbgemm's dynamic op as quantize_dynamic runs it, interleaved round by round."""
+    from kaki.quant import int8
+
+    kaki_layers, fbgemm = [], []
+    for _ in range(copies):
+        for N, K in shapes:
+            w = torch.randn(N, K) * K ** -0.5
+            layer = int8.Int8Linear(K, N, bias=False)
+            layer.set_float(w, torch.device("cpu"))
+            kaki_layers.append(layer)
+            q, scale = int8.quantize(w)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fbgemm.append((int8._prepack(q, scale, "fbgemm"), K))
+    name = f"int8 kaki ({kaki_layers[0].kernel}{' ' + kaki_layers[0].variant if kaki_layers[0].variant else ''})"
+    fns = {name: lambda xs: [m(xs[m.in_features]) for m in kaki_layers],
+           "int8 fbgemm dynamic": lambda xs: [torch.ops.quantized.linear_dynamic(xs[K], p, True) for p, K in fbgemm]}
+    best = {n: {M: float("inf") for M in rows} for n in fns}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for M in rows:
+                xs = {K: torch.randn(M, K) for _, K in shapes}
+                for n, f in fns.items():
+                    t0 = time.perf_counter()
+                    f(xs)
+                    if r:  # round 0 warms up
+                        best[n][M] = min(best[n][M], time.perf_counter() - t0)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="16384x4096,4096x16384,6144x2048,8192x2048",
@@ -99,13 +135,24 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,8,32")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--stream", type=int, default=0, metavar="COPIES",
+                    help="instead: all the shapes COPIES times over as one pass from memory, int8 only "
+                         "(16 with the ~1B model's four shapes is its decode step)")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, VNNI {torch.cpu._is_vnni_supported()}, "
           f"{os.cpu_count()} cores; best of {args.rounds} interleaved rounds, ms")
     results = {}
-    for shape in args.shapes.split(","):
+    if args.stream:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+        gb = args.stream * sum(N * K for N, K in shapes) / 1e9
+        best = stream(shapes, args.stream, rows, args.rounds)
+        print(f"\n{args.shapes} x {args.stream}: {gb:.2f} GB of int8 weights per pass; ms (GB/s)")
+        for name, by_m in best.items():
+            print(f"{name:30s}" + "".join(f"{by_m[M] * 1e3:10.1f} ({gb / by_m[M]:4.1f})" for M in rows), flush=True)
+        results["stream"] = best
+    for shape in ([] if args.stream else args.shapes.split(",")):
         N, K = (int(v) for v in shape.split("x"))
         best = measure(N, K, rows, args.rounds)
         results[shape] = best
