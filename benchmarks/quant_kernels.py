@@ -77,21 +77,25 @@ def candidates(N: int, K: int) -> dict:
     return out
 
 
-def measure(N: int, K: int, rows: list[int], rounds: int) -> dict:
-    fns = candidates(N, K)
-    xs = {M: (torch.randn(M, K), torch.randn(M, K).bfloat16()) for M in rows}
+def interleaved(fns: dict, rows: list[int], rounds: int, inputs) -> dict:
+    """{name: {M: best seconds}}: every candidate called once per round and row count, in turn, on
+    `inputs(M)`'s arguments; round 0 warms every kernel up and is not counted."""
     best = {name: {M: float("inf") for M in rows} for name in fns}
     with torch.inference_mode():
         for r in range(rounds + 1):
             for M in rows:
-                x, xb = xs[M]
+                args = inputs(M)
                 for name, f in fns.items():
                     t0 = time.perf_counter()
-                    f(x, xb)
-                    dt = time.perf_counter() - t0
-                    if r:  # round 0 warms every kernel up
-                        best[name][M] = min(best[name][M], dt)
+                    f(*args)
+                    if r:
+                        best[name][M] = min(best[name][M], time.perf_counter() - t0)
     return best
+
+
+def measure(N: int, K: int, rows: list[int], rounds: int) -> dict:
+    xs = {M: (torch.randn(M, K), torch.randn(M, K).bfloat16()) for M in rows}
+    return interleaved(candidates(N, K), rows, rounds, xs.__getitem__)
 
 
 def stream(shapes: list[tuple[int, int]], copies: int, rows: list[int], rounds: int) -> dict:
@@ -115,17 +119,7 @@ def stream(shapes: list[tuple[int, int]], copies: int, rows: list[int], rounds: 
     name = f"int8 kaki ({kaki_layers[0].kernel}{' ' + kaki_layers[0].variant if kaki_layers[0].variant else ''})"
     fns = {name: lambda xs: [m(xs[m.in_features]) for m in kaki_layers],
            "int8 fbgemm dynamic": lambda xs: [torch.ops.quantized.linear_dynamic(xs[K], p, True) for p, K in fbgemm]}
-    best = {n: {M: float("inf") for M in rows} for n in fns}
-    with torch.inference_mode():
-        for r in range(rounds + 1):
-            for M in rows:
-                xs = {K: torch.randn(M, K) for _, K in shapes}
-                for n, f in fns.items():
-                    t0 = time.perf_counter()
-                    f(xs)
-                    if r:  # round 0 warms up
-                        best[n][M] = min(best[n][M], time.perf_counter() - t0)
-    return best
+    return interleaved(fns, rows, rounds, lambda M: ({K: torch.randn(M, K) for _, K in shapes},))
 
 
 def main() -> None:
